@@ -1,0 +1,735 @@
+//! The policy file: parsing, defaults and validation.
+//!
+//! Every error a user can see names the file, the line, the key and what to do,
+//! because a policy file is edited by hand while traffic flows (hot reload keeps
+//! the old policy when the new file is wrong, and shows this message).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Where a plugin's WebAssembly comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginSource {
+    /// One of the plugins built into the `maitre` binary (`builtin:NAME`).
+    Builtin(String),
+    /// A `.wasm` component on disk (resolved against the policy file's folder).
+    File(PathBuf),
+}
+
+impl std::fmt::Display for PluginSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PluginSource::Builtin(name) => write!(f, "builtin:{name}"),
+            PluginSource::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// One `[[policy]]` arm.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArmConfig {
+    /// Unique name, shown in `X-Maitre-Arm`, logs and metrics.
+    pub name: String,
+    /// The plugin that decides for this arm.
+    pub plugin: PluginSource,
+    /// Share of traffic in an A/B test (0 drains the arm).
+    pub weight: u32,
+    /// The `[policy.config]` table, flattened to key/value strings for `init`.
+    pub config: Vec<(String, String)>,
+    /// 1-based line of the `[[policy]]` entry, to point errors at it.
+    pub line: usize,
+}
+
+/// How traffic is split between arms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AbMode {
+    /// Each request is assigned an arm by weight (sticky per client key); each
+    /// arm schedules its own share of the slots, proportional to its weight.
+    #[default]
+    Weighted,
+    /// All traffic goes to one arm at a time, switching every `window_seconds`
+    /// in proportion to the weights; the active arm owns every slot.
+    Switchback,
+}
+
+/// The `[ab]` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AbConfig {
+    /// Weighted split or switchback.
+    pub mode: AbMode,
+    /// Header whose value keeps one client in one arm (else the client address).
+    pub key_header: String,
+    /// Length of one switchback window.
+    pub window_seconds: f64,
+}
+
+/// Limits that protect the host; each has a unit and a reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Requests that may wait at once, over all arms; beyond it: 503 + Retry-After.
+    pub max_waiting: usize,
+    /// Largest request body accepted (bytes); beyond it: 413. Ollama bodies with
+    /// images can be tens of MB.
+    pub max_body_bytes: usize,
+    /// Period of the scheduling tick (ms) that lets policies age waiting requests.
+    pub tick_ms: u64,
+    /// CPU budget of one plugin call (ms), enforced with wasmtime epochs.
+    pub plugin_call_ms: u64,
+    /// Memory cap of one plugin instance (MiB).
+    pub plugin_memory_mib: usize,
+    /// Most times one request may be pre-empted, so nothing livelocks.
+    pub max_preemptions: u32,
+    /// A plugin that leaves slots free while requests wait for this long (ms)
+    /// is ejected for its arm.
+    pub starvation_ms: u64,
+    /// Seconds the `Retry-After` header suggests on 503 answers.
+    pub retry_after_seconds: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_waiting: 10_000,
+            max_body_bytes: 64 * 1024 * 1024,
+            tick_ms: 250,
+            plugin_call_ms: 50,
+            plugin_memory_mib: 64,
+            max_preemptions: 2,
+            starvation_ms: 2_000,
+            retry_after_seconds: 1,
+        }
+    }
+}
+
+/// The `[upstream]` table: the Ollama server maitre schedules for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    /// Base URL, e.g. `http://127.0.0.1:11434`.
+    pub url: http::Uri,
+    /// Parallel slots (= `OLLAMA_NUM_PARALLEL`).
+    pub slots: u32,
+    /// TCP connect timeout (ms): an unreachable upstream answers 502 quickly.
+    pub connect_timeout_ms: u64,
+    /// Longest wait for the upstream's response headers (s). Ollama sends them
+    /// only with the first token, after any model load, so this must be long.
+    pub first_byte_timeout_seconds: u64,
+}
+
+/// A validated policy file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it came from (for messages and hot reload).
+    pub path: PathBuf,
+    /// Client listener.
+    pub listen: SocketAddr,
+    /// Admin listener (metrics, status, control).
+    pub admin_listen: Option<SocketAddr>,
+    /// Bearer token required by mutating admin endpoints.
+    pub admin_token: Option<String>,
+    /// Header carrying a tenant name, passed to plugins.
+    pub tenant_header: Option<String>,
+    /// The model server.
+    pub upstream: UpstreamConfig,
+    /// Host limits.
+    pub limits: Limits,
+    /// A/B settings.
+    pub ab: AbConfig,
+    /// The policy arms, at least one.
+    pub arms: Vec<ArmConfig>,
+}
+
+/// What is wrong with a policy file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read policy file {path}: {error}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// A key is missing, misspelt or has a bad value.
+    #[error("{path}:{line}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// The key (with its table), e.g. `upstream.slots`.
+        key: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    listen: Option<Spanned<String>>,
+    admin_listen: Option<Spanned<String>>,
+    admin_token: Option<String>,
+    tenant_header: Option<String>,
+    upstream: Option<Spanned<RawUpstream>>,
+    limits: Option<RawLimits>,
+    ab: Option<RawAb>,
+    policy: Option<Spanned<Vec<Spanned<RawPolicy>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    url: Option<Spanned<String>>,
+    slots: Option<Spanned<i64>>,
+    connect_timeout_ms: Option<Spanned<i64>>,
+    first_byte_timeout_seconds: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_waiting: Option<Spanned<i64>>,
+    max_body_bytes: Option<Spanned<i64>>,
+    tick_ms: Option<Spanned<i64>>,
+    plugin_call_ms: Option<Spanned<i64>>,
+    plugin_memory_mib: Option<Spanned<i64>>,
+    max_preemptions: Option<Spanned<i64>>,
+    starvation_ms: Option<Spanned<i64>>,
+    retry_after_seconds: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAb {
+    mode: Option<AbMode>,
+    key_header: Option<String>,
+    window_seconds: Option<Spanned<f64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    name: Option<Spanned<String>>,
+    plugin: Option<Spanned<String>>,
+    weight: Option<Spanned<i64>>,
+    config: Option<toml::Table>,
+}
+
+/// Default client listener: Ollama's port + 1, so clients set `OLLAMA_HOST=127.0.0.1:11435`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:11435";
+/// Default upstream: a local Ollama.
+pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:11434";
+
+struct Ctx<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn line_of(&self, span: Range<usize>) -> usize {
+        let end = span.start.min(self.text.len());
+        self.text[..end].matches('\n').count() + 1
+    }
+
+    fn err(&self, span: Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            line: self.line_of(span),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// A whole number within `min..=max`, or the default when absent.
+    fn int(
+        &self,
+        v: &Option<Spanned<i64>>,
+        key: &str,
+        min: i64,
+        max: i64,
+        default: i64,
+    ) -> Result<i64, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(s) if (min..=max).contains(s.get_ref()) => Ok(*s.get_ref()),
+            Some(s) => Err(self.err(
+                s.span(),
+                key,
+                format!(
+                    "must be a whole number from {min} to {max}, got {}",
+                    s.get_ref()
+                ),
+            )),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a policy file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates policy-file text; `path` names it in errors and anchors plugin paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let cx = Ctx { path, text };
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            let line_no = cx.line_of(span.clone());
+            let line = text.lines().nth(line_no.saturating_sub(1)).unwrap_or("");
+            let key = line
+                .split_once('=')
+                .map(|(k, _)| k.trim().to_string())
+                .filter(|k| !k.is_empty() && !k.starts_with('['))
+                .unwrap_or_else(|| line.trim().to_string());
+            ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line: line_no,
+                key,
+                message: e.message().to_string(),
+            }
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+
+        let listen = parse_addr(&cx, raw.listen.as_ref(), "listen", DEFAULT_LISTEN)?;
+        let admin_listen = match &raw.admin_listen {
+            None => None,
+            Some(s) => Some(parse_addr(&cx, Some(s), "admin_listen", "")?),
+        };
+
+        let up = raw.upstream.as_ref().map(|u| u.get_ref());
+        let url = match up.and_then(|u| u.url.as_ref()) {
+            None => DEFAULT_UPSTREAM.parse().expect("valid default"),
+            Some(s) => {
+                parse_upstream_url(s.get_ref()).map_err(|m| cx.err(s.span(), "upstream.url", m))?
+            }
+        };
+        let slots = match up.and_then(|u| u.slots.as_ref()) {
+            None => 1,
+            Some(s) => cx.int(&Some(s.clone()), "upstream.slots", 1, 4096, 1)? as u32,
+        };
+        let upstream = UpstreamConfig {
+            url,
+            slots,
+            connect_timeout_ms: cx.int(
+                &up.and_then(|u| u.connect_timeout_ms.clone()),
+                "upstream.connect_timeout_ms",
+                1,
+                600_000,
+                3_000,
+            )? as u64,
+            first_byte_timeout_seconds: cx.int(
+                &up.and_then(|u| u.first_byte_timeout_seconds.clone()),
+                "upstream.first_byte_timeout_seconds",
+                1,
+                86_400,
+                900,
+            )? as u64,
+        };
+
+        let d = Limits::default();
+        let limits = match &raw.limits {
+            None => d,
+            Some(l) => Limits {
+                max_waiting: cx.int(
+                    &l.max_waiting,
+                    "limits.max_waiting",
+                    0,
+                    10_000_000,
+                    d.max_waiting as i64,
+                )? as usize,
+                max_body_bytes: cx.int(
+                    &l.max_body_bytes,
+                    "limits.max_body_bytes",
+                    1024,
+                    1 << 34,
+                    d.max_body_bytes as i64,
+                )? as usize,
+                tick_ms: cx.int(&l.tick_ms, "limits.tick_ms", 1, 60_000, d.tick_ms as i64)? as u64,
+                plugin_call_ms: cx.int(
+                    &l.plugin_call_ms,
+                    "limits.plugin_call_ms",
+                    1,
+                    10_000,
+                    d.plugin_call_ms as i64,
+                )? as u64,
+                plugin_memory_mib: cx.int(
+                    &l.plugin_memory_mib,
+                    "limits.plugin_memory_mib",
+                    1,
+                    4096,
+                    d.plugin_memory_mib as i64,
+                )? as usize,
+                max_preemptions: cx.int(
+                    &l.max_preemptions,
+                    "limits.max_preemptions",
+                    0,
+                    1000,
+                    d.max_preemptions as i64,
+                )? as u32,
+                starvation_ms: cx.int(
+                    &l.starvation_ms,
+                    "limits.starvation_ms",
+                    10,
+                    3_600_000,
+                    d.starvation_ms as i64,
+                )? as u64,
+                retry_after_seconds: cx.int(
+                    &l.retry_after_seconds,
+                    "limits.retry_after_seconds",
+                    0,
+                    3600,
+                    d.retry_after_seconds as i64,
+                )? as u64,
+            },
+        };
+
+        let ab = match &raw.ab {
+            None => AbConfig {
+                mode: AbMode::Weighted,
+                key_header: "X-Maitre-Key".into(),
+                window_seconds: 60.0,
+            },
+            Some(a) => {
+                let window_seconds = match &a.window_seconds {
+                    None => 60.0,
+                    Some(w) if *w.get_ref() > 0.0 && w.get_ref().is_finite() => *w.get_ref(),
+                    Some(w) => {
+                        return Err(cx.err(
+                            w.span(),
+                            "ab.window_seconds",
+                            "must be a number of seconds above 0",
+                        ));
+                    }
+                };
+                AbConfig {
+                    mode: a.mode.unwrap_or_default(),
+                    key_header: a
+                        .key_header
+                        .clone()
+                        .unwrap_or_else(|| "X-Maitre-Key".into()),
+                    window_seconds,
+                }
+            }
+        };
+
+        let Some(policies) = raw.policy.as_ref() else {
+            return Err(cx.err(
+                0..0,
+                "policy",
+                "no [[policy]] table: add one, e.g. [[policy]] name = \"reserved-aging\" plugin = \"builtin:reserved-aging\"",
+            ));
+        };
+        if policies.get_ref().is_empty() {
+            return Err(cx.err(
+                policies.span(),
+                "policy",
+                "needs at least one [[policy]] arm",
+            ));
+        }
+        let mut arms = Vec::new();
+        let mut names = BTreeSet::new();
+        for (i, p) in policies.get_ref().iter().enumerate() {
+            let key = |k: &str| format!("policy[{i}].{k}");
+            let span = p.span();
+            let p = p.get_ref();
+            let name = match &p.name {
+                Some(n) if valid_name(n.get_ref()) => n.get_ref().clone(),
+                Some(n) => {
+                    return Err(cx.err(
+                        n.span(),
+                        &key("name"),
+                        "use letters, digits, '-', '_' or '.' (it appears in headers and metrics)",
+                    ));
+                }
+                None => return Err(cx.err(span, &key("name"), "every [[policy]] needs a name")),
+            };
+            if !names.insert(name.clone()) {
+                return Err(cx.err(
+                    p.name.as_ref().map(|n| n.span()).unwrap_or(span.clone()),
+                    &key("name"),
+                    format!("duplicate arm name {name:?}: arm names must be unique"),
+                ));
+            }
+            let plugin = match &p.plugin {
+                None => {
+                    return Err(cx.err(
+                        span,
+                        &key("plugin"),
+                        "missing: give builtin:reserved-aging, builtin:fifo, builtin:preemptive or a path to a .wasm component",
+                    ));
+                }
+                Some(s) => match s.get_ref().strip_prefix("builtin:") {
+                    Some(b) => {
+                        if !crate::plugin::builtin_names().contains(&b) {
+                            return Err(cx.err(
+                                s.span(),
+                                &key("plugin"),
+                                format!(
+                                    "no built-in plugin {b:?}; built in are: {}",
+                                    crate::plugin::builtin_names().join(", ")
+                                ),
+                            ));
+                        }
+                        PluginSource::Builtin(b.to_string())
+                    }
+                    None => {
+                        let rel = Path::new(s.get_ref());
+                        PluginSource::File(if rel.is_absolute() {
+                            rel.to_path_buf()
+                        } else {
+                            base.join(rel)
+                        })
+                    }
+                },
+            };
+            let weight = cx.int(&p.weight, &key("weight"), 0, 1_000_000, 100)? as u32;
+            let mut config = Vec::new();
+            if let Some(t) = &p.config {
+                flatten("", t, &mut config);
+            }
+            arms.push(ArmConfig {
+                name,
+                plugin,
+                weight,
+                config,
+                line: cx.line_of(span),
+            });
+        }
+        if arms.iter().all(|a| a.weight == 0) {
+            return Err(cx.err(
+                policies.span(),
+                "policy.weight",
+                "every arm has weight 0, so no request could be served; give at least one arm a weight above 0",
+            ));
+        }
+        if ab.mode == AbMode::Weighted && arms.len() as u32 > upstream.slots {
+            return Err(cx.err(
+                policies.span(),
+                "policy",
+                format!(
+                    "{} arms in weighted mode need at least one slot each, but [upstream] slots = {}; use [ab] mode = \"switchback\" (the whole upstream alternates between arms) or fewer arms",
+                    arms.len(),
+                    upstream.slots
+                ),
+            ));
+        }
+
+        Ok(Config {
+            path: path.to_path_buf(),
+            listen,
+            admin_listen,
+            admin_token: raw.admin_token.clone().filter(|t| !t.is_empty()),
+            tenant_header: raw.tenant_header.clone().filter(|t| !t.is_empty()),
+            upstream,
+            limits,
+            ab,
+            arms,
+        })
+    }
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+fn parse_addr(
+    cx: &Ctx<'_>,
+    v: Option<&Spanned<String>>,
+    key: &str,
+    default: &str,
+) -> Result<SocketAddr, ConfigError> {
+    let (text, span) = match v {
+        Some(s) => (s.get_ref().as_str(), s.span()),
+        None => (default, 0..0),
+    };
+    text.parse().map_err(|_| {
+        cx.err(
+            span,
+            key,
+            format!("{text:?} is not an address:port like \"127.0.0.1:11435\""),
+        )
+    })
+}
+
+/// Parses an upstream base URL (`http://host:port`, optionally with a path prefix).
+pub fn parse_upstream_url(s: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a URL like \"http://127.0.0.1:11434\": {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(other) => {
+            return Err(format!(
+                "{s:?}: scheme {other:?} is not supported; maitre talks plain http to Ollama"
+            ));
+        }
+        None => return Err(format!("{s:?} has no scheme; write \"http://{s}\"")),
+    }
+    if uri.host().is_none() {
+        return Err(format!("{s:?} has no host"));
+    }
+    Ok(uri)
+}
+
+/// Flattens a TOML table to `a.b = value` pairs: strings unquoted, other
+/// values as TOML writes them.
+fn flatten(prefix: &str, table: &toml::Table, out: &mut Vec<(String, String)>) {
+    for (k, v) in table {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            toml::Value::Table(t) => flatten(&key, t, out),
+            toml::Value::String(s) => out.push((key, s.clone())),
+            other => out.push((key, other.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("dir/policy.toml"), text)
+    }
+
+    const GOOD: &str = r#"
+listen = "127.0.0.1:11435"
+admin_listen = "127.0.0.1:11436"
+
+[upstream]
+url = "http://127.0.0.1:11434"
+slots = 2
+
+[[policy]]
+name = "reserved-aging"
+plugin = "builtin:reserved-aging"
+weight = 100
+[policy.config]
+rt_reserved_slots = 1
+aging_threshold_seconds = 60
+aging_boost = 0.5
+"#;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:11435".parse().unwrap());
+        assert_eq!(c.upstream.slots, 2);
+        assert_eq!(c.arms.len(), 1);
+        assert_eq!(
+            c.arms[0].plugin,
+            PluginSource::Builtin("reserved-aging".into())
+        );
+        assert_eq!(
+            c.arms[0].config,
+            vec![
+                ("aging_boost".to_string(), "0.5".to_string()),
+                ("aging_threshold_seconds".to_string(), "60".to_string()),
+                ("rt_reserved_slots".to_string(), "1".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn relative_plugin_paths_resolve_against_the_file() {
+        let c = parse(&GOOD.replace("builtin:reserved-aging", "../plugins/x.wasm")).unwrap();
+        assert_eq!(
+            c.arms[0].plugin,
+            PluginSource::File(PathBuf::from("dir/../plugins/x.wasm"))
+        );
+    }
+
+    #[test]
+    fn bad_slots_names_file_line_and_key() {
+        let e = parse(&GOOD.replace("slots = 2", "slots = 0"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "dir/policy.toml:7: upstream.slots: must be a whole number from 1 to 4096, got 0"
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse(&GOOD.replace("slots = 2", "slot = 2"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("dir/policy.toml:7: slot: unknown field `slot`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let e = parse(&GOOD.replace("slots = 2", "slots = \"two\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("dir/policy.toml:7: slots: "), "{e}");
+    }
+
+    #[test]
+    fn unknown_builtin_lists_the_known_ones() {
+        let e = parse(&GOOD.replace("builtin:reserved-aging", "builtin:nope"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("policy[0].plugin") && e.contains("reserved-aging"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_upstream_url() {
+        let e = parse(&GOOD.replace("http://127.0.0.1:11434", "https://x"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("upstream.url") && e.contains("plain http"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn missing_policy_is_explained() {
+        let e = parse("[upstream]\nslots = 1\n").unwrap_err().to_string();
+        assert!(e.contains("no [[policy]] table"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_arm_names() {
+        let text =
+            format!("{GOOD}\n[[policy]]\nname = \"reserved-aging\"\nplugin = \"builtin:fifo\"\n");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("duplicate arm name"), "{e}");
+    }
+
+    #[test]
+    fn more_weighted_arms_than_slots_is_refused() {
+        let text = GOOD.replace("slots = 2", "slots = 1")
+            + "\n[[policy]]\nname = \"b\"\nplugin = \"builtin:fifo\"\n";
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("switchback"), "{e}");
+        let ok = text.replace("[upstream]", "[ab]\nmode = \"switchback\"\n\n[upstream]");
+        assert_eq!(parse(&ok).unwrap().ab.mode, AbMode::Switchback);
+    }
+}

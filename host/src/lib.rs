@@ -1,0 +1,176 @@
+//! maitre: a scheduling host in front of Ollama whose decisions come from
+//! WebAssembly policy plugins.
+//!
+//! Data flows one way: [`proxy`] → [`scheduler`] → [`plugin`] → [`scheduler`] →
+//! [`proxy`]. [`config`] reads the policy file, [`reload`] swaps policies while
+//! traffic flows, [`admin`] and [`metrics`] let operators watch and steer.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod config;
+pub mod metrics;
+pub mod plugin;
+pub mod proxy;
+pub mod reload;
+pub mod scheduler;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+use crate::scheduler::SchedulerHandle;
+
+/// How long running requests may finish after a shutdown signal.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// The host's shared parts, as the admin API and hot reload see them.
+pub struct Host {
+    /// The validated config currently in force.
+    pub config: arc_swap::ArcSwap<Config>,
+    /// The scheduler task.
+    pub sched: SchedulerHandle,
+    /// The proxy.
+    pub proxy: Arc<Proxy>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Reloads the policy from its file.
+    pub reloader: reload::Reloader,
+}
+
+/// Runs maitre until `shutdown` resolves: client listener, admin listener,
+/// scheduler and file watcher. Listeners are passed in so tests can bind port 0.
+pub async fn serve(
+    cfg: Config,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let reloader = reload::Reloader::new(metrics.clone());
+    let arms = reloader.build_arms(&cfg).await?;
+    let sched = scheduler::spawn(
+        arms,
+        cfg.ab.clone(),
+        cfg.upstream.slots,
+        cfg.limits.clone(),
+        cfg.upstream.url.to_string(),
+        metrics.clone(),
+    );
+    let proxy = Arc::new(Proxy::new(&cfg, sched.clone(), metrics.clone()));
+    let host = Arc::new(Host {
+        config: arc_swap::ArcSwap::from_pointee(cfg.clone()),
+        sched: sched.clone(),
+        proxy: proxy.clone(),
+        metrics,
+        reloader,
+    });
+    let _watcher = reload::watch(host.clone())?;
+
+    let stop = CancellationToken::new();
+    let admin_task = admin.map(|l| tokio::spawn(admin::serve(l, host.clone(), stop.clone())));
+    let local = listener.local_addr()?;
+    tracing::info!(
+        listen = %local,
+        upstream = %cfg.upstream.url,
+        slots = cfg.upstream.slots,
+        arms = ?cfg.arms.iter().map(|a| format!("{}={}", a.name, a.plugin)).collect::<Vec<_>>(),
+        "maitre serving; point Ollama clients at OLLAMA_HOST={local}"
+    );
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = client_connection(proxy.clone(), stream, remote);
+        let watched = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = watched.await;
+        });
+    }
+
+    // Stop accepting; waiting requests and new ones on open connections get
+    // 503 + Retry-After; running ones may finish within the grace period.
+    drop(listener);
+    tracing::info!(
+        "shutting down: answering waiting requests with 503, letting running ones finish"
+    );
+    sched.shutdown().await;
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over; closing the remaining connections");
+    }
+    stop.cancel();
+    if let Some(t) = admin_task {
+        let _ = t.await;
+    }
+    Ok(())
+}
+
+/// One HTTP/1.1 client connection with maitre's limits.
+fn client_connection(
+    proxy: Arc<Proxy>,
+    stream: tokio::net::TcpStream,
+    remote: SocketAddr,
+) -> hyper::server::conn::http1::Connection<
+    TokioIo<tokio::net::TcpStream>,
+    impl hyper::service::Service<
+        hyper::Request<hyper::body::Incoming>,
+        Response = hyper::Response<proxy::ProxyBody>,
+        Error = std::convert::Infallible,
+        Future = impl Future<
+            Output = Result<hyper::Response<proxy::ProxyBody>, std::convert::Infallible>,
+        > + Send,
+    > + Send,
+> {
+    let svc = service_fn(move |req| proxy.clone().handle(req, remote));
+    http1::Builder::new()
+        .timer(TokioTimer::new())
+        // A client that never finishes its headers cannot hold a socket forever.
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(1 << 20)
+        .serve_connection(TokioIo::new(stream), svc)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,255 @@
+//! The `maitre` command: `serve`, `check` and `ab`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use maitre::config::{Config, parse_upstream_url};
+use maitre::scheduler::AbReport;
+
+#[derive(Parser)]
+#[command(
+    name = "maitre",
+    version,
+    about = "A scheduling host in front of Ollama, driven by WebAssembly policy plugins"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve Ollama clients, scheduling their requests with the file's policy.
+    Serve {
+        /// Policy file (see examples/policy.toml).
+        #[arg(long, short)]
+        policy: PathBuf,
+        /// Client listener, overriding `listen`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Upstream Ollama URL, overriding `[upstream] url`.
+        #[arg(long)]
+        upstream: Option<String>,
+        /// Admin listener, overriding `admin_listen`.
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
+        /// Start the project's fake Ollama on a free loopback port and use it as
+        /// the upstream: see maitre work without installing Ollama.
+        #[arg(long)]
+        demo: bool,
+        /// Log as JSON lines instead of text.
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// Validate a policy file and load its plugins; exits non-zero on any error.
+    Check {
+        /// Policy file.
+        file: PathBuf,
+    },
+    /// Print the A/B comparison of the arms of a running maitre.
+    Ab {
+        /// Admin URL of the running maitre.
+        #[arg(long, default_value = "http://127.0.0.1:11436")]
+        admin: String,
+        /// Window to compare, in seconds.
+        #[arg(long, default_value_t = 600.0)]
+        window: f64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let r = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Serve {
+                policy,
+                listen,
+                upstream,
+                admin_listen,
+                demo,
+                log_json,
+            } => serve(policy, listen, upstream, admin_listen, demo, log_json).await,
+            Cmd::Check { file } => check(file).await,
+            Cmd::Ab { admin, window } => ab(&admin, window).await,
+        }
+    });
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("maitre: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MAITRE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn load(policy: &PathBuf) -> anyhow::Result<Config> {
+    let mut cfg = Config::load(policy)?;
+    if cfg.admin_token.is_none() {
+        cfg.admin_token = std::env::var("MAITRE_ADMIN_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty());
+    }
+    Ok(cfg)
+}
+
+async fn serve(
+    policy: PathBuf,
+    listen: Option<SocketAddr>,
+    upstream: Option<String>,
+    admin_listen: Option<SocketAddr>,
+    demo: bool,
+    log_json: bool,
+) -> anyhow::Result<()> {
+    init_logs(log_json);
+    let mut cfg = load(&policy)?;
+    if let Some(l) = listen {
+        cfg.listen = l;
+    }
+    if let Some(a) = admin_listen {
+        cfg.admin_listen = Some(a);
+    }
+    if let Some(u) = upstream {
+        cfg.upstream.url =
+            parse_upstream_url(&u).map_err(|e| anyhow::anyhow!("--upstream: {e}"))?;
+    }
+    let _fake = if demo {
+        let fake = fake_ollama::FakeOllama::start(fake_ollama::FakeConfig {
+            slots: cfg.upstream.slots as usize,
+            ..Default::default()
+        })
+        .await
+        .context("starting the demo upstream")?;
+        tracing::info!(upstream = %fake.url(), "demo: serving the project's fake Ollama (model \"fake\") as the upstream");
+        cfg.upstream.url = parse_upstream_url(&fake.url()).map_err(|e| anyhow::anyhow!(e))?;
+        Some(fake)
+    } else {
+        None
+    };
+    if let Some(a) = cfg.admin_listen {
+        if !a.ip().is_loopback() && cfg.admin_token.is_none() {
+            anyhow::bail!(
+                "admin_listen = {a} is not a loopback address: set admin_token in {} or MAITRE_ADMIN_TOKEN so the control endpoints are protected",
+                policy.display()
+            );
+        }
+    }
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (listen)", cfg.listen))?;
+    let admin = match cfg.admin_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a} (admin_listen)"))?,
+        ),
+        None => None,
+    };
+    maitre::serve(cfg, listener, admin, maitre::shutdown_signal()).await
+}
+
+async fn check(file: PathBuf) -> anyhow::Result<()> {
+    let cfg = load(&file)?;
+    let metrics = std::sync::Arc::new(maitre::metrics::Metrics::new());
+    let reloader = maitre::reload::Reloader::new(metrics);
+    let arms = reloader.build_arms(&cfg).await?;
+    println!("{}: ok", file.display());
+    println!(
+        "  listen {}  upstream {} ({} slots)",
+        cfg.listen, cfg.upstream.url, cfg.upstream.slots
+    );
+    for (a, spec) in cfg.arms.iter().zip(&arms) {
+        println!(
+            "  arm {:<20} weight {:<5} plugin {} (sha256 {})",
+            a.name,
+            a.weight,
+            a.plugin,
+            &spec.sha256[..12]
+        );
+    }
+    Ok(())
+}
+
+async fn ab(admin: &str, window: f64) -> anyhow::Result<()> {
+    use http_body_util::{BodyExt, Empty};
+    let uri: http::Uri = format!("{}/ab?window={window}", admin.trim_end_matches('/'))
+        .parse()
+        .context("--admin must be a URL like http://127.0.0.1:11436")?;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<bytes::Bytes>>();
+    let resp = client
+        .get(uri.clone())
+        .await
+        .with_context(|| format!("cannot reach the admin API at {uri}"))?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        anyhow::bail!(
+            "{uri} answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let report: AbReport = serde_json::from_slice(&body).context("unexpected /ab answer")?;
+    print!("{}", format_report(&report));
+    Ok(())
+}
+
+fn format_report(r: &AbReport) -> String {
+    let f = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
+    let mut out = format!("A/B comparison over the last {:.0} s\n", r.window_seconds);
+    out.push_str(&format!(
+        "{:<16} {:<9} {:>6} {:>6} {:>6} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+        "arm",
+        "class",
+        "reqs",
+        "ok",
+        "rej",
+        "ttft_n",
+        "ttft_p50",
+        "ttft_p95",
+        "ttft_p99",
+        "queue_p50",
+        "queue_p95",
+        "done/min"
+    ));
+    for row in &r.rows {
+        out.push_str(&format!(
+            "{:<16} {:<9} {:>6} {:>6} {:>6} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9.1}\n",
+            row.arm,
+            row.class,
+            row.requests,
+            row.ok,
+            row.rejected,
+            row.ttft_samples,
+            f(row.ttft_p50_ms),
+            f(row.ttft_p95_ms),
+            f(row.ttft_p99_ms),
+            f(row.queue_p50_ms),
+            f(row.queue_p95_ms),
+            row.completions_per_min
+        ));
+    }
+    out.push_str("times in ms; a difference smaller than the spread between p50 and p95 needs more samples to mean anything\n");
+    out
+}

@@ -1,0 +1,262 @@
+use super::*;
+use maitre_policy_sdk::testing::{describe, request, running, started, view, waiting};
+use maitre_policy_sdk::{Running, Waiting};
+
+const RT: Class = Class::Realtime;
+const BE: Class = Class::Batch;
+
+fn policy(config: &[(&str, &str)]) -> ReservedAging {
+    let mut entries: Vec<(String, String)> = vec![("maitre.slots".into(), "2".into())];
+    entries.extend(config.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    ReservedAging::init(&Config::from(entries)).unwrap()
+}
+
+fn rt(id: u64, arrival_ms: u64) -> Waiting {
+    waiting(id, RT, REALTIME_PRIORITY, arrival_ms)
+}
+
+fn be(id: u64, arrival_ms: u64) -> Waiting {
+    waiting(id, BE, BATCH_PRIORITY, arrival_ms)
+}
+
+fn run(id: u64, class: Class) -> Running {
+    running(id, class, 0.0, 0)
+}
+
+#[test]
+fn defaults() {
+    let p = policy(&[]);
+    assert_eq!(p.rt_reserved_slots, 1);
+    assert_eq!(p.aging.threshold_seconds, 60.0);
+    assert_eq!(p.aging.boost, 0.5);
+    assert_eq!(p.default_class, BE);
+}
+
+#[test]
+fn admits_realtime_at_one_and_batch_at_zero() {
+    let v = view(0, 2, vec![], vec![]);
+    let q = |p: &ReservedAging, hint| match p.admit(&request(1, 0, hint), &v) {
+        Admission::Queue(pl) => (pl.class, pl.priority),
+        Admission::Reject(r) => panic!("rejected: {}", r.message),
+    };
+    assert_eq!(q(&policy(&[]), None), (BE, 0.0));
+    assert_eq!(q(&policy(&[]), Some(RT)), (RT, 1.0));
+    let rt_default = policy(&[("default_class", "realtime")]);
+    assert_eq!(q(&rt_default, None), (RT, 1.0));
+    assert_eq!(q(&rt_default, Some(BE)), (BE, 0.0));
+}
+
+#[test]
+fn realtime_before_batch_and_fifo_within_class() {
+    let v = view(
+        1_000,
+        4,
+        vec![],
+        vec![be(1, 10), be(2, 20), rt(3, 30), rt(4, 40), be(5, 50)],
+    );
+    let p = policy(&[("maitre.slots", "4"), ("rt_reserved_slots", "1")]);
+    // Slots 4, 1 reserved: batch may hold 3; only 4 start in all.
+    assert_eq!(started(&p.schedule(&v)), [3, 4, 1, 2]);
+    // Same arrival: lower id first.
+    let v = view(1_000, 1, vec![], vec![rt(8, 30), rt(7, 30)]);
+    assert_eq!(started(&policy(&[]).schedule(&v)), [7]);
+}
+
+#[test]
+fn batch_never_takes_a_reserved_slot() {
+    let p = policy(&[]);
+    // 2 slots, 1 reserved: one batch starts, the other waits with a slot free.
+    let v = view(1_000, 2, vec![], vec![be(1, 10), be(2, 20)]);
+    assert_eq!(describe(&p.schedule(&v)), ["start 1"]);
+    let v = view(1_000, 2, vec![run(9, BE)], vec![be(1, 10), be(2, 20)]);
+    assert!(p.schedule(&v).is_empty());
+    // Even when aged far above real-time priority.
+    let v = view(3_600_000, 2, vec![run(9, BE)], vec![be(1, 0)]);
+    assert!(p.schedule(&v).is_empty());
+    // No reservation: batch uses every slot.
+    let p0 = policy(&[("rt_reserved_slots", "0")]);
+    let v = view(1_000, 2, vec![], vec![be(1, 10), be(2, 20)]);
+    assert_eq!(started(&p0.schedule(&v)), [1, 2]);
+}
+
+#[test]
+fn realtime_further_back_still_gets_the_reserved_slot() {
+    // 3 slots, 1 reserved, two batch running: the only free slot is reserved.
+    // The aged batch request is first in priority order but must be skipped.
+    let p = policy(&[("maitre.slots", "3")]);
+    let v = view(
+        600_000,
+        3,
+        vec![run(8, BE), run(9, BE)],
+        vec![be(1, 0), rt(2, 599_000)],
+    );
+    assert_eq!(describe(&p.schedule(&v)), ["start 2"]);
+}
+
+#[test]
+fn realtime_running_in_a_shared_slot_does_not_block_batch() {
+    // 2 slots, 1 reserved; two RT running would leave nothing for anyone, but
+    // with one RT running the other slot is shared and batch may take it.
+    let p = policy(&[]);
+    let v = view(1_000, 2, vec![run(9, RT)], vec![be(1, 10)]);
+    assert_eq!(started(&p.schedule(&v)), [1]);
+}
+
+#[test]
+fn aging_boost_arithmetic_is_exact() {
+    // threshold 10 s, boost 0.25: +0.25 per full 10 s waited, from arrival.
+    let p = policy(&[
+        ("aging_threshold_seconds", "10"),
+        ("aging_boost", "0.25"),
+        ("rt_reserved_slots", "0"),
+    ]);
+    let now = 100_000;
+    let w = be(1, now - 39_999); // 3 full steps: 0.75
+    assert_eq!(p.aging.priority(&w, now), 0.75);
+    let w = be(1, now - 40_000); // 4 full steps: 1.0
+    assert_eq!(p.aging.priority(&w, now), 1.0);
+    // Enqueue time after a pre-emption does not reset aging: arrival counts.
+    let mut w = be(1, now - 40_000);
+    w.enqueued_ms = now - 1;
+    assert_eq!(p.aging.priority(&w, now), 1.0);
+
+    // One free slot. Batch 1 waited 39.999 s (0.75) vs RT (1.0): RT wins.
+    let v = view(now, 1, vec![], vec![be(1, now - 39_999), rt(2, now - 5)]);
+    assert_eq!(started(&p.schedule(&v)), [2]);
+    // Batch 1 waited 40 s (1.0) ties RT and arrived first: batch wins.
+    let v = view(now, 1, vec![], vec![be(1, now - 40_000), rt(2, now - 5)]);
+    assert_eq!(started(&p.schedule(&v)), [1]);
+    // Aged batch overtakes fresher batch regardless of listing order.
+    let v = view(
+        now,
+        1,
+        vec![],
+        vec![be(3, now - 9_000), be(4, now - 25_000), be(5, now - 19_999)],
+    );
+    assert_eq!(started(&p.schedule(&v)), [4]);
+}
+
+#[test]
+fn with_defaults_batch_ties_realtime_after_two_minutes() {
+    let p = policy(&[]);
+    // 2 slots, 1 reserved, one RT running: one shared slot free.
+    let at = |now| view(now, 2, vec![run(9, RT)], vec![be(1, 0), rt(2, 100_000)]);
+    assert_eq!(started(&p.schedule(&at(119_999))), [2]);
+    assert_eq!(started(&p.schedule(&at(120_000))), [1]);
+}
+
+/// Drives the policy like the host would: 1 s ticks, each request holding its
+/// slot for `service_ms`. Returns when batch request 0 started, if it did.
+fn batch_start_under_rt_flood(p: &ReservedAging, horizon_ms: u64) -> Option<u64> {
+    let service_ms = 10_000;
+    let slots = 2;
+    let mut running: Vec<(Running, u64)> = Vec::new();
+    let mut queue: Vec<Waiting> = vec![be(0, 0)];
+    let mut next_id = 1;
+    for now in (0..horizon_ms).step_by(1_000) {
+        running.retain(|(_, end)| *end > now);
+        // Two RT requests every 9 s: more than 2 slots can serve, so RT
+        // requests are always waiting.
+        if now % 9_000 == 0 {
+            for _ in 0..2 {
+                queue.push(rt(next_id, now));
+                next_id += 1;
+            }
+        }
+        let v = view(
+            now,
+            slots,
+            running.iter().map(|(r, _)| r.clone()).collect(),
+            queue.clone(),
+        );
+        let actions = p.schedule(&v);
+        assert!(actions.len() <= v.free_slots as usize, "too many starts");
+        for id in started(&actions) {
+            let pos = queue.iter().position(|w| w.id == id).expect("known id");
+            let w = queue.remove(pos);
+            if id == 0 {
+                return Some(now);
+            }
+            running.push((run(w.id, w.class), now + service_ms));
+        }
+    }
+    None
+}
+
+#[test]
+fn batch_never_starves_under_a_steady_realtime_stream() {
+    // Defaults: the batch request reaches RT priority after 120 s and, having
+    // arrived first, takes the next shared slot.
+    let t = batch_start_under_rt_flood(&policy(&[]), 600_000).expect("batch starved");
+    assert!((120_000..=130_000).contains(&t), "started at {t}");
+    // Without aging it would starve: the test can fail.
+    let no_aging = policy(&[("aging_boost", "0")]);
+    assert_eq!(batch_start_under_rt_flood(&no_aging, 600_000), None);
+}
+
+#[test]
+fn nothing_to_do_without_free_slots() {
+    let p = policy(&[]);
+    let v = view(1_000, 2, vec![run(8, BE), run(9, RT)], vec![rt(1, 10)]);
+    assert!(p.schedule(&v).is_empty());
+}
+
+#[test]
+fn never_preempts() {
+    let p = policy(&[]);
+    let v = view(999_000, 2, vec![run(8, BE), run(9, BE)], vec![rt(1, 10)]);
+    assert!(p.schedule(&v).is_empty());
+}
+
+fn init_err(config: &[(&str, &str)]) -> String {
+    let mut entries: Vec<(String, String)> = vec![("maitre.slots".into(), "2".into())];
+    entries.extend(config.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    ReservedAging::init(&Config::from(entries)).unwrap_err()
+}
+
+#[test]
+fn each_bad_key_is_named() {
+    assert_eq!(
+        init_err(&[("rt_reserved_slots", "abc")]),
+        "rt_reserved_slots: expected a whole number, got \"abc\""
+    );
+    assert!(init_err(&[("rt_reserved_slots", "-1")]).starts_with("rt_reserved_slots: "));
+    assert!(init_err(&[("rt_reserved_slots", "0.5")]).starts_with("rt_reserved_slots: "));
+    assert!(init_err(&[("aging_threshold_seconds", "0")]).starts_with("aging_threshold_seconds: "));
+    assert!(
+        init_err(&[("aging_threshold_seconds", "soon")]).starts_with("aging_threshold_seconds: ")
+    );
+    assert!(init_err(&[("aging_boost", "-0.1")]).starts_with("aging_boost: "));
+    assert!(init_err(&[("aging_boost", "x")]).starts_with("aging_boost: "));
+    assert!(init_err(&[("default_class", "vip")]).starts_with("default_class: "));
+    let e = init_err(&[("aging_treshold_seconds", "60")]);
+    assert!(e.contains("\"aging_treshold_seconds\""), "{e}");
+    for k in KEYS {
+        assert!(e.contains(k), "{e} should list {k}");
+    }
+}
+
+#[test]
+fn refuses_to_reserve_every_slot() {
+    assert_eq!(
+        init_err(&[("rt_reserved_slots", "2")]),
+        "rt_reserved_slots = 2 reserves all 2 upstream slots for real-time requests, so \
+         batch requests could never run; set rt_reserved_slots below [upstream] slots \
+         (Ollama's OLLAMA_NUM_PARALLEL defaults to 1)"
+    );
+    assert!(
+        init_err(&[("rt_reserved_slots", "5")]).starts_with("rt_reserved_slots = 5 reserves all 2")
+    );
+    // The default reservation (1) does not fit a single slot either.
+    let one = ReservedAging::init(&Config::from([("maitre.slots", "1")])).unwrap_err();
+    assert!(
+        one.starts_with("rt_reserved_slots = 1 reserves all 1 upstream slots"),
+        "{one}"
+    );
+    // A single slot works without a reservation.
+    ReservedAging::init(&Config::from([
+        ("maitre.slots", "1"),
+        ("rt_reserved_slots", "0"),
+    ]))
+    .unwrap();
+}

@@ -1,0 +1,193 @@
+//! A fake Ollama server for maitre's integration tests, demo and benchmarks.
+//!
+//! It models what a scheduling proxy can observe of real Ollama (see
+//! `ollama-api.md`): a fixed number of generation slots with a FIFO queue in
+//! front of them, no response headers before the first token, NDJSON / SSE
+//! streams flushed per token, Ollama's error shapes, the loopback Host check,
+//! and immediate cancellation when the client goes away. Everything it sees
+//! is recorded in an in-memory event log that tests can query in-process
+//! ([`FakeOllama::log`]) or over HTTP (`GET /_fake/log`).
+//!
+//! Traffic can be shaped per request with headers: `X-Fake-Token-Ms`,
+//! `X-Fake-Prompt-Ms`, `X-Fake-Tokens`, `X-Fake-Fail-After`, `X-Fake-Status`;
+//! `X-Test-Tag` and `X-Priority` are recorded in the log.
+
+mod generation;
+mod native;
+mod openai;
+mod routes;
+mod state;
+mod util;
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+
+pub use state::{EventKind, LogEvent, Stats};
+
+/// What `GET /api/version` reports.
+pub const VERSION: &str = "0.33.0-fake";
+
+/// How the fake behaves. Per-request `X-Fake-*` headers override the delays
+/// and the token count.
+#[derive(Clone, Debug)]
+pub struct FakeConfig {
+    /// Requests generating at once (`OLLAMA_NUM_PARALLEL`); others queue FIFO.
+    pub slots: usize,
+    /// Time to produce each token (the first one included).
+    pub token_delay: Duration,
+    /// Prefill time, after getting a slot and before the first token's time.
+    pub prompt_delay: Duration,
+    /// Tokens per answer when the request sets no limit.
+    pub default_tokens: u64,
+    /// Answer 403 (empty body) to a Host that is not loopback, like Ollama
+    /// bound to 127.0.0.1.
+    pub check_host: bool,
+    /// Length of the fake embedding vectors when the request sets none.
+    pub embedding_dims: usize,
+}
+
+impl Default for FakeConfig {
+    fn default() -> Self {
+        FakeConfig {
+            slots: 2,
+            token_delay: Duration::from_millis(20),
+            prompt_delay: Duration::ZERO,
+            default_tokens: 5,
+            check_host: true,
+            embedding_dims: 8,
+        }
+    }
+}
+
+/// A running fake Ollama. Dropping it (or [`FakeOllama::shutdown`]) stops the
+/// server and closes its connections.
+pub struct FakeOllama {
+    addr: SocketAddr,
+    state: Arc<state::State>,
+    task: JoinHandle<()>,
+}
+
+impl FakeOllama {
+    /// Starts a fake on `127.0.0.1` with an OS-chosen port, serving in a
+    /// background task of the current tokio runtime.
+    pub async fn start(cfg: FakeConfig) -> io::Result<FakeOllama> {
+        let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
+        Self::start_on(listener, cfg).await
+    }
+
+    /// Starts a fake on an already bound listener.
+    pub async fn start_on(listener: TcpListener, cfg: FakeConfig) -> io::Result<FakeOllama> {
+        let addr = listener.local_addr()?;
+        let state = Arc::new(state::State::new(cfg));
+        let task = tokio::spawn(serve(listener, state.clone()));
+        Ok(FakeOllama { addr, state, task })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`, without a trailing slash.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &FakeConfig {
+        &self.state.cfg
+    }
+
+    /// A snapshot of the event log, in `seq` order.
+    pub fn log(&self) -> Vec<LogEvent> {
+        self.state.log_snapshot()
+    }
+
+    /// The highest number of requests that held a slot at the same time.
+    pub fn max_concurrent(&self) -> usize {
+        self.state.stats().max_concurrent
+    }
+
+    /// Live counters: max concurrent, active, waiting, slots.
+    pub fn stats(&self) -> Stats {
+        self.state.stats()
+    }
+
+    /// Clears the log and resets `max_concurrent` to the current `active`.
+    /// Sequence and request numbers keep counting.
+    pub fn reset(&self) {
+        self.state.reset()
+    }
+
+    /// Waits until `pred` holds for the log, or `timeout` passes; returns
+    /// whether it held. Wakes on every new event, so no polling is needed.
+    pub async fn wait_until(&self, timeout: Duration, pred: impl Fn(&[LogEvent]) -> bool) -> bool {
+        self.state.wait_until(timeout, pred).await
+    }
+
+    /// Waits for an event of `kind` for the request tagged `tag`.
+    pub async fn wait_for(
+        &self,
+        tag: &str,
+        kind: EventKind,
+        timeout: Duration,
+    ) -> Option<LogEvent> {
+        let find = |log: &[LogEvent]| {
+            log.iter()
+                .find(|e| e.kind == kind && e.tag.as_deref() == Some(tag))
+                .cloned()
+        };
+        self.wait_until(timeout, |log| find(log).is_some()).await;
+        find(&self.log())
+    }
+
+    /// Stops serving and closes every connection (also done on drop).
+    pub fn shutdown(self) {}
+}
+
+impl Drop for FakeOllama {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves forever on `listener` (what the binary runs).
+pub async fn serve_forever(listener: TcpListener, cfg: FakeConfig) {
+    serve(listener, Arc::new(state::State::new(cfg))).await
+}
+
+async fn serve(listener: TcpListener, state: Arc<state::State>) {
+    // Connections live in the JoinSet, so aborting this task drops them all.
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    let st = state.clone();
+                    conns.spawn(async move {
+                        let svc = service_fn(move |req| {
+                            let st = st.clone();
+                            async move { Ok::<_, Infallible>(routes::handle(st, req).await) }
+                        });
+                        let _ = http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                }
+                // Out of file descriptors and the like: back off, keep serving.
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}

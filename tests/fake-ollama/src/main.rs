@@ -1,0 +1,61 @@
+//! `fake-ollama`: the fake Ollama server as a process, for the demo, the
+//! benchmarks and tests that drive real processes.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use fake_ollama::FakeConfig;
+
+/// A fake Ollama server: slots, a FIFO queue, per-token streaming, Ollama's
+/// errors and Host check. Serves until killed.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on (port 0 picks a free port; the real one is printed).
+    #[arg(long, default_value = "127.0.0.1:11434")]
+    listen: SocketAddr,
+    /// Requests generating at once (OLLAMA_NUM_PARALLEL).
+    #[arg(long, default_value_t = 2)]
+    slots: usize,
+    /// Milliseconds per generated token.
+    #[arg(long, default_value_t = 20)]
+    token_ms: u64,
+    /// Milliseconds of prompt processing before the first token.
+    #[arg(long, default_value_t = 0)]
+    prompt_ms: u64,
+    /// Tokens per answer when the request sets no limit.
+    #[arg(long, default_value_t = 5)]
+    tokens: u64,
+    /// Accept any Host header (Ollama bound to a non-loopback address).
+    #[arg(long)]
+    no_host_check: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let cfg = FakeConfig {
+        slots: args.slots,
+        token_delay: Duration::from_millis(args.token_ms),
+        prompt_delay: Duration::from_millis(args.prompt_ms),
+        default_tokens: args.tokens,
+        check_host: !args.no_host_check,
+        ..FakeConfig::default()
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "fake-ollama listening on http://{addr}")?;
+    out.flush()?;
+    drop(out);
+    tokio::select! {
+        _ = fake_ollama::serve_forever(listener, cfg) => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,345 @@
+//! Request routing: the Host check, the route table (404/405 like gin), the
+//! `/_fake/*` control endpoints and the model-less pass-through endpoints.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HOST, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+
+use crate::state::{State, Tracker, full_name};
+use crate::util::{self, Body, Shape};
+use crate::{native, openai};
+
+/// Every route the fake knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Route {
+    Root,
+    Version,
+    Tags,
+    Ps,
+    Show,
+    Pull,
+    Generate,
+    Chat,
+    Embed,
+    Embeddings,
+    OaChat,
+    OaCompletions,
+    OaEmbeddings,
+    OaModels,
+    OaModel,
+}
+
+impl Route {
+    fn find(path: &str) -> Option<Route> {
+        Some(match path {
+            "/" => Route::Root,
+            "/api/version" => Route::Version,
+            "/api/tags" => Route::Tags,
+            "/api/ps" => Route::Ps,
+            "/api/show" => Route::Show,
+            "/api/pull" => Route::Pull,
+            "/api/generate" => Route::Generate,
+            "/api/chat" => Route::Chat,
+            "/api/embed" => Route::Embed,
+            "/api/embeddings" => Route::Embeddings,
+            "/v1/chat/completions" => Route::OaChat,
+            "/v1/completions" => Route::OaCompletions,
+            "/v1/embeddings" => Route::OaEmbeddings,
+            "/v1/models" => Route::OaModels,
+            p if p.len() > "/v1/models/".len() && p.starts_with("/v1/models/") => Route::OaModel,
+            _ => return None,
+        })
+    }
+
+    fn allows(self, m: &Method) -> bool {
+        match self {
+            Route::Root | Route::Version | Route::Tags => m == Method::GET || m == Method::HEAD,
+            Route::Ps | Route::OaModels | Route::OaModel => m == Method::GET,
+            _ => m == Method::POST,
+        }
+    }
+
+    pub fn openai(self) -> bool {
+        matches!(
+            self,
+            Route::OaChat
+                | Route::OaCompletions
+                | Route::OaEmbeddings
+                | Route::OaModels
+                | Route::OaModel
+        )
+    }
+}
+
+/// The service function: every response carries `X-Fake-Upstream: 1`.
+pub(crate) async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let mut resp = dispatch(st, req).await;
+    resp.headers_mut().insert(
+        HeaderName::from_static("x-fake-upstream"),
+        HeaderValue::from_static("1"),
+    );
+    resp
+}
+
+async fn dispatch(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
+    if let Some(what) = path.strip_prefix("/_fake/") {
+        let what = what.to_string();
+        return control(&st, &what, parts, body).await;
+    }
+    if st.cfg.check_host {
+        let host = parts
+            .headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        if !util::host_allowed(host) {
+            return util::empty(StatusCode::FORBIDDEN);
+        }
+    }
+    let Some(route) = Route::find(path) else {
+        return util::response(StatusCode::NOT_FOUND, util::TEXT, "404 page not found");
+    };
+    if !route.allows(&parts.method) {
+        return util::response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            util::TEXT,
+            "405 method not allowed",
+        );
+    }
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return util::empty(StatusCode::BAD_REQUEST),
+    };
+    let shape = Shape::from_headers(&st.cfg, &parts.headers);
+    let tracker = Tracker::new(
+        st.clone(),
+        path,
+        util::header_string(&parts.headers, "x-test-tag"),
+        util::header_string(&parts.headers, "x-priority"),
+    );
+    let call = Call {
+        route,
+        tracker,
+        shape,
+        model_path: path.strip_prefix("/v1/models/").map(str::to_string),
+    };
+    call.run(&body).await
+}
+
+/// One API request on its way through the fake.
+pub(crate) struct Call {
+    pub route: Route,
+    pub tracker: Tracker,
+    pub shape: Shape,
+    model_path: Option<String>,
+}
+
+impl Call {
+    /// Ends the request with an error in the route's dialect.
+    pub fn error(mut self, status: StatusCode, msg: &str) -> Response<Body> {
+        self.tracker.fail();
+        if self.route.openai() {
+            util::openai_error(status, msg)
+        } else {
+            util::ollama_error(status, msg)
+        }
+    }
+
+    /// Ends a request that needs no slot with a JSON answer.
+    pub fn ok(mut self, v: &Value) -> Response<Body> {
+        self.tracker.finish();
+        util::json_response(StatusCode::OK, v)
+    }
+
+    async fn run(mut self, body: &Bytes) -> Response<Body> {
+        let needs_body = !matches!(
+            self.route,
+            Route::Root
+                | Route::Version
+                | Route::Tags
+                | Route::Ps
+                | Route::OaModels
+                | Route::OaModel
+        );
+        let parsed = if needs_body {
+            util::parse_body(body)
+        } else {
+            Ok(serde_json::Map::new())
+        };
+        let model = match (&parsed, self.route) {
+            (_, Route::OaModel) => self.model_path.clone().unwrap_or_default(),
+            (Ok(m), Route::Show | Route::Pull) => {
+                let model = util::str_field(m, "model");
+                if model.is_empty() {
+                    util::str_field(m, "name")
+                } else {
+                    model
+                }
+                .to_string()
+            }
+            (Ok(m), _) => util::str_field(m, "model").to_string(),
+            (Err(_), _) => String::new(),
+        };
+        self.tracker.received(&model);
+        if let Some(status) = self.shape.status {
+            let msg = util::status_msg(status, &model);
+            return self.error(status, &msg);
+        }
+        let m = match parsed {
+            Ok(m) => m,
+            Err(e) => return self.error(StatusCode::BAD_REQUEST, &e),
+        };
+        let st = self.tracker.state().clone();
+        match self.route {
+            Route::Root => {
+                self.tracker.finish();
+                util::response(StatusCode::OK, util::TEXT, "Ollama is running")
+            }
+            Route::Version => self.ok(&json!({ "version": crate::VERSION })),
+            Route::Tags => self.ok(&json!({ "models": [tag_entry("fake:latest")] })),
+            Route::Ps => {
+                let models: Vec<Value> = st
+                    .loaded()
+                    .into_iter()
+                    .map(|(name, expires)| ps_entry(&name, expires))
+                    .collect();
+                self.ok(&json!({ "models": models }))
+            }
+            Route::OaModels => self.ok(&json!({
+                "object": "list",
+                "data": [oa_model("fake:latest")],
+            })),
+            Route::OaModel => {
+                if util::known_model(&model) {
+                    self.ok(&oa_model(&model))
+                } else {
+                    let msg = util::not_found_msg(&model);
+                    self.error(StatusCode::NOT_FOUND, &msg)
+                }
+            }
+            Route::Show => native::show(self, &model, &m),
+            Route::Pull => native::pull(self, &model, &m).await,
+            Route::Generate => native::generate(self, &model, &m, false).await,
+            Route::Chat => native::generate(self, &model, &m, true).await,
+            Route::Embed | Route::Embeddings => native::embed(self, &model, &m).await,
+            Route::OaChat | Route::OaCompletions => openai::completion(self, &model, &m).await,
+            Route::OaEmbeddings => openai::embeddings(self, &model, &m).await,
+        }
+    }
+}
+
+/// `/_fake/log`, `/_fake/stats`, `/_fake/reset`, `/_fake/echo`. Exempt from
+/// the Host check so that `echo` can show a Host that Ollama would refuse.
+async fn control(
+    st: &State,
+    what: &str,
+    parts: http::request::Parts,
+    body: Incoming,
+) -> Response<Body> {
+    let m = &parts.method;
+    match what {
+        "log" if m == Method::GET => json_of(&st.log_snapshot()),
+        "stats" if m == Method::GET => json_of(&st.stats()),
+        "reset" if m == Method::POST => {
+            st.reset();
+            util::json_response(StatusCode::OK, &json!({}))
+        }
+        "echo" => {
+            let len = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes().len())
+                .unwrap_or(0);
+            let mut headers = serde_json::Map::new();
+            for (k, v) in &parts.headers {
+                let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                match headers.get_mut(k.as_str()) {
+                    Some(Value::String(prev)) => {
+                        prev.push_str(", ");
+                        prev.push_str(&v);
+                    }
+                    _ => {
+                        headers.insert(k.as_str().to_string(), v.into());
+                    }
+                }
+            }
+            util::json_response(
+                StatusCode::OK,
+                &json!({
+                    "method": m.as_str(),
+                    "path": parts.uri.path(),
+                    "query": parts.uri.query(),
+                    "version": format!("{:?}", parts.version),
+                    "headers": headers,
+                    "body_len": len,
+                }),
+            )
+        }
+        "log" | "stats" | "reset" => util::response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            util::TEXT,
+            "405 method not allowed",
+        ),
+        _ => util::response(StatusCode::NOT_FOUND, util::TEXT, "404 page not found"),
+    }
+}
+
+fn json_of<T: serde::Serialize>(v: &T) -> Response<Body> {
+    util::response(
+        StatusCode::OK,
+        util::JSON,
+        serde_json::to_vec(v).unwrap_or_default(),
+    )
+}
+
+pub(crate) fn details() -> Value {
+    json!({
+        "parent_model": "",
+        "format": "gguf",
+        "family": "fake",
+        "families": ["fake"],
+        "parameter_size": "1.2B",
+        "quantization_level": "Q4_K_M",
+    })
+}
+
+fn tag_entry(name: &str) -> Value {
+    json!({
+        "name": name,
+        "model": name,
+        "modified_at": "2026-01-01T00:00:00.000000Z",
+        "size": util::MODEL_SIZE,
+        "digest": util::DIGEST.trim_start_matches("sha256:"),
+        "details": details(),
+    })
+}
+
+fn ps_entry(name: &str, expires: std::time::SystemTime) -> Value {
+    json!({
+        "name": name,
+        "model": name,
+        "size": util::MODEL_SIZE + 200_000_000,
+        "size_vram": util::MODEL_SIZE + 200_000_000,
+        "digest": util::DIGEST.trim_start_matches("sha256:"),
+        "details": details(),
+        "expires_at": util::rfc3339(expires),
+        "context_length": util::CONTEXT_LENGTH,
+    })
+}
+
+fn oa_model(name: &str) -> Value {
+    json!({
+        "id": full_name(name),
+        "object": "model",
+        "created": 1_767_225_600u64,
+        "owned_by": "library",
+    })
+}

@@ -1,0 +1,407 @@
+//! Shared server state: the FIFO slot queue, the event log, counters and the
+//! per-request [`Tracker`] whose `Drop` turns a vanished client into a
+//! `Cancelled` event.
+
+use std::collections::BTreeMap;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, oneshot};
+
+use crate::FakeConfig;
+
+/// What happened to a request, as recorded in the fake's log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EventKind {
+    /// The request (head and body) was read and parsed.
+    Received,
+    /// The request asked for a slot (only slot-taking endpoints). Logged
+    /// even when a slot is free at once (then `Started` follows directly).
+    Queued,
+    /// The request got a generation slot (only slot-taking endpoints).
+    Started,
+    /// The first token was produced (streamed or not).
+    FirstToken,
+    /// The request completed normally (the final chunk was produced).
+    Finished,
+    /// The fake answered with an error: `X-Fake-Status`, `X-Fake-Fail-After`,
+    /// a bad body, an unknown model, ...
+    Failed,
+    /// The client went away (connection closed or response dropped) before
+    /// the request completed. Logged at the moment of the drop.
+    Cancelled,
+}
+
+/// One entry of the fake's event log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEvent {
+    /// Global, gap-free sequence number: the order in which events happened.
+    pub seq: u64,
+    /// Time since the fake started (monotonic, non-decreasing with `seq`).
+    pub at: Duration,
+    /// What happened.
+    pub kind: EventKind,
+    /// Fake-internal request number (one per HTTP request, starting at 1).
+    pub req: u64,
+    /// Request path, e.g. `/api/generate`.
+    pub path: String,
+    /// `model` from the request body ("" when there is none).
+    pub model: String,
+    /// Value of the `X-Test-Tag` request header.
+    pub tag: Option<String>,
+    /// Value of the `X-Priority` request header, as received.
+    pub priority: Option<String>,
+    /// Tokens produced so far (pull: progress lines sent so far).
+    pub tokens: u64,
+}
+
+/// Live counters, also served at `GET /_fake/stats`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Highest number of requests that held a slot at the same time.
+    pub max_concurrent: usize,
+    /// Requests holding a slot now.
+    pub active: usize,
+    /// Requests waiting for a slot now.
+    pub waiting: usize,
+    /// Configured number of slots.
+    pub slots: usize,
+}
+
+/// Who a request is, as copied into each of its log events.
+struct ReqInfo {
+    req: u64,
+    path: String,
+    model: String,
+    tag: Option<String>,
+    priority: Option<String>,
+}
+
+/// A request waiting for a slot; the slot is handed over through `tx`.
+struct Waiter {
+    info: Arc<ReqInfo>,
+    tx: oneshot::Sender<()>,
+}
+
+/// The log and the slots, under one lock: a slot changes hands and both
+/// events (`Finished`/`Cancelled` of the old holder, `Started` of the next)
+/// are logged in one critical section, so the log order *is* the grant
+/// order, whatever the threads do afterwards.
+struct Inner {
+    events: Vec<LogEvent>,
+    next_seq: u64,
+    free: usize,
+    queue: VecDeque<Waiter>,
+    active: usize,
+    max_concurrent: usize,
+}
+
+impl Inner {
+    fn push(&mut self, start: Instant, kind: EventKind, info: &ReqInfo, tokens: u64) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.events.push(LogEvent {
+            seq,
+            // Taken under the lock so that `at` never decreases along `seq`.
+            at: start.elapsed(),
+            kind,
+            req: info.req,
+            path: info.path.clone(),
+            model: info.model.clone(),
+            tag: info.tag.clone(),
+            priority: info.priority.clone(),
+            tokens,
+        });
+    }
+
+    fn grant(&mut self, start: Instant, info: &ReqInfo) {
+        self.active += 1;
+        self.max_concurrent = self.max_concurrent.max(self.active);
+        self.push(start, EventKind::Started, info, 0);
+    }
+
+    /// Frees a slot: hands it to the first waiter, or makes it free. A
+    /// waiter whose task is being dropped right now still gets it; its
+    /// tracker then finds itself out of the queue and releases the slot.
+    fn release(&mut self, start: Instant) {
+        self.active -= 1;
+        match self.queue.pop_front() {
+            Some(w) => {
+                let _ = w.tx.send(());
+                self.grant(start, &w.info);
+            }
+            None => self.free += 1,
+        }
+    }
+}
+
+/// State shared by every connection of one fake server.
+pub(crate) struct State {
+    pub cfg: FakeConfig,
+    pub start: Instant,
+    inner: Mutex<Inner>,
+    notify: Notify,
+    next_req: AtomicU64,
+    /// Models "loaded" (for `/api/ps`): name -> expiry time.
+    loaded: Mutex<BTreeMap<String, SystemTime>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl State {
+    pub fn new(cfg: FakeConfig) -> Self {
+        State {
+            inner: Mutex::new(Inner {
+                events: Vec::with_capacity(1024),
+                next_seq: 1,
+                free: cfg.slots,
+                queue: VecDeque::new(),
+                active: 0,
+                max_concurrent: 0,
+            }),
+            cfg,
+            start: Instant::now(),
+            notify: Notify::new(),
+            next_req: AtomicU64::new(1),
+            loaded: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Runs `f` on the locked state, then wakes `wait_until` callers.
+    fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        let r = f(&mut lock(&self.inner));
+        self.notify.notify_waiters();
+        r
+    }
+
+    pub fn log_snapshot(&self) -> Vec<LogEvent> {
+        lock(&self.inner).events.clone()
+    }
+
+    /// Waits until `pred` holds for the log or `timeout` passes.
+    pub async fn wait_until(&self, timeout: Duration, pred: impl Fn(&[LogEvent]) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if pred(&lock(&self.inner).events) {
+                return true;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => return pred(&lock(&self.inner).events),
+            }
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        let g = lock(&self.inner);
+        Stats {
+            max_concurrent: g.max_concurrent,
+            active: g.active,
+            waiting: g.queue.len(),
+            slots: self.cfg.slots,
+        }
+    }
+
+    pub fn reset(&self) {
+        let mut g = lock(&self.inner);
+        g.events.clear();
+        g.max_concurrent = g.active;
+    }
+
+    pub fn set_loaded(&self, model: &str, keep_alive: Option<&serde_json::Value>) {
+        let name = full_name(model);
+        let expires = crate::util::expiry(keep_alive);
+        lock(&self.loaded).insert(name, expires);
+    }
+
+    pub fn set_unloaded(&self, model: &str) {
+        lock(&self.loaded).remove(&full_name(model));
+    }
+
+    pub fn loaded(&self) -> Vec<(String, SystemTime)> {
+        let mut v: Vec<_> = lock(&self.loaded)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
+        v
+    }
+}
+
+/// `fake` -> `fake:latest`, like Ollama's name normalisation.
+pub(crate) fn full_name(model: &str) -> String {
+    if model.contains(':') {
+        model.to_string()
+    } else {
+        format!("{model}:latest")
+    }
+}
+
+/// Where a request stands with respect to the slots.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    None,
+    Queued,
+    Held,
+}
+
+/// Follows one request through the fake and writes its log events. Dropping
+/// it before [`Tracker::finish`]/[`Tracker::fail`] logs `Cancelled` (with the
+/// drop's timestamp) and releases the slot or leaves the queue: this is how
+/// a client disconnect, which makes hyper drop the handler future or the
+/// response body, is seen.
+pub(crate) struct Tracker {
+    state: Arc<State>,
+    info: Arc<ReqInfo>,
+    /// Tokens produced so far.
+    pub tokens: u64,
+    received: bool,
+    done: bool,
+    slot: Slot,
+    /// When the handler started (for `total_duration`).
+    pub t0: Instant,
+}
+
+impl Tracker {
+    pub fn new(
+        state: Arc<State>,
+        path: &str,
+        tag: Option<String>,
+        priority: Option<String>,
+    ) -> Self {
+        let req = state.next_req.fetch_add(1, Ordering::Relaxed);
+        Tracker {
+            state,
+            info: Arc::new(ReqInfo {
+                req,
+                path: path.to_string(),
+                model: String::new(),
+                tag,
+                priority,
+            }),
+            tokens: 0,
+            received: false,
+            done: false,
+            slot: Slot::None,
+            t0: Instant::now(),
+        }
+    }
+
+    pub fn req(&self) -> u64 {
+        self.info.req
+    }
+
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    fn event(&self, kind: EventKind) {
+        let start = self.state.start;
+        self.state
+            .with(|g| g.push(start, kind, &self.info, self.tokens));
+    }
+
+    /// Logs `Received` (once), now that the model is known.
+    pub fn received(&mut self, model: &str) {
+        if !self.received {
+            self.received = true;
+            if let Some(info) = Arc::get_mut(&mut self.info) {
+                info.model = model.to_string();
+            }
+            self.event(EventKind::Received);
+        }
+    }
+
+    /// Logs `Queued`, waits (FIFO) for a generation slot; `Started` is
+    /// logged when the slot is granted.
+    pub async fn acquire(&mut self) {
+        let start = self.state.start;
+        let rx = self.state.with(|g| {
+            g.push(start, EventKind::Queued, &self.info, 0);
+            if g.free > 0 && g.queue.is_empty() {
+                g.free -= 1;
+                g.grant(start, &self.info);
+                None
+            } else {
+                let (tx, rx) = oneshot::channel();
+                g.queue.push_back(Waiter {
+                    info: self.info.clone(),
+                    tx,
+                });
+                Some(rx)
+            }
+        });
+        match rx {
+            None => self.slot = Slot::Held,
+            Some(rx) => {
+                self.slot = Slot::Queued;
+                // The sender is only dropped unsent with the whole state.
+                if rx.await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                self.slot = Slot::Held;
+            }
+        }
+    }
+
+    pub fn first_token(&self) {
+        self.event(EventKind::FirstToken);
+    }
+
+    /// Logs the end of the request, and in the same critical section gives
+    /// up its slot or its place in the queue.
+    fn end(&mut self, kind: EventKind) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if !self.received {
+            self.received = true;
+            self.event(EventKind::Received);
+        }
+        let start = self.state.start;
+        let (info, tokens, slot) = (&self.info, self.tokens, self.slot);
+        self.state.with(|g| {
+            g.push(start, kind, info, tokens);
+            match slot {
+                Slot::Held => g.release(start),
+                Slot::Queued => {
+                    let before = g.queue.len();
+                    g.queue.retain(|w| w.info.req != info.req);
+                    if g.queue.len() == before {
+                        // Granted just now, before this task saw it.
+                        g.release(start);
+                    }
+                }
+                Slot::None => {}
+            }
+        });
+        self.slot = Slot::None;
+    }
+
+    pub fn finish(&mut self) {
+        self.end(EventKind::Finished);
+    }
+
+    pub fn fail(&mut self) {
+        self.end(EventKind::Failed);
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        // A request that never got as far as `Received` (e.g. the client
+        // left during the body upload) leaves no trace.
+        if self.received {
+            self.end(EventKind::Cancelled);
+        }
+    }
+}

@@ -1,0 +1,603 @@
+//! Endpoint shapes: what each route answers, headers, errors, defaults.
+
+mod common;
+
+use common::*;
+use fake_ollama::{EventKind, FakeConfig, LogEvent};
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn stream_defaults_true_on_api_and_false_on_v1() {
+    let f = fake(cfg(2, 1, 3)).await;
+    let r = post(
+        f.addr(),
+        "/api/generate",
+        &[],
+        r#"{"model":"fake","prompt":"a b c"}"#,
+    )
+    .await;
+    assert_eq!(header(&r, "content-type"), "application/x-ndjson");
+    assert_eq!(ndjson(&text(r).await).len(), 4);
+
+    let r = post(
+        f.addr(),
+        "/api/chat",
+        &[],
+        r#"{"model":"fake","messages":[{"role":"user","content":"x"}],"stream":null}"#,
+    )
+    .await;
+    assert_eq!(header(&r, "content-type"), "application/x-ndjson");
+
+    let r = post(
+        f.addr(),
+        "/v1/chat/completions",
+        &[],
+        r#"{"model":"fake","messages":[{"role":"user","content":"hi you"}]}"#,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        header(&r, "content-type"),
+        "application/json; charset=utf-8"
+    );
+    let v = json(r).await;
+    assert_eq!(v["object"], "chat.completion");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert!(v["created"].is_u64());
+    assert_eq!(v["model"], "fake");
+    assert_eq!(v["choices"][0]["index"], 0);
+    assert_eq!(
+        v["choices"][0]["message"],
+        json!({"role":"assistant","content":"tok0 tok1 tok2 "})
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        v["usage"],
+        json!({"prompt_tokens":2,"completion_tokens":3,"total_tokens":5})
+    );
+
+    let r = post(
+        f.addr(),
+        "/v1/completions",
+        &[],
+        r#"{"model":"fake","prompt":"x","max_tokens":2}"#,
+    )
+    .await;
+    let v = json(r).await;
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"][0]["text"], "tok0 tok1 ");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 2);
+}
+
+#[tokio::test]
+async fn v1_sse_ends_with_done() {
+    let f = fake(cfg(2, 1, 3)).await;
+    let r = post(
+        f.addr(),
+        "/v1/chat/completions",
+        &[],
+        r#"{"model":"fake","messages":[{"role":"user","content":"x"}],"stream":true}"#,
+    )
+    .await;
+    assert_eq!(header(&r, "content-type"), "text/event-stream");
+    let events = sse(&text(r).await);
+    assert_eq!(events.len(), 5, "{events:?}");
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..4]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    for c in &chunks {
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert_eq!(c["id"], chunks[0]["id"]);
+    }
+    assert_eq!(chunks[0]["choices"][0]["delta"]["content"], "tok0 ");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(chunks[0]["choices"][0]["finish_reason"], Value::Null);
+    assert_eq!(chunks[3]["choices"][0]["finish_reason"], "stop");
+    assert!(chunks.iter().all(|c| c.get("usage").is_none()));
+
+    // include_usage adds a usage chunk (no choices) before [DONE].
+    let r = post(
+        f.addr(),
+        "/v1/completions",
+        &[],
+        r#"{"model":"fake","prompt":"x y","stream":true,"max_tokens":2,"stream_options":{"include_usage":true}}"#,
+    )
+    .await;
+    let events = sse(&text(r).await);
+    assert_eq!(events.len(), 5, "{events:?}");
+    let finish: Value = serde_json::from_str(&events[2]).unwrap();
+    assert_eq!(finish["object"], "text_completion");
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    let usage: Value = serde_json::from_str(&events[3]).unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(
+        usage["usage"],
+        json!({"prompt_tokens":2,"completion_tokens":2,"total_tokens":4})
+    );
+    assert_eq!(events[4], "[DONE]");
+}
+
+#[tokio::test]
+async fn host_check() {
+    let f = fake(FakeConfig::default()).await;
+    let r = send(f.addr(), "GET", "/api/tags", &[("host", "example.com")], "").await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(header(&r, "x-fake-upstream"), "1");
+    assert_eq!(text(r).await, "");
+    let r = send(
+        f.addr(),
+        "POST",
+        "/api/generate",
+        &[("host", "example.com:11434")],
+        r#"{"model":"fake","prompt":"x"}"#,
+    )
+    .await;
+    assert_eq!(r.status(), 403);
+    for ok in [
+        "localhost:11434",
+        "127.0.0.1",
+        "[::1]:1",
+        "maitre.localhost",
+    ] {
+        let r = send(f.addr(), "GET", "/", &[("host", ok)], "").await;
+        assert_eq!(r.status(), 200, "{ok}");
+    }
+    // The echo endpoint shows what arrived, whatever the Host.
+    let r = send(
+        f.addr(),
+        "GET",
+        "/_fake/echo?a=1",
+        &[("host", "example.com"), ("x-custom", "v")],
+        "",
+    )
+    .await;
+    let v = json(r).await;
+    assert_eq!(v["headers"]["host"], "example.com");
+    assert_eq!(v["headers"]["x-custom"], "v");
+    assert_eq!(v["query"], "a=1");
+    assert_eq!(v["method"], "GET");
+
+    let open = fake(FakeConfig {
+        check_host: false,
+        ..FakeConfig::default()
+    })
+    .await;
+    let r = send(open.addr(), "GET", "/", &[("host", "example.com")], "").await;
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn errors_look_like_ollama() {
+    let f = fake(cfg(1, 1, 2)).await;
+    let a = f.addr();
+    let check =
+        |status: u16, body: Value| move |r: (u16, Value)| assert_eq!(r, (status, body.clone()));
+    async fn call(
+        a: std::net::SocketAddr,
+        path: &str,
+        h: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, Value) {
+        let r = post(a, path, h, body).await;
+        let s = r.status().as_u16();
+        (s, json(r).await)
+    }
+    check(400, json!({"error":"model is required"}))(
+        call(a, "/api/generate", &[], r#"{"prompt":"x"}"#).await,
+    );
+    check(400, json!({"error":"model is required"}))(
+        call(a, "/api/chat", &[], r#"{"messages":[]}"#).await,
+    );
+    check(
+        404,
+        json!({"error":"model \"llama3\" not found, try pulling it first"}),
+    )(
+        call(
+            a,
+            "/api/generate",
+            &[],
+            r#"{"model":"llama3","prompt":"x"}"#,
+        )
+        .await,
+    );
+    let (s, v) = call(a, "/api/generate", &[], "{not json").await;
+    assert_eq!(s, 400);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid character"),
+        "{v}"
+    );
+    check(
+        503,
+        json!({"error":"server busy, please try again.  maximum pending requests exceeded"}),
+    )(
+        call(
+            a,
+            "/api/chat",
+            &[("x-fake-status", "503")],
+            r#"{"model":"fake","messages":[]}"#,
+        )
+        .await,
+    );
+    // /v1 uses the OpenAI envelope.
+    check(
+        404,
+        json!({"error":{"message":"model \"gpt-4\" not found, try pulling it first","type":"not_found_error","param":null,"code":null}}),
+    )(
+        call(
+            a,
+            "/v1/chat/completions",
+            &[],
+            r#"{"model":"gpt-4","messages":[]}"#,
+        )
+        .await,
+    );
+    check(
+        503,
+        json!({"error":{"message":"server busy, please try again.  maximum pending requests exceeded","type":"api_error","param":null,"code":null}}),
+    )(
+        call(
+            a,
+            "/v1/completions",
+            &[("x-fake-status", "503")],
+            r#"{"model":"fake","prompt":"x"}"#,
+        )
+        .await,
+    );
+    let (s, v) = call(a, "/v1/chat/completions", &[], "nope").await;
+    assert_eq!(
+        (s, v["error"]["type"].as_str()),
+        (400, Some("invalid_request_error"))
+    );
+
+    let r = get(a, "/api/nothing").await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(header(&r, "x-fake-upstream"), "1");
+    assert_eq!(text(r).await, "404 page not found");
+    let r = get(a, "/api/generate").await;
+    assert_eq!(r.status(), 405);
+    let r = post(a, "/api/tags", &[], "").await;
+    assert_eq!(r.status(), 405);
+
+    let log = f.log();
+    let failed = log.iter().filter(|e| e.kind == EventKind::Failed).count();
+    assert_eq!(failed, 8, "{log:#?}");
+    assert_eq!(f.stats().max_concurrent, 0, "errors never take a slot");
+}
+
+#[tokio::test]
+async fn preload_unload_and_ps() {
+    let f = fake(cfg(1, 1000, 5)).await;
+    let a = f.addr();
+    let v = json(get(a, "/api/ps").await).await;
+    assert_eq!(v, json!({"models": []}));
+    // Preload: one JSON object at once, even though stream defaults to true.
+    let t0 = std::time::Instant::now();
+    let r = post(a, "/api/generate", &[], r#"{"model":"fake"}"#).await;
+    assert_eq!(
+        header(&r, "content-type"),
+        "application/json; charset=utf-8"
+    );
+    let v = json(r).await;
+    assert!(t0.elapsed() < std::time::Duration::from_millis(500));
+    assert_eq!(
+        (v["done"].clone(), v["done_reason"].clone()),
+        (json!(true), json!("load"))
+    );
+    let v = json(
+        post(
+            a,
+            "/api/chat",
+            &[],
+            r#"{"model":"fake-chat","messages":[]}"#,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(v["done_reason"], "load");
+    assert_eq!(v["message"]["content"], "");
+    let ps = json(get(a, "/api/ps").await).await;
+    let names: Vec<&str> = ps["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2);
+    assert!(names.contains(&"fake:latest") && names.contains(&"fake-chat:latest"));
+    let m = &ps["models"][0];
+    for k in [
+        "model",
+        "size",
+        "size_vram",
+        "digest",
+        "details",
+        "expires_at",
+        "context_length",
+    ] {
+        assert!(m.get(k).is_some(), "ps lacks {k}");
+    }
+    let v = json(
+        post(
+            a,
+            "/api/generate",
+            &[],
+            r#"{"model":"fake","keep_alive":0}"#,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(v["done_reason"], "unload");
+    let ps = json(get(a, "/api/ps").await).await;
+    assert_eq!(ps["models"].as_array().unwrap().len(), 1);
+    assert_eq!(f.max_concurrent(), 0);
+}
+
+#[tokio::test]
+async fn pass_through_endpoints() {
+    let f = fake(cfg(1, 1, 3)).await;
+    let a = f.addr();
+    let r = get(a, "/").await;
+    assert_eq!(r.status(), 200);
+    assert!(header(&r, "content-type").starts_with("text/plain"));
+    assert_eq!(text(r).await, "Ollama is running");
+    let r = send(a, "HEAD", "/", &[], "").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-fake-upstream"), "1");
+    assert_eq!(text(r).await, "");
+    for m in ["GET", "HEAD"] {
+        let r = send(a, m, "/api/version", &[], "").await;
+        assert_eq!(r.status(), 200);
+        if m == "GET" {
+            assert_eq!(json(r).await, json!({"version": "0.33.0-fake"}));
+        }
+    }
+    let r = send(a, "HEAD", "/api/tags", &[], "").await;
+    assert_eq!(r.status(), 200);
+    let tags = json(get(a, "/api/tags").await).await;
+    let m = &tags["models"][0];
+    assert_eq!(m["name"], "fake:latest");
+    for k in ["model", "modified_at", "size", "digest"] {
+        assert!(m.get(k).is_some(), "tags lacks {k}");
+    }
+    for k in [
+        "format",
+        "family",
+        "families",
+        "parameter_size",
+        "quantization_level",
+    ] {
+        assert!(m["details"].get(k).is_some(), "details lacks {k}");
+    }
+    let show = json(post(a, "/api/show", &[], r#"{"model":"fake"}"#).await).await;
+    assert_eq!(show["capabilities"], json!(["completion"]));
+    for k in [
+        "modelfile",
+        "parameters",
+        "template",
+        "details",
+        "model_info",
+    ] {
+        assert!(show.get(k).is_some(), "show lacks {k}");
+    }
+    let r = post(a, "/api/show", &[], r#"{"model":"nope"}"#).await;
+    assert_eq!(r.status(), 404);
+
+    // Pull: progress lines, then success.
+    let r = post(a, "/api/pull", &[], r#"{"model":"fake"}"#).await;
+    assert_eq!(header(&r, "content-type"), "application/x-ndjson");
+    let lines = ndjson(&text(r).await);
+    let statuses: Vec<&str> = lines
+        .iter()
+        .map(|l| l["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses[0], "pulling manifest");
+    assert_eq!(
+        &statuses[statuses.len() - 3..],
+        ["verifying sha256 digest", "writing manifest", "success"]
+    );
+    assert_eq!(lines.len(), 1 + 3 + 3);
+    assert_eq!(lines[3]["completed"], lines[3]["total"]);
+    let v = json(post(a, "/api/pull", &[], r#"{"model":"fake","stream":false}"#).await).await;
+    assert_eq!(v, json!({"status": "success"}));
+    let lines = ndjson(&text(post(a, "/api/pull", &[], r#"{"model":"other"}"#).await).await);
+    assert!(lines.last().unwrap().get("error").is_some());
+
+    // Embeddings, native and OpenAI.
+    let v = json(
+        post(
+            a,
+            "/api/embed",
+            &[],
+            r#"{"model":"fake","input":["a","b c"]}"#,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(v["embeddings"].as_array().unwrap().len(), 2);
+    assert_eq!(v["embeddings"][0].as_array().unwrap().len(), 8);
+    assert_eq!(v["prompt_eval_count"], 3);
+    assert!(v["total_duration"].is_u64() && v["load_duration"].is_u64());
+    let v = json(
+        post(
+            a,
+            "/api/embed",
+            &[],
+            r#"{"model":"fake","input":"x","dimensions":4}"#,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(v["embeddings"][0].as_array().unwrap().len(), 4);
+    let v = json(
+        post(
+            a,
+            "/api/embeddings",
+            &[],
+            r#"{"model":"fake","prompt":"x"}"#,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(v["embedding"].as_array().unwrap().len(), 8);
+    let v = json(
+        post(
+            a,
+            "/v1/embeddings",
+            &[],
+            r#"{"model":"fake","input":["x","y"]}"#,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][1]["object"], "embedding");
+    assert_eq!(v["data"][1]["index"], 1);
+    assert!(v["usage"]["prompt_tokens"].is_u64());
+    let v = json(
+        post(
+            a,
+            "/v1/embeddings",
+            &[],
+            r#"{"model":"fake","input":"x","encoding_format":"base64"}"#,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(v["data"][0]["embedding"].as_str().unwrap().len(), 44);
+
+    let v = json(get(a, "/v1/models").await).await;
+    assert_eq!(v["object"], "list");
+    assert_eq!(
+        v["data"][0],
+        json!({"id":"fake:latest","object":"model","created":1767225600u64,"owned_by":"library"})
+    );
+    let v = json(get(a, "/v1/models/fake:latest").await).await;
+    assert_eq!(v["id"], "fake:latest");
+
+    // Embeddings took a slot, the rest did not.
+    let started: Vec<String> = f
+        .log()
+        .iter()
+        .filter(|e| e.kind == EventKind::Started)
+        .map(|e| e.path.clone())
+        .collect();
+    assert_eq!(
+        started,
+        [
+            "/api/embed",
+            "/api/embed",
+            "/api/embeddings",
+            "/v1/embeddings",
+            "/v1/embeddings"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn token_count_sources() {
+    let f = fake(cfg(1, 0, 5)).await;
+    let a = f.addr();
+    let v = json(
+        post(
+            a,
+            "/api/generate",
+            &[],
+            r#"{"model":"fake","prompt":"x","stream":false,"options":{"num_predict":3}}"#,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        (v["eval_count"].clone(), v["done_reason"].clone()),
+        (json!(3), json!("length"))
+    );
+    let v = json(
+        post(
+            a,
+            "/api/generate",
+            &[],
+            r#"{"model":"fake","prompt":"x","stream":false,"options":{"num_predict":-1}}"#,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        (v["eval_count"].clone(), v["done_reason"].clone()),
+        (json!(5), json!("stop"))
+    );
+    let v = json(
+        post(
+            a,
+            "/api/chat",
+            &[("x-fake-tokens", "7")],
+            r#"{"model":"fake","messages":[{"role":"user","content":"x"}],"stream":false}"#,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(v["eval_count"], 7);
+    assert_eq!(
+        v["message"]["content"]
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .count(),
+        7
+    );
+}
+
+#[tokio::test]
+async fn control_endpoints() {
+    let f = fake(cfg(2, 0, 2)).await;
+    let a = f.addr();
+    let r = post(
+        a,
+        "/api/generate",
+        &[("x-test-tag", "t1"), ("x-priority", "realtime")],
+        r#"{"model":"fake","prompt":"x"}"#,
+    )
+    .await;
+    text(r).await;
+    let r = get(a, "/_fake/log").await;
+    assert_eq!(header(&r, "x-fake-upstream"), "1");
+    let log: Vec<LogEvent> = serde_json::from_str(&text(r).await).unwrap();
+    assert_eq!(log, f.log());
+    let kinds: Vec<EventKind> = log.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            EventKind::Received,
+            EventKind::Queued,
+            EventKind::Started,
+            EventKind::FirstToken,
+            EventKind::Finished
+        ]
+    );
+    assert!(
+        log.iter()
+            .all(|e| e.tag.as_deref() == Some("t1") && e.priority.as_deref() == Some("realtime"))
+    );
+    assert!(
+        log.iter()
+            .all(|e| e.model == "fake" && e.path == "/api/generate")
+    );
+    assert_eq!(log[3].tokens, 1);
+    assert_eq!(log[4].tokens, 2);
+    let v = json(get(a, "/_fake/stats").await).await;
+    assert_eq!(
+        v,
+        json!({"max_concurrent":1,"active":0,"waiting":0,"slots":2})
+    );
+    let r = post(a, "/_fake/reset", &[], "").await;
+    assert_eq!(r.status(), 200);
+    assert!(f.log().is_empty());
+    assert_eq!(f.max_concurrent(), 0);
+    let v = json(get(a, "/_fake/log").await).await;
+    assert_eq!(v, json!([]));
+}
