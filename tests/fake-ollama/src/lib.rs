@@ -8,9 +8,25 @@
 //! is recorded in an in-memory event log that tests can query in-process
 //! ([`FakeOllama::log`]) or over HTTP (`GET /_fake/log`).
 //!
-//! Traffic can be shaped per request with headers: `X-Fake-Token-Ms`,
-//! `X-Fake-Prompt-Ms`, `X-Fake-Tokens`, `X-Fake-Fail-After`, `X-Fake-Status`;
-//! `X-Test-Tag` and `X-Priority` are recorded in the log.
+//! | Route | Slot | Answer |
+//! |---|---|---|
+//! | `POST /api/generate`, `/api/chat` | yes | NDJSON (stream omitted = true) or one JSON object; preload / unload with an empty prompt |
+//! | `POST /api/embed`, `/api/embeddings` | yes | one JSON object after prompt delay + one token delay |
+//! | `POST /v1/chat/completions`, `/v1/completions` | yes | JSON (stream omitted = false) or SSE ending in `data: [DONE]` |
+//! | `POST /v1/embeddings` | yes | OpenAI list of embeddings (`encoding_format: "base64"` honoured) |
+//! | `GET\|HEAD /`, `/api/version`, `/api/tags`; `GET /api/ps`, `/v1/models`, `/v1/models/{m}`; `POST /api/show`, `/api/pull` | no | as Ollama |
+//! | `GET /_fake/log`, `/_fake/stats`; `POST /_fake/reset`; any `/_fake/echo` | no | control (no Host check, not logged) |
+//!
+//! Per-request headers: `X-Fake-Token-Ms`, `X-Fake-Prompt-Ms`,
+//! `X-Fake-Tokens` (token count; pull: progress lines), `X-Fake-Fail-After: N`
+//! (error after N tokens; 0 = HTTP 500 before any byte), `X-Fake-Status: S`
+//! (answer S at once with Ollama's body for it). `X-Test-Tag` and
+//! `X-Priority` are recorded in the log. Every response carries
+//! `X-Fake-Upstream: 1`. Models must start with "fake" (else 404).
+//!
+//! Timing: a request waits FIFO for a slot, then `prompt_delay`, then each
+//! token takes `token_delay` (TTFT = prompt + one token). Streaming answers
+//! send no headers until the first token is ready, like Ollama.
 
 mod generation;
 mod native;
