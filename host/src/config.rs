@@ -90,6 +90,11 @@ pub struct Limits {
     pub starvation_ms: u64,
     /// Seconds the `Retry-After` header suggests on 503 answers.
     pub retry_after_seconds: u64,
+    /// A client must send its request headers within this many seconds, so a
+    /// slow client cannot hold a socket forever.
+    pub header_read_timeout_seconds: u64,
+    /// A scheduled request's body must arrive within this many seconds (408).
+    pub body_read_timeout_seconds: u64,
 }
 
 impl Default for Limits {
@@ -103,6 +108,8 @@ impl Default for Limits {
             max_preemptions: 2,
             starvation_ms: 2_000,
             retry_after_seconds: 1,
+            header_read_timeout_seconds: 30,
+            body_read_timeout_seconds: 60,
         }
     }
 }
@@ -202,6 +209,8 @@ struct RawLimits {
     max_preemptions: Option<Spanned<i64>>,
     starvation_ms: Option<Spanned<i64>>,
     retry_after_seconds: Option<Spanned<i64>>,
+    header_read_timeout_seconds: Option<Spanned<i64>>,
+    body_read_timeout_seconds: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -390,6 +399,20 @@ impl Config {
                     0,
                     3600,
                     d.retry_after_seconds as i64,
+                )? as u64,
+                header_read_timeout_seconds: cx.int(
+                    &l.header_read_timeout_seconds,
+                    "limits.header_read_timeout_seconds",
+                    1,
+                    3600,
+                    d.header_read_timeout_seconds as i64,
+                )? as u64,
+                body_read_timeout_seconds: cx.int(
+                    &l.body_read_timeout_seconds,
+                    "limits.body_read_timeout_seconds",
+                    1,
+                    86_400,
+                    d.body_read_timeout_seconds as i64,
                 )? as u64,
             },
         };

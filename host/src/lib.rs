@@ -148,11 +148,12 @@ fn client_connection(
         > + Send,
     > + Send,
 > {
+    let header_timeout = Duration::from_secs(proxy.limits().header_read_timeout_seconds);
     let svc = service_fn(move |req| proxy.clone().handle(req, remote));
     http1::Builder::new()
         .timer(TokioTimer::new())
         // A client that never finishes its headers cannot hold a socket forever.
-        .header_read_timeout(Duration::from_secs(30))
+        .header_read_timeout(header_timeout)
         .max_buf_size(1 << 20)
         .serve_connection(TokioIo::new(stream), svc)
 }

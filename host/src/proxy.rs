@@ -167,6 +167,11 @@ impl Proxy {
         }
     }
 
+    /// The host limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     /// Serves one request; never fails (errors become Ollama-style answers).
     pub async fn handle(
         self: Arc<Self>,
@@ -249,12 +254,11 @@ impl Proxy {
         path: String,
     ) -> Response<ProxyBody> {
         let (parts, body) = req.into_parts();
-        let bytes = match Limited::new(body, self.limits.max_body_bytes)
-            .collect()
-            .await
-        {
-            Ok(c) => c.to_bytes(),
-            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+        let read = Limited::new(body, self.limits.max_body_bytes).collect();
+        let body_timeout = Duration::from_secs(self.limits.body_read_timeout_seconds);
+        let bytes = match tokio::time::timeout(body_timeout, read).await {
+            Ok(Ok(c)) => c.to_bytes(),
+            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
                 return error_response(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     &path,
@@ -265,11 +269,22 @@ impl Proxy {
                     None,
                 );
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 return error_response(
                     StatusCode::BAD_REQUEST,
                     &path,
                     &format!("maitre: could not read the request body: {e}"),
+                    None,
+                );
+            }
+            Err(_) => {
+                return error_response(
+                    StatusCode::REQUEST_TIMEOUT,
+                    &path,
+                    &format!(
+                        "maitre: the request body did not arrive within {} s (limits.body_read_timeout_seconds)",
+                        self.limits.body_read_timeout_seconds
+                    ),
                     None,
                 );
             }

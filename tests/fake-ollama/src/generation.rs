@@ -3,7 +3,6 @@
 //! chunk.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -372,8 +371,14 @@ impl Gen {
             util::NDJSON
         };
         let stream = futures_util::stream::unfold(self, |mut g| async move {
+            if g.shape.drop_after.is_some_and(|n| g.tracker.tokens >= n && !g.ended) && g.pending.is_empty() {
+                // An upstream that dies mid-stream: hyper aborts the connection.
+                g.ended = true;
+                g.tracker.fail();
+                return Some((Err(std::io::Error::other("fake drop")), g));
+            }
             let b = g.next_frame().await?;
-            Some((Ok::<_, Infallible>(Frame::data(b)), g))
+            Some((Ok::<_, std::io::Error>(Frame::data(b)), g))
         });
         let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
         r.headers_mut()

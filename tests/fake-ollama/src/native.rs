@@ -1,7 +1,6 @@
 //! Ollama's native endpoints that need a model: generate, chat, embed,
 //! embeddings, show and pull.
 
-use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -288,7 +287,7 @@ pub(crate) async fn pull(call: Call, model: &str, m: &Map<String, Value>) -> Res
         let v = p.next().await?;
         let mut b = serde_json::to_vec(&v).unwrap_or_default();
         b.push(b'\n');
-        Some((Ok::<_, Infallible>(Frame::data(Bytes::from(b))), p))
+        Some((Ok::<_, std::io::Error>(Frame::data(Bytes::from(b))), p))
     });
     let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
     r.headers_mut()

@@ -119,6 +119,7 @@ async fn dispatch(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         Err(_) => return util::empty(StatusCode::BAD_REQUEST),
     };
     let shape = Shape::from_headers(&st.cfg, &parts.headers);
+    let tag = util::header_string(&parts.headers, "x-test-tag");
     let tracker = Tracker::new(
         st.clone(),
         path,
@@ -129,6 +130,7 @@ async fn dispatch(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         route,
         tracker,
         shape,
+        tag,
         model_path: path.strip_prefix("/v1/models/").map(str::to_string),
     };
     call.run(&body).await
@@ -139,6 +141,7 @@ pub(crate) struct Call {
     pub route: Route,
     pub tracker: Tracker,
     pub shape: Shape,
+    tag: Option<String>,
     model_path: Option<String>,
 }
 
@@ -190,8 +193,14 @@ impl Call {
         };
         self.tracker.received(&model);
         if let Some(status) = self.shape.status {
-            let msg = util::status_msg(status, &model);
-            return self.error(status, &msg);
+            let due = match self.shape.status_times {
+                None => true,
+                Some(n) => self.tracker.state().count_status(self.tag.as_deref()) < n,
+            };
+            if due {
+                let msg = util::status_msg(status, &model);
+                return self.error(status, &msg);
+            }
         }
         let m = match parsed {
             Ok(m) => m,

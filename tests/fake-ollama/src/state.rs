@@ -147,6 +147,8 @@ pub(crate) struct State {
     next_req: AtomicU64,
     /// Models "loaded" (for `/api/ps`): name -> expiry time.
     loaded: Mutex<BTreeMap<String, SystemTime>>,
+    /// `X-Fake-Status-Times` counters by tag.
+    status_counts: Mutex<BTreeMap<String, u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -169,6 +171,7 @@ impl State {
             notify: Notify::new(),
             next_req: AtomicU64::new(1),
             loaded: Mutex::new(BTreeMap::new()),
+            status_counts: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -214,6 +217,15 @@ impl State {
         let mut g = lock(&self.inner);
         g.events.clear();
         g.max_concurrent = g.active;
+    }
+
+    /// How many requests with this tag got the `X-Fake-Status` answer so
+    /// far; counts this one.
+    pub fn count_status(&self, tag: Option<&str>) -> u64 {
+        let mut m = lock(&self.status_counts);
+        let n = m.entry(tag.unwrap_or("").to_string()).or_insert(0);
+        *n += 1;
+        *n - 1
     }
 
     pub fn set_loaded(&self, model: &str, keep_alive: Option<&serde_json::Value>) {

@@ -10,7 +10,8 @@ use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use serde_json::{Value, json};
 
 /// The response body type of every handler.
-pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
+/// Response body; an error aborts the connection mid-response (`X-Fake-Drop-After`).
+pub(crate) type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
 pub(crate) const JSON: &str = "application/json; charset=utf-8";
 pub(crate) const NDJSON: &str = "application/x-ndjson";
@@ -25,7 +26,7 @@ pub(crate) const MODEL_SIZE: u64 = 2_019_393_189;
 pub(crate) const CONTEXT_LENGTH: u64 = 4096;
 
 pub(crate) fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).boxed_unsync()
+    Full::new(b.into()).map_err(|e: Infallible| match e {}).boxed_unsync()
 }
 
 pub(crate) fn response(
@@ -220,7 +221,13 @@ pub(crate) struct Shape {
     /// `X-Fake-Tokens`: overrides everything else.
     pub tokens: Option<u64>,
     pub fail_after: Option<u64>,
+    /// `X-Fake-Drop-After: N`: after N tokens, abort the connection without
+    /// ending the response (an upstream that dies mid-stream).
+    pub drop_after: Option<u64>,
     pub status: Option<StatusCode>,
+    /// `X-Fake-Status-Times: N`: answer `status` only to the first N requests
+    /// carrying the same `X-Test-Tag` (a busy upstream that recovers).
+    pub status_times: Option<u64>,
 }
 
 impl Shape {
@@ -234,6 +241,8 @@ impl Shape {
                 .unwrap_or(cfg.prompt_delay),
             tokens: header_u64(h, "x-fake-tokens"),
             fail_after: header_u64(h, "x-fake-fail-after"),
+            drop_after: header_u64(h, "x-fake-drop-after"),
+            status_times: header_u64(h, "x-fake-status-times"),
             status: header_u64(h, "x-fake-status")
                 .and_then(|n| u16::try_from(n).ok())
                 .and_then(|n| StatusCode::from_u16(n).ok()),
