@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod plugin;
 pub mod proxy;
 pub mod reload;
+pub mod request;
 pub mod scheduler;
 
 use std::future::Future;
