@@ -2,8 +2,8 @@
 //!
 //! | method | path | what |
 //! |---|---|---|
-//! | GET | `/metrics` | Prometheus text format |
-//! | GET | `/status` | arms, slots, waiting and running requests (JSON) |
+//! | GET | `/metrics` | OpenMetrics text when `Accept` asks for it (Prometheus does), else Prometheus text 0.0.4 |
+//! | GET | `/status` | arms, slots, waiting and running requests, last reload (JSON) |
 //! | GET | `/ab?window=SECONDS` | per-arm, per-class comparison (JSON) |
 //! | POST | `/reload` | reload the policy file now (token) |
 //! | PUT | `/policies/{name}/weight` | body `{"weight": N}` or `N` (token) |
@@ -21,11 +21,11 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::Host;
+use crate::{Host, metrics};
 
 type AdminBody = Full<Bytes>;
 
@@ -49,10 +49,20 @@ pub async fn serve(listener: TcpListener, host: Arc<Host>, stop: CancellationTok
                 async move { Ok::<_, Infallible>(route(req, &host).await) }
             });
             let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
     }
+}
+
+/// `/status`: the scheduler's view plus the last reload attempt.
+#[derive(serde::Serialize)]
+struct StatusWithReload {
+    #[serde(flatten)]
+    status: crate::scheduler::Status,
+    last_reload: Option<crate::reload::ReloadRecord>,
 }
 
 fn json(status: StatusCode, v: &impl serde::Serialize) -> Response<AdminBody> {
@@ -69,6 +79,18 @@ fn json(status: StatusCode, v: &impl serde::Serialize) -> Response<AdminBody> {
 
 fn error(status: StatusCode, msg: &str) -> Response<AdminBody> {
     json(status, &serde_json::json!({ "error": msg }))
+}
+
+fn unauthorized() -> Response<AdminBody> {
+    let mut r = error(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong bearer token: send `Authorization: Bearer <admin_token>` (admin_token in the policy file or MAITRE_ADMIN_TOKEN)",
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer realm=\"maitre admin\""),
+    );
+    r
 }
 
 fn authorized(req: &Request<Incoming>, host: &Host) -> bool {
@@ -100,17 +122,35 @@ async fn route(req: Request<Incoming>, host: &Host) -> Response<AdminBody> {
             &serde_json::json!({"endpoints": ["GET /metrics", "GET /status", "GET /ab?window=SECONDS", "POST /reload", "PUT /policies/{name}/weight"]}),
         ),
         (&Method::GET, "/metrics") => {
-            let mut r = Response::new(Full::new(Bytes::from(host.metrics.encode())));
+            let openmetrics = req
+                .headers()
+                .get_all(header::ACCEPT)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(metrics::accepts_openmetrics);
+            let (text, content_type) = if openmetrics {
+                (host.metrics.encode(), metrics::OPENMETRICS_CONTENT_TYPE)
+            } else {
+                (
+                    host.metrics.encode_prometheus_text(),
+                    metrics::PROMETHEUS_TEXT_CONTENT_TYPE,
+                )
+            };
+            let mut r = Response::new(Full::new(Bytes::from(text)));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
-                header::HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
+                header::HeaderValue::from_static(content_type),
             );
             r
         }
         (&Method::GET, "/status") => match host.sched.status().await {
-            Some(s) => json(StatusCode::OK, &s),
+            Some(status) => json(
+                StatusCode::OK,
+                &StatusWithReload {
+                    status,
+                    last_reload: host.reloader.last(),
+                },
+            ),
             None => error(StatusCode::SERVICE_UNAVAILABLE, "scheduler stopped"),
         },
         (&Method::GET, "/ab") => {
@@ -128,22 +168,16 @@ async fn route(req: Request<Incoming>, host: &Host) -> Response<AdminBody> {
         }
         (&Method::POST, "/reload") => {
             if !authorized(&req, host) {
-                return error(
-                    StatusCode::UNAUTHORIZED,
-                    "missing or wrong bearer token (admin_token / MAITRE_ADMIN_TOKEN)",
-                );
+                return unauthorized();
             }
-            match host.reloader.reload(host).await {
+            match host.reloader.reload(host, "admin").await {
                 Ok(report) => json(StatusCode::OK, &report),
                 Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e),
             }
         }
         (&Method::PUT, p) if p.starts_with("/policies/") && p.ends_with("/weight") => {
             if !authorized(&req, host) {
-                return error(
-                    StatusCode::UNAUTHORIZED,
-                    "missing or wrong bearer token (admin_token / MAITRE_ADMIN_TOKEN)",
-                );
+                return unauthorized();
             }
             let name = p["/policies/".len()..p.len() - "/weight".len()].to_string();
             let body = match Limited::new(req.into_body(), 4096).collect().await {

@@ -104,14 +104,9 @@ fn init_logs(json: bool) {
     }
 }
 
-fn load(policy: &PathBuf) -> anyhow::Result<Config> {
-    let mut cfg = Config::load(policy)?;
-    if cfg.admin_token.is_none() {
-        cfg.admin_token = std::env::var("MAITRE_ADMIN_TOKEN")
-            .ok()
-            .filter(|t| !t.is_empty());
-    }
-    Ok(cfg)
+/// The policy file plus `MAITRE_ADMIN_TOKEN`, exactly as hot reload reads it.
+fn load(policy: &std::path::Path) -> anyhow::Result<Config> {
+    Ok(maitre::reload::load_config(policy)?)
 }
 
 async fn serve(
@@ -147,13 +142,14 @@ async fn serve(
     } else {
         None
     };
-    if let Some(a) = cfg.admin_listen {
-        if !a.ip().is_loopback() && cfg.admin_token.is_none() {
-            anyhow::bail!(
-                "admin_listen = {a} is not a loopback address: set admin_token in {} or MAITRE_ADMIN_TOKEN so the control endpoints are protected",
-                policy.display()
-            );
-        }
+    if let Some(a) = cfg.admin_listen
+        && !a.ip().is_loopback()
+        && cfg.admin_token.is_none()
+    {
+        anyhow::bail!(
+            "admin_listen = {a} is not a loopback address: set admin_token in {} or MAITRE_ADMIN_TOKEN so the control endpoints are protected",
+            policy.display()
+        );
     }
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -215,16 +211,29 @@ async fn ab(admin: &str, window: f64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `/ab` report as a table: one row per arm and class. Columns: requests
+/// that ended in the window, answered, rejected, cancelled by the client,
+/// upstream errors, TTFT samples and percentiles, queue wait percentiles,
+/// answered requests per minute.
 fn format_report(r: &AbReport) -> String {
     let f = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
+    let w = r
+        .rows
+        .iter()
+        .map(|row| row.arm.len())
+        .max()
+        .unwrap_or(0)
+        .max(3);
     let mut out = format!("A/B comparison over the last {:.0} s\n", r.window_seconds);
     out.push_str(&format!(
-        "{:<16} {:<9} {:>6} {:>6} {:>6} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+        "{:<w$} {:<9} {:>6} {:>6} {:>5} {:>5} {:>5} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
         "arm",
         "class",
         "reqs",
         "ok",
         "rej",
+        "cxl",
+        "err",
         "ttft_n",
         "ttft_p50",
         "ttft_p95",
@@ -235,12 +244,14 @@ fn format_report(r: &AbReport) -> String {
     ));
     for row in &r.rows {
         out.push_str(&format!(
-            "{:<16} {:<9} {:>6} {:>6} {:>6} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9.1}\n",
+            "{:<w$} {:<9} {:>6} {:>6} {:>5} {:>5} {:>5} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9.1}\n",
             row.arm,
             row.class,
             row.requests,
             row.ok,
             row.rejected,
+            row.cancelled,
+            row.upstream_errors,
             row.ttft_samples,
             f(row.ttft_p50_ms),
             f(row.ttft_p95_ms),
@@ -250,6 +261,6 @@ fn format_report(r: &AbReport) -> String {
             row.completions_per_min
         ));
     }
-    out.push_str("times in ms; a difference smaller than the spread between p50 and p95 needs more samples to mean anything\n");
+    out.push_str("times in ms (ttft = arrival to first byte sent to the client; queue = time waiting in maitre); a difference smaller than the spread between p50 and p95 needs more samples to mean anything\n");
     out
 }

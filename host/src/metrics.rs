@@ -1,10 +1,12 @@
 //! Prometheus metrics: what operators graph and alert on.
 //!
 //! One [`Metrics`] value per host, shared by the proxy, the scheduler, the
-//! plugin runtime and hot reload; `/metrics` on the admin listener encodes it in
-//! the Prometheus text format.
+//! plugin runtime and hot reload. `/metrics` on the admin listener encodes it
+//! in the format the scraper asks for: OpenMetrics 1.0 text ([`Metrics::encode`],
+//! what Prometheus asks for first) or the classic Prometheus text format 0.0.4
+//! ([`Metrics::encode_prometheus_text`], for `curl` and older scrapers).
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -55,12 +57,29 @@ pub struct ReloadLabels {
 }
 
 /// Whether a reload took effect.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum ReloadResult {
     /// The new policy serves.
     Ok,
     /// The old policy stays.
     Failed,
+}
+
+impl ReloadResult {
+    /// The label value: `ok` or `failed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadResult::Ok => "ok",
+            ReloadResult::Failed => "failed",
+        }
+    }
+}
+
+impl EncodeLabelValue for ReloadResult {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(self.as_str())
+    }
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -199,20 +218,163 @@ impl Metrics {
             "Upstream 503 answers that were requeued",
             m.upstream_busy_retries.clone(),
         );
+        // Both reload results exist from the start, so a dashboard sees 0
+        // failures rather than no series at all.
+        for result in [ReloadResult::Ok, ReloadResult::Failed] {
+            let _ = m.reloads.get_or_create(&ReloadLabels { result });
+        }
         Metrics { registry, ..m }
     }
 
-    /// Encodes every metric in the Prometheus text format.
+    /// Encodes every metric in the OpenMetrics 1.0 text format (ends in `# EOF`;
+    /// content type [`OPENMETRICS_CONTENT_TYPE`]).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String");
         out
     }
+
+    /// Encodes every metric in the Prometheus text format 0.0.4 (content type
+    /// [`PROMETHEUS_TEXT_CONTENT_TYPE`]), for scrapers that do not ask for
+    /// OpenMetrics.
+    pub fn encode_prometheus_text(&self) -> String {
+        openmetrics_to_prometheus_text(&self.encode())
+    }
+}
+
+/// Content type of [`Metrics::encode`].
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Content type of [`Metrics::encode_prometheus_text`].
+pub const PROMETHEUS_TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Whether an `Accept` header value asks for OpenMetrics (Prometheus sends
+/// `application/openmetrics-text;version=1.0.0,...;q=0.75,text/plain;version=0.0.4;q=0.5,...`).
+/// A media range with `q=0` is a refusal, not a request.
+pub fn accepts_openmetrics(accept: &str) -> bool {
+    accept.split(',').any(|range| {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("");
+        let refused = parts.any(|p| {
+            p.strip_prefix("q=")
+                .and_then(|q| q.trim().parse::<f64>().ok())
+                .is_some_and(|q| q <= 0.0)
+        });
+        media.eq_ignore_ascii_case("application/openmetrics-text") && !refused
+    })
+}
+
+/// Rewrites prometheus-client's OpenMetrics text as Prometheus text 0.0.4: a
+/// counter family is named with its `_total` suffix, and the OpenMetrics-only
+/// lines (`# UNIT`, `# EOF`, `_created` samples) go. Everything else
+/// (gauges, histograms, label escaping, `+Inf`) is the same in both formats.
+fn openmetrics_to_prometheus_text(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let descriptor = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        if let Some((p, rest)) = descriptor {
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            if counters.contains(name) {
+                out.push_str(&format!("{p}{name}_total {tail}\n"));
+                continue;
+            }
+        } else if !line.starts_with('#') {
+            let name = line.split(['{', ' ']).next().unwrap_or("");
+            if name
+                .strip_suffix("_created")
+                .is_some_and(|base| counters.contains(base))
+            {
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reload_results_are_lower_case_and_present_from_the_start() {
+        let m = Metrics::new();
+        let text = m.encode();
+        assert!(
+            text.contains("maitre_reloads_total{result=\"ok\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("maitre_reloads_total{result=\"failed\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn prometheus_text_names_counters_with_total_and_has_no_eof() {
+        let m = Metrics::new();
+        m.requests
+            .get_or_create(&OutcomeLabels {
+                arm: "a".into(),
+                class: "batch".into(),
+                outcome: "ok".into(),
+            })
+            .inc();
+        m.queue_wait
+            .get_or_create(&ArmClass {
+                arm: "a".into(),
+                class: "batch".into(),
+            })
+            .observe(0.01);
+        let text = m.encode_prometheus_text();
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(
+            text.contains("# TYPE maitre_requests_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP maitre_requests_total "), "{text}");
+        assert!(
+            text.contains("maitre_requests_total{arm=\"a\",class=\"batch\",outcome=\"ok\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE maitre_queue_wait_seconds histogram\n"),
+            "{text}"
+        );
+        assert!(text.contains("maitre_queue_wait_seconds_count{arm=\"a\",class=\"batch\"} 1\n"));
+        assert!(text.contains("# TYPE maitre_slots_busy gauge\n"));
+    }
+
+    #[test]
+    fn accept_header_negotiation() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert!(accepts_openmetrics(prometheus));
+        assert!(accepts_openmetrics("Application/OpenMetrics-Text"));
+        assert!(!accepts_openmetrics("text/plain"));
+        assert!(!accepts_openmetrics("*/*"));
+        assert!(!accepts_openmetrics(""));
+        assert!(!accepts_openmetrics(
+            "application/openmetrics-text;q=0, text/plain"
+        ));
     }
 }

@@ -3,31 +3,59 @@
 //! A reload parses and validates the policy file, compiles each plugin (cached
 //! by sha256, so an unchanged plugin costs a hash, not a compile), instantiates
 //! it and runs its `init`, all while the old policy keeps serving. Only when
-//! every arm is ready does the scheduler swap them in, between two decisions.
-//! Any error leaves the old policy serving; it is logged, counted, and shown in
-//! `/status` until a later reload succeeds.
+//! every arm is ready does the scheduler swap them in, between two decisions;
+//! waiting and running requests stay where they are. Any error leaves the old
+//! policy serving; it is logged (file, line, reason), counted in
+//! `maitre_reloads_total{result="failed"}`, and shown in `/status` until a
+//! later reload succeeds.
+//!
+//! What a reload changes: the arms (plugins, weights, `[policy.config]`), the
+//! `[ab]` table, `tenant_header` and `admin_token`. What it cannot change
+//! (`listen`, `admin_listen`, `[upstream]`, `[limits]`: sockets are bound and
+//! the scheduler is sized) keeps its running value, including command-line
+//! overrides, and a change to it in the file is logged as needing a restart.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use notify::RecursiveMode;
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::Mutex;
 
 use crate::Host;
-use crate::config::{AbMode, Config, PluginSource};
+use crate::config::{AbMode, Config, ConfigError, PluginSource};
 use crate::metrics::{Metrics, ReloadLabels, ReloadResult};
 use crate::plugin::{Compiled, PluginError, PluginLimits, Runtime};
 use crate::proxy::LiveSettings;
 use crate::scheduler::{ArmSpec, slot_shares};
+
+/// Quiet time after the last change to a watched file before reloading, so
+/// an editor's save (write, rename, chmod) or a file copy is one reload.
+pub const DEBOUNCE: Duration = Duration::from_millis(150);
+
+/// Environment variable that supplies the admin token when the policy file has none.
+pub const ADMIN_TOKEN_ENV: &str = "MAITRE_ADMIN_TOKEN";
+
+/// Reads a policy file the way `maitre serve` and hot reload both do: the
+/// file, then `MAITRE_ADMIN_TOKEN` when the file sets no `admin_token`.
+pub fn load_config(path: &Path) -> Result<Config, ConfigError> {
+    let mut cfg = Config::load(path)?;
+    if cfg.admin_token.is_none() {
+        cfg.admin_token = std::env::var(ADMIN_TOKEN_ENV)
+            .ok()
+            .filter(|t| !t.is_empty());
+    }
+    Ok(cfg)
+}
 
 /// Why a policy could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// The policy file is invalid.
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] ConfigError),
     /// One arm's plugin failed to load.
     #[error("{file}:{line}: policy {arm:?}: {error}")]
     Plugin {
@@ -40,13 +68,71 @@ pub enum LoadError {
         /// What went wrong.
         error: PluginError,
     },
+    /// The new file is valid but cannot be applied without a restart.
+    #[error("{file}: {message}")]
+    NotLive {
+        /// Policy file.
+        file: PathBuf,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+/// How one arm's plugin was obtained in a build.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ArmBuild {
+    /// Arm name.
+    pub name: String,
+    /// Plugin path or `builtin:NAME`.
+    pub plugin: String,
+    /// sha256 of the plugin bytes.
+    pub sha256: String,
+    /// True when the bytes were new and had to be compiled; false when the
+    /// compiled plugin came from the cache.
+    pub compiled: bool,
+    /// Time to read, hash and (if needed) compile the plugin (ms).
+    pub compile_ms: f64,
+    /// Time to instantiate it and run its `init` (ms).
+    pub init_ms: f64,
+}
+
+/// What a successful reload did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadReport {
+    /// `name=plugin` of each arm now serving.
+    pub arms: Vec<String>,
+    /// Per arm: sha256, compiled or cached, timings.
+    pub builds: Vec<ArmBuild>,
+    /// Time to parse, compile and initialise (ms).
+    pub build_ms: f64,
+    /// Including the swap (ms).
+    pub total_ms: f64,
+}
+
+/// The last reload attempt, as `/status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadRecord {
+    /// Unix time of the attempt's end.
+    pub at_unix: f64,
+    /// What started it: `file` (the watcher) or `admin` (`POST /reload`).
+    pub trigger: &'static str,
+    /// Whether the new policy serves now.
+    pub ok: bool,
+    /// Why not.
+    pub error: Option<String>,
+    /// What it did, when it worked.
+    pub report: Option<ReloadReport>,
 }
 
 /// Compiles and initialises arms, with a compile cache keyed by sha256.
 pub struct Reloader {
     metrics: Arc<Metrics>,
-    cache: Mutex<HashMap<String, Compiled>>,
+    cache: Mutex<HashMap<(String, String), Compiled>>,
     serial: Mutex<()>,
+    last: std::sync::Mutex<Option<ReloadRecord>>,
+    /// The policy file as last read, to tell which restart-only settings the
+    /// user changed (the running config carries command-line overrides).
+    file_seen: std::sync::Mutex<Option<Config>>,
 }
 
 impl Reloader {
@@ -56,10 +142,18 @@ impl Reloader {
             metrics,
             cache: Mutex::new(HashMap::new()),
             serial: Mutex::new(()),
+            last: std::sync::Mutex::new(None),
+            file_seen: std::sync::Mutex::new(None),
         }
     }
 
-    async fn compile(&self, source: &PluginSource) -> Result<Compiled, PluginError> {
+    /// The last reload attempt, if any.
+    pub fn last(&self) -> Option<ReloadRecord> {
+        self.last.lock().expect("not poisoned").clone()
+    }
+
+    /// Returns the compiled plugin and whether it had to be compiled now.
+    async fn compile(&self, source: &PluginSource) -> Result<(Compiled, bool), PluginError> {
         let bytes: Vec<u8> = match source {
             PluginSource::Builtin(name) => crate::plugin::builtin_bytes(name)
                 .ok_or_else(|| PluginError::Compile {
@@ -73,11 +167,12 @@ impl Reloader {
             })?,
         };
         use sha2::Digest;
-        let sha = hex::encode(sha2::Sha256::digest(&bytes));
-        if let Some(c) = self.cache.lock().await.get(&sha) {
-            if c.source() == source {
-                return Ok(c.clone());
-            }
+        let key = (
+            hex::encode(sha2::Sha256::digest(&bytes)),
+            source.to_string(),
+        );
+        if let Some(c) = self.cache.lock().await.get(&key) {
+            return Ok((c.clone(), false));
         }
         let src = source.clone();
         let compiled = tokio::task::spawn_blocking(move || {
@@ -85,12 +180,20 @@ impl Reloader {
         })
         .await
         .expect("compile task does not panic")?;
-        self.cache.lock().await.insert(sha, compiled.clone());
-        Ok(compiled)
+        self.cache.lock().await.insert(key, compiled.clone());
+        Ok((compiled, true))
     }
 
     /// Compiles, instantiates and initialises every arm of `cfg`.
     pub async fn build_arms(&self, cfg: &Config) -> Result<Vec<ArmSpec>, LoadError> {
+        Ok(self.build_arms_timed(cfg).await?.0)
+    }
+
+    /// [`Reloader::build_arms`], also saying per arm what it cost.
+    pub async fn build_arms_timed(
+        &self,
+        cfg: &Config,
+    ) -> Result<(Vec<ArmSpec>, Vec<ArmBuild>), LoadError> {
         let weights: Vec<u32> = cfg.arms.iter().map(|a| a.weight).collect();
         let shares = match cfg.ab.mode {
             AbMode::Weighted => slot_shares(cfg.upstream.slots, &weights, None),
@@ -102,6 +205,7 @@ impl Reloader {
             memory_bytes: cfg.limits.plugin_memory_mib << 20,
         };
         let mut out = Vec::new();
+        let mut builds = Vec::new();
         for (arm, share) in cfg.arms.iter().zip(shares) {
             let err = |error| LoadError::Plugin {
                 file: cfg.path.clone(),
@@ -109,7 +213,9 @@ impl Reloader {
                 arm: arm.name.clone(),
                 error,
             };
-            let compiled = self.compile(&arm.plugin).await.map_err(err)?;
+            let t = Instant::now();
+            let (compiled, fresh) = self.compile(&arm.plugin).await.map_err(err)?;
+            let compile_ms = ms(t.elapsed());
             let mut config = arm.config.clone();
             // A weight-0 arm owns no slot yet; check its config against them all.
             let slots = if share == 0 {
@@ -119,10 +225,19 @@ impl Reloader {
             };
             config.push(("maitre.slots".into(), slots.to_string()));
             config.push(("maitre.arm".into(), arm.name.clone()));
+            let t = Instant::now();
             let instance = Runtime::global()
                 .instantiate(&compiled, limits, &config)
                 .await
                 .map_err(err)?;
+            builds.push(ArmBuild {
+                name: arm.name.clone(),
+                plugin: arm.plugin.to_string(),
+                sha256: compiled.sha256().to_string(),
+                compiled: fresh,
+                compile_ms,
+                init_ms: ms(t.elapsed()),
+            });
             out.push(ArmSpec {
                 name: arm.name.clone(),
                 weight: arm.weight,
@@ -131,36 +246,76 @@ impl Reloader {
                 sha256: compiled.sha256().to_string(),
             });
         }
-        Ok(out)
+        Ok((out, builds))
+    }
+
+    /// Reads the policy file as the running config would see it: restart-only
+    /// settings keep their running values (with command-line overrides).
+    fn read_for_reload(&self, running: &Config) -> Result<Config, LoadError> {
+        let file = load_config(&running.path)?;
+        let mut cfg = file.clone();
+        cfg.listen = running.listen;
+        cfg.admin_listen = running.admin_listen;
+        cfg.upstream = running.upstream.clone();
+        cfg.limits = running.limits.clone();
+        let previous = self
+            .file_seen
+            .lock()
+            .expect("not poisoned")
+            .replace(file.clone());
+        let before = previous.as_ref().unwrap_or(running);
+        for (what, changed) in [
+            ("listen", file.listen != before.listen),
+            ("admin_listen", file.admin_listen != before.admin_listen),
+            ("[upstream]", file.upstream != before.upstream),
+            ("[limits]", file.limits != before.limits),
+        ] {
+            if changed {
+                tracing::warn!(
+                    file = %running.path.display(),
+                    "{what} changed in the policy file: restart maitre to apply it; the rest of the file is reloaded"
+                );
+            }
+        }
+        if cfg.ab.mode == AbMode::Weighted && cfg.arms.len() as u32 > cfg.upstream.slots {
+            return Err(LoadError::NotLive {
+                file: running.path.clone(),
+                message: format!(
+                    "{} arms in weighted mode need at least one slot each, but maitre runs with {} slot(s); use [ab] mode = \"switchback\" or fewer arms (changing [upstream] slots needs a restart)",
+                    cfg.arms.len(),
+                    cfg.upstream.slots
+                ),
+            });
+        }
+        if let Some(a) = cfg.admin_listen
+            && !a.ip().is_loopback()
+            && cfg.admin_token.is_none()
+        {
+            return Err(LoadError::NotLive {
+                file: running.path.clone(),
+                message: format!(
+                    "admin_token was removed, but the admin API listens on {a}, which is not loopback; keep admin_token (or set {ADMIN_TOKEN_ENV}) so the control endpoints stay protected"
+                ),
+            });
+        }
+        Ok(cfg)
     }
 
     /// Reloads the policy file of `host` and swaps the new arms in.
-    pub async fn reload(&self, host: &Host) -> Result<ReloadReport, String> {
+    /// `trigger` says what asked for it (`file` or `admin`), for `/status`.
+    pub async fn reload(&self, host: &Host, trigger: &'static str) -> Result<ReloadReport, String> {
         let _one_at_a_time = self.serial.lock().await;
         let t = Instant::now();
         let old = host.config.load_full();
         let result = async {
-            let cfg = Config::load(&old.path)?;
-            let arms = self.build_arms(&cfg).await?;
-            Ok::<_, LoadError>((cfg, arms))
+            let cfg = self.read_for_reload(&old)?;
+            let (arms, builds) = self.build_arms_timed(&cfg).await?;
+            Ok::<_, LoadError>((cfg, arms, builds))
         }
         .await;
-        match result {
-            Ok((cfg, arms)) => {
-                let build = t.elapsed();
-                for (what, changed) in [
-                    ("listen", cfg.listen != old.listen),
-                    ("admin_listen", cfg.admin_listen != old.admin_listen),
-                    ("[upstream]", cfg.upstream != old.upstream),
-                    ("[limits]", cfg.limits != old.limits),
-                ] {
-                    if changed {
-                        tracing::warn!(
-                            "{what} changed in {}: restart maitre to apply it",
-                            cfg.path.display()
-                        );
-                    }
-                }
+        let record = match result {
+            Ok((cfg, arms, builds)) => {
+                let build_ms = ms(t.elapsed());
                 let names: Vec<String> = arms
                     .iter()
                     .map(|a| format!("{}={}", a.name, a.source))
@@ -170,45 +325,83 @@ impl Reloader {
                     .live
                     .store(Arc::new(LiveSettings::from_config(&cfg)));
                 host.config.store(Arc::new(cfg));
-                self.metrics
-                    .reloads
-                    .get_or_create(&ReloadLabels {
-                        result: ReloadResult::Ok,
-                    })
-                    .inc();
+                // Keep only what serves now: an old plugin version is not
+                // worth its memory once replaced.
+                self.cache.lock().await.retain(|(sha, src), _| {
+                    builds.iter().any(|b| b.sha256 == *sha && b.plugin == *src)
+                });
+                self.count(ReloadResult::Ok);
                 let report = ReloadReport {
                     arms: names,
-                    build_ms: build.as_secs_f64() * 1000.0,
-                    total_ms: t.elapsed().as_secs_f64() * 1000.0,
+                    builds,
+                    build_ms,
+                    total_ms: ms(t.elapsed()),
                 };
-                tracing::info!(arms = ?report.arms, build_ms = report.build_ms, total_ms = report.total_ms, "policy reloaded");
-                Ok(report)
+                let compiled: Vec<&str> = report
+                    .builds
+                    .iter()
+                    .filter(|b| b.compiled)
+                    .map(|b| b.name.as_str())
+                    .collect();
+                tracing::info!(
+                    trigger,
+                    arms = ?report.arms,
+                    compiled = ?compiled,
+                    build_ms = report.build_ms,
+                    total_ms = report.total_ms,
+                    "policy reloaded"
+                );
+                ReloadRecord {
+                    at_unix: unix_now(),
+                    trigger,
+                    ok: true,
+                    error: None,
+                    report: Some(report),
+                }
             }
             Err(e) => {
                 let msg = e.to_string();
-                tracing::error!(error = %msg, "reload failed; the previous policy keeps serving");
-                self.metrics
-                    .reloads
-                    .get_or_create(&ReloadLabels {
-                        result: ReloadResult::Failed,
-                    })
-                    .inc();
+                tracing::error!(
+                    trigger,
+                    file = %old.path.display(),
+                    error = %msg,
+                    "reload failed; the previous policy keeps serving"
+                );
+                self.count(ReloadResult::Failed);
                 host.sched.reload_failed(msg.clone());
-                Err(msg)
+                ReloadRecord {
+                    at_unix: unix_now(),
+                    trigger,
+                    ok: false,
+                    error: Some(msg),
+                    report: None,
+                }
             }
+        };
+        *self.last.lock().expect("not poisoned") = Some(record.clone());
+        match (record.report, record.error) {
+            (Some(r), _) => Ok(r),
+            (None, e) => Err(e.unwrap_or_default()),
         }
+    }
+
+    fn count(&self, result: ReloadResult) {
+        self.metrics
+            .reloads
+            .get_or_create(&ReloadLabels { result })
+            .inc();
     }
 }
 
-/// What a successful reload did.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ReloadReport {
-    /// `name=plugin` of each arm now serving.
-    pub arms: Vec<String>,
-    /// Time to parse, compile and initialise (ms).
-    pub build_ms: f64,
-    /// Including the swap (ms).
-    pub total_ms: f64,
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// Files a config depends on: the policy file and every plugin file.
@@ -219,6 +412,18 @@ fn watched_files(cfg: &Config) -> BTreeSet<PathBuf> {
         if let PluginSource::File(p) = &a.plugin {
             files.insert(absolute(p));
         }
+    }
+    files
+}
+
+/// The files of the running config plus those the file names now, even if
+/// it failed to load: a plugin that is missing now must trigger a reload
+/// when it appears.
+fn files_to_watch(host: &Host) -> BTreeSet<PathBuf> {
+    let running = host.config.load();
+    let mut files = watched_files(&running);
+    if let Ok(now) = Config::load(&running.path) {
+        files.extend(watched_files(&now));
     }
     files
 }
@@ -238,48 +443,104 @@ impl Drop for WatchGuard {
     }
 }
 
-/// Watches the policy file and its plugin files; a change (debounced, so an
-/// editor's save is one event) triggers a reload.
+/// Whether a file event means the file's content or name may have changed.
+/// Opening and reading a file are events too (inotify reports them), and a
+/// reload reads every watched file: counting those would reload forever.
+fn is_change(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => true,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) | EventKind::Any | EventKind::Other => false,
+    }
+}
+
+/// Watches the policy file and its plugin files; a change triggers a reload
+/// once the changed files have been quiet for [`DEBOUNCE`], so an editor's
+/// save or a file copy is one reload and a half-written file is not read.
 pub fn watch(host: Arc<Host>) -> anyhow::Result<WatchGuard> {
+    // Remember the file as it is now, so later reloads warn only about
+    // restart-only settings the user actually changed.
+    if let Ok(file) = load_config(&host.config.load().path) {
+        *host.reloader.file_seen.lock().expect("not poisoned") = Some(file);
+    }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<PathBuf>>();
-    let mut debouncer = notify_debouncer_mini::new_debouncer(
-        Duration::from_millis(150),
-        move |res: notify_debouncer_mini::DebounceEventResult| {
-            if let Ok(events) = res {
-                let _ = tx.send(events.into_iter().map(|e| e.path).collect());
+    let mut watcher =
+        notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+            Ok(event) if is_change(&event.kind) => {
+                let _ = tx.send(event.paths);
             }
-        },
-    )?;
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                error = %e,
+                "file watcher error; hot reload may miss a change (POST /reload works)"
+            ),
+        })?;
     // Watch folders, not files: editors save by writing a new file and
     // renaming it over the old one, which a watch on the old inode misses.
     let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
-    let mut sync_dirs = move |debouncer: &mut notify_debouncer_mini::Debouncer<
-        notify::RecommendedWatcher,
-    >,
+    let mut sync_dirs = move |watcher: &mut notify::RecommendedWatcher,
                               files: &BTreeSet<PathBuf>| {
         for f in files {
-            if let Some(d) = f.parent() {
-                if d.exists() && dirs.insert(d.to_path_buf()) {
-                    if let Err(e) = debouncer.watcher().watch(d, RecursiveMode::NonRecursive) {
-                        tracing::warn!(dir = %d.display(), error = %e, "cannot watch folder for hot reload");
-                        dirs.remove(d);
-                    }
-                }
+            if let Some(d) = f.parent()
+                && d.exists()
+                && dirs.insert(d.to_path_buf())
+                && let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive)
+            {
+                tracing::warn!(dir = %d.display(), error = %e, "cannot watch folder for hot reload");
+                dirs.remove(d);
             }
         }
     };
-    let mut files = watched_files(&host.config.load());
-    sync_dirs(&mut debouncer, &files);
+    let mut files = files_to_watch(&host);
+    sync_dirs(&mut watcher, &files);
     let task = tokio::spawn(async move {
-        while let Some(paths) = rx.recv().await {
-            if !paths.iter().any(|p| files.contains(&absolute(p))) {
+        while let Some(first) = rx.recv().await {
+            let mut changed: BTreeSet<PathBuf> = first.iter().map(|p| absolute(p)).collect();
+            // Debounce: wait until no change came for DEBOUNCE.
+            loop {
+                match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+                    Ok(Some(more)) => changed.extend(more.iter().map(|p| absolute(p))),
+                    Ok(None) => return,
+                    Err(_quiet) => break,
+                }
+            }
+            let relevant: Vec<&PathBuf> = changed.iter().filter(|p| files.contains(*p)).collect();
+            if relevant.is_empty() {
                 continue;
             }
-            tracing::info!(changed = ?paths, "policy or plugin file changed; reloading");
-            let _ = host.reloader.reload(&host).await;
-            files = watched_files(&host.config.load());
-            sync_dirs(&mut debouncer, &files);
+            tracing::info!(changed = ?relevant, "policy or plugin file changed; reloading");
+            let _ = host.reloader.reload(&host, "file").await;
+            files = files_to_watch(&host);
+            sync_dirs(&mut watcher, &files);
         }
     });
     Ok(WatchGuard { task })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{CreateKind, DataChange, ModifyKind, RemoveKind, RenameMode};
+
+    #[test]
+    fn reading_a_file_is_not_a_change() {
+        assert!(!is_change(&EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(!is_change(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(!is_change(&EventKind::Access(AccessKind::Read)));
+        assert!(is_change(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+        assert!(is_change(&EventKind::Modify(ModifyKind::Data(
+            DataChange::Any
+        ))));
+        assert!(is_change(&EventKind::Modify(ModifyKind::Name(
+            RenameMode::To
+        ))));
+        assert!(is_change(&EventKind::Create(CreateKind::File)));
+        assert!(is_change(&EventKind::Remove(RemoveKind::File)));
+    }
 }
