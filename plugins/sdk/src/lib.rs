@@ -137,9 +137,11 @@ pub trait Policy: Sized + Send + 'static {
     /// Classifies an arriving request (class and priority), or rejects it.
     fn admit(&self, req: &Request, view: &View) -> Admission;
 
-    /// Decides what to do now: start, pre-empt or reject requests. The host
-    /// validates every action (unknown ids and starts beyond the free slots
-    /// are ignored and counted).
+    /// Decides what to do now: start, pre-empt or reject requests. Use only
+    /// ids from this `view` and start at most `view.free_slots` requests
+    /// (plus one per pre-emption in the same answer): the host refuses an
+    /// answer with unknown ids, double starts or starts beyond the free
+    /// slots as a whole and ejects the plugin (see `action` in the WIT).
     fn schedule(&self, view: &View) -> Vec<Action>;
 }
 
