@@ -176,6 +176,7 @@ rt_reserved_slots = 1
     let drain = t1.elapsed();
     let after = rss_kib(child.id());
     let _ = child.kill();
+    let _ = child.wait();
     println!("| figure | value |");
     println!("|---|---|");
     println!("| waiting requests held | {n} |");

@@ -18,7 +18,6 @@ pub mod request;
 pub mod scheduler;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,6 +89,7 @@ pub async fn serve(
         "maitre serving; point Ollama clients at OLLAMA_HOST={local}"
     );
 
+    let header_timeout = Duration::from_secs(cfg.limits.header_read_timeout_seconds);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -106,7 +106,16 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = client_connection(proxy.clone(), stream, remote);
+        let svc = {
+            let proxy = proxy.clone();
+            service_fn(move |req| proxy.clone().handle(req, remote))
+        };
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            // A client that never finishes its headers cannot hold a socket forever.
+            .header_read_timeout(header_timeout)
+            .max_buf_size(1 << 20)
+            .serve_connection(TokioIo::new(stream), svc);
         let watched = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = watched.await;
@@ -131,32 +140,6 @@ pub async fn serve(
         let _ = t.await;
     }
     Ok(())
-}
-
-/// One HTTP/1.1 client connection with maitre's limits.
-fn client_connection(
-    proxy: Arc<Proxy>,
-    stream: tokio::net::TcpStream,
-    remote: SocketAddr,
-) -> hyper::server::conn::http1::Connection<
-    TokioIo<tokio::net::TcpStream>,
-    impl hyper::service::Service<
-        hyper::Request<hyper::body::Incoming>,
-        Response = hyper::Response<proxy::ProxyBody>,
-        Error = std::convert::Infallible,
-        Future = impl Future<
-            Output = Result<hyper::Response<proxy::ProxyBody>, std::convert::Infallible>,
-        > + Send,
-    > + Send,
-> {
-    let header_timeout = Duration::from_secs(proxy.limits().header_read_timeout_seconds);
-    let svc = service_fn(move |req| proxy.clone().handle(req, remote));
-    http1::Builder::new()
-        .timer(TokioTimer::new())
-        // A client that never finishes its headers cannot hold a socket forever.
-        .header_read_timeout(header_timeout)
-        .max_buf_size(1 << 20)
-        .serve_connection(TokioIo::new(stream), svc)
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -348,7 +348,7 @@ impl Proxy {
             }
             let (mut p, body) = resp.into_parts();
             p.headers = strip_hop_by_hop(&p.headers);
-            set_header(&mut p.headers, "x-maitre-arm", ticket.arm());
+            set_header(&mut p.headers, "x-maitre-arm", &grant.arm);
             set_header(
                 &mut p.headers,
                 "x-maitre-queue-ms",
@@ -367,9 +367,15 @@ impl Proxy {
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.starts_with("application/x-ndjson"));
-            run.mark_streaming();
+            if !run.mark_streaming() {
+                // Pre-empted between the upstream's answer and now: nothing
+                // reached the client, so requeue as if it came earlier.
+                drop(body);
+                ticket.requeue_after_preempt();
+                continue;
+            }
             let body = TrackedBody {
-                inner: body,
+                inner: Some(body),
                 cut: Box::pin(run.preempt.clone().cancelled_owned()),
                 run,
                 ticket: Some(ticket),
@@ -407,8 +413,8 @@ const MAX_BUSY_RETRIES: u32 = 3;
 /// exactly once, and closes the upstream connection when dropped early.
 struct TrackedBody {
     // Declared first so it is dropped (closing the upstream connection) before
-    // the ticket tells the scheduler the slot is free.
-    inner: Incoming,
+    // the ticket tells the scheduler the slot is free. `None` once cut.
+    inner: Option<Incoming>,
     cut: Pin<Box<WaitForCancellationFutureOwned>>,
     run: Arc<Run>,
     ticket: Option<Ticket>,
@@ -438,8 +444,12 @@ impl Body for TrackedBody {
         if this.done {
             return Poll::Ready(None);
         }
-        if this.run.is_cut() && this.cut.as_mut().poll(cx).is_ready() {
-            // A policy opted in to ending this stream: say so in Ollama's way.
+        // Polled every time so that a cut wakes this body at once, not when
+        // the upstream's next chunk happens to arrive.
+        if this.cut.as_mut().poll(cx).is_ready() && this.run.is_cut() {
+            // A policy opted in to ending this stream: close the upstream
+            // connection, free the slot, and say so in Ollama's way.
+            this.inner = None;
             this.finish(Outcome::Cancelled);
             let line = if this.ndjson {
                 Bytes::from_static(b"{\"error\":\"maitre: this stream was pre-empted by the scheduling policy to serve a real-time request\"}\n")
@@ -452,21 +462,24 @@ impl Body for TrackedBody {
                 Some(Ok(Frame::data(line)))
             });
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(&mut *inner).poll_frame(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref() {
-                    if !d.is_empty() {
-                        this.run.mark_client_first_byte();
-                        this.run.add_token();
-                        if this.ndjson && d.starts_with(b"{\"error\"") {
-                            this.failed = true;
-                        }
+                if let Some(d) = frame.data_ref()
+                    && !d.is_empty()
+                {
+                    this.run.mark_client_first_byte();
+                    this.run.add_token();
+                    if this.ndjson && d.starts_with(b"{\"error\"") {
+                        this.failed = true;
                     }
                 }
                 // A body with a known length is complete after its last
                 // frame; hyper may not poll again.
-                if this.inner.is_end_stream() {
+                if inner.is_end_stream() {
                     let outcome = if this.failed {
                         Outcome::UpstreamError
                     } else {
@@ -506,10 +519,9 @@ impl Body for TrackedBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.done {
-            SizeHint::with_exact(0)
-        } else {
-            self.inner.size_hint()
+        match &self.inner {
+            Some(inner) if !self.done => inner.size_hint(),
+            _ => SizeHint::with_exact(0),
         }
     }
 }

@@ -9,12 +9,15 @@
 //! policy for the next start in the same turn.
 //!
 //! Each arm's decisions come from its plugin; a plugin that traps, overruns its
-//! budget, or lets every slot idle while requests wait is ejected and the arm is
-//! served by the built-in FIFO ([`Fallback`]) until a good plugin is loaded.
+//! budget or memory, answers with nonsense (see `check_answer`; nothing of
+//! such an answer is applied), or lets every slot idle while requests wait is
+//! ejected on that first fault: logged, counted in `maitre_plugin_faults`, and
+//! the arm is served by the built-in FIFO ([`Fallback`]) until a plugin is
+//! loaded again (a reload). A request whose `admit` faulted is admitted by the
+//! FIFO, so a fault never costs a request.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -105,6 +108,13 @@ impl Outcome {
     }
 }
 
+/// [`Run`] phase: sent upstream, nothing sent to the client yet.
+const PHASE_DISPATCHED: u8 = 0;
+/// [`Run`] phase: the response has started towards the client.
+const PHASE_STREAMING: u8 = 1;
+/// [`Run`] phase: pre-empted before anything reached the client; requeued.
+const PHASE_REQUEUED: u8 = 2;
+
 /// State shared between the scheduler and the handler of one dispatch.
 #[derive(Debug)]
 pub struct Run {
@@ -113,7 +123,10 @@ pub struct Run {
     upstream_first_byte: OnceLock<Instant>,
     client_first_byte: OnceLock<Instant>,
     tokens: AtomicU64,
-    streaming: AtomicBool,
+    /// [`PHASE_DISPATCHED`], [`PHASE_STREAMING`] or [`PHASE_REQUEUED`]: one
+    /// atomic, so a transparent pre-emption and the response starting towards
+    /// the client cannot both win.
+    phase: AtomicU8,
     cut: AtomicBool,
     /// Cancelled when a policy pre-empts this dispatch.
     pub preempt: CancellationToken,
@@ -126,7 +139,7 @@ impl Run {
             upstream_first_byte: OnceLock::new(),
             client_first_byte: OnceLock::new(),
             tokens: AtomicU64::new(0),
-            streaming: AtomicBool::new(false),
+            phase: AtomicU8::new(PHASE_DISPATCHED),
             cut: AtomicBool::new(false),
             preempt: CancellationToken::new(),
         }
@@ -136,9 +149,33 @@ impl Run {
         let _ = self.upstream_first_byte.set(Instant::now());
     }
     /// Marks the response as started towards the client: from now on a
-    /// pre-emption is no longer transparent.
-    pub fn mark_streaming(&self) {
-        self.streaming.store(true, Ordering::Release);
+    /// pre-emption is no longer transparent. False when a transparent
+    /// pre-emption got there first: the response must then be dropped and
+    /// the request requeued.
+    #[must_use]
+    pub fn mark_streaming(&self) -> bool {
+        match self.phase.compare_exchange(
+            PHASE_DISPATCHED,
+            PHASE_STREAMING,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => true,
+            Err(phase) => phase == PHASE_STREAMING,
+        }
+    }
+    /// Claims a transparent pre-emption (requeue); false when the response
+    /// has already started towards the client.
+    fn claim_requeue(&self) -> bool {
+        match self.phase.compare_exchange(
+            PHASE_DISPATCHED,
+            PHASE_REQUEUED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => true,
+            Err(phase) => phase == PHASE_REQUEUED,
+        }
     }
     /// Marks the first body byte sent to the client.
     pub fn mark_client_first_byte(&self) {
@@ -154,7 +191,7 @@ impl Run {
     }
     /// Whether the response has started towards the client.
     pub fn is_streaming(&self) -> bool {
-        self.streaming.load(Ordering::Acquire)
+        self.phase.load(Ordering::Acquire) == PHASE_STREAMING
     }
     /// True when the policy pre-empted a stream that already reached the
     /// client, which must then end with an error line.
@@ -172,6 +209,9 @@ pub struct Grant {
     pub queue_wait: Duration,
     /// How often the request was pre-empted before this dispatch.
     pub preemptions: u32,
+    /// The arm that started it (it may have moved from the arm that admitted
+    /// it when an arm drained or a switchback window turned).
+    pub arm: Arc<str>,
 }
 
 enum Signal {
@@ -577,26 +617,28 @@ impl Core {
             }
             Msg::ReloadFailed { error } => self.reload_error = Some(error),
             Msg::SetWeight { arm, weight, reply } => {
-                let r = match self.arms.iter_mut().find(|a| *a.name == *arm) {
+                let r = match self.arms.iter().position(|a| *a.name == *arm) {
                     None => Err(format!("no arm named {arm:?}")),
-                    Some(a) => {
-                        a.weight = weight;
+                    // Refuse to stop serving altogether; the weight stays.
+                    Some(i)
+                        if weight == 0
+                            && self
+                                .arms
+                                .iter()
+                                .enumerate()
+                                .all(|(j, a)| j == i || a.weight == 0) =>
+                    {
+                        Err(format!(
+                            "every arm would have weight 0; at least one arm must serve (arm {arm:?} keeps weight {})",
+                            self.arms[i].weight
+                        ))
+                    }
+                    Some(i) => {
+                        self.arms[i].weight = weight;
+                        self.share_slots();
                         Ok(())
                     }
                 };
-                if r.is_ok() {
-                    if self.arms.iter().all(|a| a.weight == 0) {
-                        // Refuse to stop serving altogether: undo.
-                        if let Some(a) = self.arms.iter_mut().find(|a| *a.name == *arm) {
-                            a.weight = 1;
-                        }
-                        let _ = reply.send(Err(
-                            "every arm would have weight 0; at least one arm must serve".into(),
-                        ));
-                        return;
-                    }
-                    self.share_slots();
-                }
                 let _ = reply.send(r);
             }
             Msg::Report { window, reply } => {
@@ -661,6 +703,19 @@ impl Core {
             let a = &mut self.arms[to];
             if a.name == o.name {
                 a.samples = std::mem::take(&mut o.samples);
+            } else {
+                let n = (o.waiting.len() + o.handoff.len()) as i64;
+                let gauge = |arm: &str| ArmLabel {
+                    arm: arm.to_string(),
+                };
+                self.metrics
+                    .waiting
+                    .get_or_create(&gauge(&o.name))
+                    .dec_by(n);
+                self.metrics
+                    .waiting
+                    .get_or_create(&gauge(&a.name))
+                    .inc_by(n);
             }
             a.busy += o.busy;
             a.preempting += o.preempting;
@@ -674,7 +729,11 @@ impl Core {
         self.share_slots();
     }
 
-    /// Gives each arm its share of the slots (see [`slot_shares`]).
+    /// Gives each arm its share of the slots (see [`slot_shares`]). An arm
+    /// left with no slot (weight 0: draining; or not its switchback turn)
+    /// hands its waiting requests to the arm with the most slots, so none
+    /// waits for a slot that will not come; its running requests finish
+    /// where they are.
     fn share_slots(&mut self) {
         if self.arms.is_empty() {
             return;
@@ -687,6 +746,38 @@ impl Core {
                 a.slots = s;
                 a.dirty = true;
             }
+        }
+        let Some(to) =
+            (0..self.arms.len()).max_by_key(|&i| (self.arms[i].slots, self.arms[i].weight))
+        else {
+            return;
+        };
+        for a in 0..self.arms.len() {
+            if a == to || self.arms[a].slots > 0 || self.arms[a].waiting.is_empty() {
+                continue;
+            }
+            let ids = std::mem::take(&mut self.arms[a].waiting);
+            let from = ArmLabel {
+                arm: self.arms[a].name.to_string(),
+            };
+            let into = ArmLabel {
+                arm: self.arms[to].name.to_string(),
+            };
+            self.metrics
+                .waiting
+                .get_or_create(&from)
+                .dec_by(ids.len() as i64);
+            self.metrics
+                .waiting
+                .get_or_create(&into)
+                .inc_by(ids.len() as i64);
+            for id in &ids {
+                if let Some(e) = self.entries.get_mut(id) {
+                    e.arm = to;
+                }
+            }
+            self.arms[to].waiting.extend(ids);
+            self.arms[to].dirty = true;
         }
     }
 
@@ -714,42 +805,22 @@ impl Core {
 
     /// At a switchback window change the new arm takes every slot, and the
     /// requests still waiting in other arms move to it (running ones finish
-    /// where they are), so no request waits for its arm's next turn.
+    /// where they are; see [`Core::share_slots`]), so no request waits for
+    /// its arm's next turn.
     fn switchback_turn(&mut self) {
         let active = self.active_switchback_arm();
         if self.arms[active].slots == self.total_slots {
             return;
         }
         self.share_slots();
-        for a in 0..self.arms.len() {
-            if a == active || self.arms[a].waiting.is_empty() {
-                continue;
-            }
-            let ids = std::mem::take(&mut self.arms[a].waiting);
-            let from = ArmLabel {
-                arm: self.arms[a].name.to_string(),
-            };
-            let to = ArmLabel {
-                arm: self.arms[active].name.to_string(),
-            };
-            self.metrics
-                .waiting
-                .get_or_create(&from)
-                .dec_by(ids.len() as i64);
-            self.metrics
-                .waiting
-                .get_or_create(&to)
-                .inc_by(ids.len() as i64);
-            for id in &ids {
-                if let Some(e) = self.entries.get_mut(id) {
-                    e.arm = active;
-                }
-            }
-            self.arms[active].waiting.extend(ids);
-            self.arms[active].dirty = true;
-        }
     }
 
+    /// The arm of a new request. Weighted mode: the client key is hashed to
+    /// a point in [0, 1) and each arm owns a stretch of that line as long as
+    /// its share of the total weight, so one key always lands in one arm while
+    /// the weights stay, and a weight change moves only the keys whose point
+    /// changes owner (scaling every weight alike moves none). Switchback: the
+    /// arm whose window it is.
     fn pick_arm(&self, key: &str) -> usize {
         if self.arms.len() == 1 {
             return 0;
@@ -758,9 +829,7 @@ impl Core {
             return self.active_switchback_arm();
         }
         let total: u64 = self.arms.iter().map(|a| a.weight as u64).sum();
-        let mut h = std::hash::DefaultHasher::new();
-        key.hash(&mut h);
-        let point = h.finish() % total.max(1);
+        let point = ((ab_key_hash(key) as u128 * total as u128) >> 64) as u64;
         let mut acc = 0;
         for (i, a) in self.arms.iter().enumerate() {
             acc += a.weight as u64;
@@ -787,6 +856,10 @@ impl Core {
         }
         let id = self.next_id;
         self.next_id += 1;
+        if self.ab.mode == AbMode::Switchback && self.arms.len() > 1 {
+            // A window may have ended since the last tick.
+            self.switchback_turn();
+        }
         let a = self.pick_arm(&meta.client_key);
         let arrival_ms = self.ms_of(meta.arrival);
         let req = Request {
@@ -806,9 +879,7 @@ impl Core {
         let placement = match admission {
             Admission::Queue(p) => p,
             Admission::Reject(mut r) => {
-                if !(400..=599).contains(&r.status) {
-                    r.status = 503;
-                }
+                self.tidy_rejection(a, &mut r);
                 let class = req.class_hint.unwrap_or(Class::Batch);
                 self.record_end(
                     a,
@@ -879,17 +950,20 @@ impl Core {
             let r = inst.admit(req, &view).await;
             self.observe_call(a, "admit", t);
             match r {
-                Ok(Admission::Queue(p)) if !p.priority.is_finite() => {
+                // NaN has no place in any order: nonsense, like an invalid action.
+                Ok(Admission::Queue(p)) if p.priority.is_nan() => {
                     self.count_invalid(a, "bad_priority");
-                    return Admission::Queue(Placement {
-                        class: p.class,
-                        priority: 0.0,
-                    });
+                    let e = PluginError::Invalid {
+                        call: "admit",
+                        summary: format!("priority NaN for request {}", req.id),
+                    };
+                    self.eject(a, "admit", &e);
                 }
                 Ok(adm) => return adm,
-                Err(e) => self.eject(a, &e),
+                Err(e) => self.eject(a, "admit", &e),
             }
         }
+        // No plugin, or it was just ejected: the request is still admitted.
         Fallback::admit(req)
     }
 
@@ -913,14 +987,37 @@ impl Core {
             .inc();
     }
 
+    /// Makes a plugin's rejection fit to send: a status outside 400–599
+    /// becomes 503 (the WIT's rule) and a message longer than
+    /// [`MAX_REJECTION_MESSAGE`] bytes is cut, so a plugin cannot make the host
+    /// hold megabytes per refused request. Both are counted
+    /// (`bad_status`, `long_message`), neither ejects the plugin.
+    fn tidy_rejection(&self, a: usize, r: &mut Rejection) {
+        if !(400..=599).contains(&r.status) {
+            self.count_invalid(a, "bad_status");
+            r.status = 503;
+        }
+        if r.message.len() > MAX_REJECTION_MESSAGE {
+            self.count_invalid(a, "long_message");
+            let mut end = MAX_REJECTION_MESSAGE;
+            while !r.message.is_char_boundary(end) {
+                end -= 1;
+            }
+            r.message.truncate(end);
+            r.message.shrink_to_fit();
+        }
+    }
+
     /// Ejects an arm's plugin: log, count, and serve the arm with FIFO.
-    fn eject(&mut self, a: usize, e: &PluginError) {
+    /// `during` names the call (`admit`, `schedule`) or `watchdog`.
+    fn eject(&mut self, a: usize, during: &'static str, e: &PluginError) {
         let arm = &mut self.arms[a];
         tracing::error!(
             arm = %arm.name,
             plugin = %arm.source,
             sha256 = %arm.sha256,
             fault = e.kind(),
+            during,
             error = %e,
             "policy plugin ejected; this arm is served by the built-in FIFO until a good plugin is loaded"
         );
@@ -958,19 +1055,11 @@ impl Core {
                 (true, Some(t)) if now.duration_since(t) >= starvation => {
                     arm.idle_since = None;
                     if matches!(arm.decider, Decider::Plugin(_)) {
-                        let e = PluginError::Trap(format!(
-                            "starvation: {} request(s) waited {} ms with every slot of the arm idle",
-                            arm.waiting.len(),
-                            starvation.as_millis()
-                        ));
-                        self.eject(a, &e);
-                        self.metrics
-                            .plugin_faults
-                            .get_or_create(&ArmKind {
-                                arm: self.arms[a].name.to_string(),
-                                kind: "starvation".into(),
-                            })
-                            .inc();
+                        let e = PluginError::Starvation {
+                            waiting: arm.waiting.len(),
+                            idle_ms: now.duration_since(t).as_millis() as u64,
+                        };
+                        self.eject(a, "watchdog", &e);
                     }
                 }
                 _ => {}
@@ -1065,9 +1154,27 @@ impl Core {
                     let r = inst.schedule(&view).await;
                     self.observe_call(a, "schedule", t);
                     match r {
-                        Ok(actions) => actions,
+                        Ok(actions) => {
+                            let arm = &self.arms[a];
+                            let inflight = arm.preempting as i64 - arm.handoff.len() as i64;
+                            let bad = check_answer(&view, &actions, inflight);
+                            if bad.is_empty() {
+                                actions
+                            } else {
+                                // Nothing of a nonsense answer is applied.
+                                for (kind, _) in &bad {
+                                    self.count_invalid(a, kind);
+                                }
+                                let e = PluginError::Invalid {
+                                    call: "schedule",
+                                    summary: summarize_invalid(&bad, actions.len()),
+                                };
+                                self.eject(a, "schedule", &e);
+                                Fallback::schedule(&view)
+                            }
+                        }
                         Err(e) => {
-                            self.eject(a, &e);
+                            self.eject(a, "schedule", &e);
                             Fallback::schedule(&view)
                         }
                     }
@@ -1092,9 +1199,7 @@ impl Core {
                 Action::Reject(RejectWaiting { id, mut rejection }) => {
                     match self.entries.get(&id) {
                         Some(e) if e.arm == a && e.state == State::Waiting => {
-                            if !(400..=599).contains(&rejection.status) {
-                                rejection.status = 503;
-                            }
+                            self.tidy_rejection(a, &mut rejection);
                             self.reject_waiting(id, rejection);
                         }
                         _ => self.count_invalid(a, "unknown_id"),
@@ -1136,8 +1241,11 @@ impl Core {
         let Some(e) = self.entries.get_mut(&id) else {
             return self.count_invalid(a, "unknown_id");
         };
-        if e.arm != a || e.state != State::Running {
+        if e.arm != a || !matches!(e.state, State::Running | State::Preempting) {
             return self.count_invalid(a, "unknown_id");
+        }
+        if e.state == State::Preempting {
+            return self.count_invalid(a, "not_preemptible");
         }
         let run = e.run.clone().expect("running entries have a run");
         let streaming = run.is_streaming();
@@ -1146,6 +1254,12 @@ impl Core {
         }
         if !streaming && e.preemptions >= max {
             return self.count_invalid(a, "preempt_bound");
+        }
+        // The response may start towards the client right now: whoever moves
+        // the run's phase first wins.
+        let streaming = streaming || !run.claim_requeue();
+        if streaming && !cut {
+            return self.count_invalid(a, "preempt_streaming");
         }
         e.state = State::Preempting;
         let tokens = run.tokens();
@@ -1192,6 +1306,7 @@ impl Core {
             run,
             queue_wait: e.queued_total,
             preemptions: e.preemptions,
+            arm: self.arms[a].name.clone(),
         };
         let _ = e.tx.send(Signal::Start(grant));
         let arm = &mut self.arms[a];
@@ -1223,11 +1338,11 @@ impl Core {
         arm.dirty = true;
         if was == State::Preempting {
             arm.preempting = arm.preempting.saturating_sub(1);
-            if let Some(next) = arm.handoff.pop_front() {
-                if let Some(n) = self.entries.get_mut(&next) {
-                    n.state = State::Waiting;
-                    self.dispatch_handoff(next);
-                }
+            if let Some(next) = arm.handoff.pop_front()
+                && let Some(n) = self.entries.get_mut(&next)
+            {
+                n.state = State::Waiting;
+                self.dispatch_handoff(next);
             }
         }
         self.metrics.slots_busy.set(self.busy as i64);
@@ -1304,13 +1419,13 @@ impl Core {
         let Some(e) = self.entries.get_mut(&id) else {
             return;
         };
-        if let Some(run) = e.run.take() {
-            if e.first_upstream_ttfb.is_none() {
-                e.first_upstream_ttfb = run
-                    .upstream_first_byte
-                    .get()
-                    .map(|t| t.duration_since(run.started));
-            }
+        if let Some(run) = e.run.take()
+            && e.first_upstream_ttfb.is_none()
+        {
+            e.first_upstream_ttfb = run
+                .upstream_first_byte
+                .get()
+                .map(|t| t.duration_since(run.started));
         }
         if busy {
             e.busy_retries += 1;
@@ -1557,6 +1672,142 @@ impl Core {
     }
 }
 
+/// Longest rejection message (bytes) passed on from a plugin to a client.
+const MAX_REJECTION_MESSAGE: usize = 1024;
+
+/// Most actions one `schedule` answer may hold beyond one per waiting and
+/// running request.
+const ACTION_SLACK: usize = 16;
+
+/// Finds the nonsense in a plugin's `schedule` answer: actions no correct
+/// plugin returns for the `view` it was shown. The scheduler refuses such an
+/// answer as a whole and ejects the plugin on the first one (the way Linux's
+/// sched_ext ejects a BPF scheduler on its first error): a plugin that lost
+/// track of the view cannot be trusted with the next decision either.
+///
+/// Nonsense, by kind (as counted in `maitre_plugin_invalid_actions`):
+/// - `too_many_actions`: more than one action per waiting and running
+///   request plus [`ACTION_SLACK`] (checked first, so a flood costs nothing more);
+/// - `unknown_id`: a start or reject of an id that is not waiting in the view
+///   (or was already started or rejected in this answer), a pre-emption of
+///   an id that is not running in the view;
+/// - `duplicate_start`: the same id started twice, or a running one started;
+/// - `duplicate_preempt`: the same id pre-empted twice;
+/// - `no_free_slot`: more starts than the view's free slots plus the slots
+///   of pre-emptions in this answer and of those still in flight (`inflight`);
+/// - `unknown_backend`: a start on a backend index the view does not list.
+///
+/// Not nonsense (refused or fixed, and counted, by [`Core::apply`]; the plugin
+/// stays): a pre-emption the host declines (the request began streaming while
+/// the plugin decided, the pre-emption bound, a pre-emption already under
+/// way), a rejection status outside 400–599 (answered as 503, as the WIT
+/// says) and an over-long rejection message (cut).
+fn check_answer(view: &View, actions: &[Action], inflight: i64) -> Vec<(&'static str, String)> {
+    let cap = view.waiting.len() + view.running.len() + ACTION_SLACK;
+    if actions.len() > cap {
+        return vec![(
+            "too_many_actions",
+            format!(
+                "{} actions for {} waiting and {} running requests (at most {cap})",
+                actions.len(),
+                view.waiting.len(),
+                view.running.len()
+            ),
+        )];
+    }
+    let waiting: std::collections::HashSet<u64> = view.waiting.iter().map(|w| w.id).collect();
+    let running: HashMap<u64, &Running> = view.running.iter().map(|r| (r.id, r)).collect();
+    let mut started = std::collections::HashSet::new();
+    let mut rejected = std::collections::HashSet::new();
+    let mut preempted = std::collections::HashSet::new();
+    let mut slots = view.free_slots as i64 + inflight.max(0);
+    let mut bad = Vec::new();
+    for action in actions {
+        match action {
+            Action::Start(Start { id, backend }) => {
+                if started.contains(id) || running.contains_key(id) {
+                    bad.push((
+                        "duplicate_start",
+                        format!("start of request {id}, which was already started"),
+                    ));
+                } else if !waiting.contains(id) || rejected.contains(id) {
+                    bad.push((
+                        "unknown_id",
+                        format!("start of request {id}, which is not waiting in this arm"),
+                    ));
+                } else if backend.is_some_and(|b| b as usize >= view.backends.len()) {
+                    bad.push((
+                        "unknown_backend",
+                        format!(
+                            "start of request {id} on backend {} of {}",
+                            backend.unwrap_or(0),
+                            view.backends.len()
+                        ),
+                    ));
+                } else if slots <= 0 {
+                    started.insert(*id);
+                    bad.push((
+                        "no_free_slot",
+                        format!(
+                            "start of request {id} beyond the {} free slot(s)",
+                            view.free_slots
+                        ),
+                    ));
+                } else {
+                    started.insert(*id);
+                    slots -= 1;
+                }
+            }
+            Action::Preempt(Preemption { id, cut_streaming }) => match running.get(id) {
+                None => bad.push((
+                    "unknown_id",
+                    format!("pre-emption of request {id}, which is not running in this arm"),
+                )),
+                Some(_) if !preempted.insert(*id) => bad.push((
+                    "duplicate_preempt",
+                    format!("pre-emption of request {id} twice"),
+                )),
+                Some(r) => {
+                    if r.preemptible || (r.streaming && *cut_streaming) {
+                        slots += 1;
+                    }
+                }
+            },
+            Action::Reject(RejectWaiting { id, .. }) => {
+                if !waiting.contains(id) || started.contains(id) || !rejected.insert(*id) {
+                    bad.push((
+                        "unknown_id",
+                        format!("reject of request {id}, which is not waiting in this arm"),
+                    ));
+                }
+            }
+        }
+    }
+    bad
+}
+
+/// One line for logs and `/status`: how many actions were nonsense, of which
+/// kinds, and the first one in words.
+fn summarize_invalid(bad: &[(&'static str, String)], total: usize) -> String {
+    let mut kinds: Vec<(&str, usize)> = Vec::new();
+    for (k, _) in bad {
+        match kinds.iter_mut().find(|(n, _)| n == k) {
+            Some((_, c)) => *c += 1,
+            None => kinds.push((k, 1)),
+        }
+    }
+    let kinds: Vec<String> = kinds.iter().map(|(k, c)| format!("{k} ×{c}")).collect();
+    let first = bad.first().map(|(_, d)| d.as_str()).unwrap_or("");
+    if bad.len() == 1 && bad[0].0 == "too_many_actions" {
+        return format!("too_many_actions: {first}");
+    }
+    format!(
+        "{} of {total} actions invalid: {} (first: {first})",
+        bad.len(),
+        kinds.join(", ")
+    )
+}
+
 /// Splits `total` slots between arms of the given weights.
 ///
 /// Weighted mode (`active` = None): each arm with a weight gets one slot, then
@@ -1575,19 +1826,13 @@ pub fn slot_shares(total: u32, weights: &[u32], active: Option<usize>) -> Vec<u3
     }
     let live: Vec<usize> = (0..n).filter(|&i| weights[i] > 0).collect();
     let total_w: u64 = live.iter().map(|&i| weights[i] as u64).sum::<u64>().max(1);
+    // Proportional shares, largest remainder first (ties to the earlier arm)...
     let mut left = total;
-    for &i in &live {
-        if left > 0 {
-            shares[i] = 1;
-            left -= 1;
-        }
-    }
-    let extra = left as u64;
     let mut rems: Vec<(u64, usize)> = Vec::new();
     for &i in &live {
-        let exact = extra * weights[i] as u64;
+        let exact = total as u64 * weights[i] as u64;
         let whole = (exact / total_w) as u32;
-        shares[i] += whole;
+        shares[i] = whole;
         left -= whole;
         rems.push((exact % total_w, i));
     }
@@ -1599,7 +1844,35 @@ pub fn slot_shares(total: u32, weights: &[u32], active: Option<usize>) -> Vec<u3
         shares[i] += 1;
         left -= 1;
     }
+    // ...then every live arm gets at least one slot, taken from the largest.
+    for &i in &live {
+        if shares[i] == 0
+            && let Some(j) = (0..n)
+                .filter(|&j| shares[j] > 1)
+                .max_by_key(|&j| (shares[j], usize::MAX - j))
+        {
+            shares[j] -= 1;
+            shares[i] = 1;
+        }
+    }
     shares
+}
+
+/// A stable 64-bit hash of an A/B client key (FNV-1a, then the SplitMix64
+/// finaliser to spread short keys over the whole range). Unlike std's
+/// `DefaultHasher` it is fixed, so a key lands in the same arm across maitre
+/// versions and restarts.
+pub fn ab_key_hash(key: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -1746,10 +2019,45 @@ mod tests {
         assert_eq!(slot_shares(5, &[75, 25], None), vec![4, 1]);
         assert_eq!(slot_shares(3, &[100, 0], None), vec![3, 0]);
         assert_eq!(slot_shares(4, &[50, 50], Some(1)), vec![0, 4]);
+        assert_eq!(slot_shares(4, &[98, 1, 1], None), vec![2, 1, 1]);
         for total in 1..10 {
             let s = slot_shares(total, &[30, 50, 20], None);
-            assert_eq!(s.iter().sum::<u32>(), total.max(0));
+            assert_eq!(s.iter().sum::<u32>(), total);
+            if total >= 3 {
+                assert!(s.iter().all(|&x| x >= 1), "{total}: {s:?}");
+            }
         }
+    }
+
+    #[test]
+    fn ab_key_hash_is_stable_and_spreads_keys() {
+        // Deterministic: a key always lands on the same point.
+        assert_eq!(ab_key_hash(""), ab_key_hash(""));
+        assert_ne!(ab_key_hash("client-1"), ab_key_hash("client-2"));
+        // 10 000 sequential keys split 30/70 land within 2% of the split.
+        let low = (0..10_000)
+            .filter(|i| {
+                let h = ab_key_hash(&format!("client-{i}"));
+                ((h as u128 * 100) >> 64) < 30
+            })
+            .count();
+        assert!((2_800..=3_200).contains(&low), "{low}");
+    }
+
+    #[test]
+    fn a_transparent_preemption_and_streaming_cannot_both_win() {
+        let r = Run::new();
+        assert!(r.claim_requeue());
+        assert!(
+            !r.mark_streaming(),
+            "the response must be dropped and requeued"
+        );
+        assert!(!r.is_streaming());
+        let r = Run::new();
+        assert!(r.mark_streaming());
+        assert!(r.mark_streaming());
+        assert!(!r.claim_requeue(), "only a cut can end it now");
+        assert!(r.is_streaming());
     }
 
     #[test]
@@ -1759,5 +2067,138 @@ mod tests {
         assert_eq!(percentile(&v, 0.99), Some(99.0));
         assert_eq!(percentile(&v, 1.0), Some(100.0));
         assert_eq!(percentile(&[], 0.5), None);
+    }
+
+    /// A view with `free` free slots, waiting ids `waiting` and running
+    /// `(id, preemptible, streaming)`.
+    fn answer_view(free: u32, waiting: &[u64], running: &[(u64, bool, bool)]) -> View {
+        View {
+            now_ms: 0,
+            total_slots: 2,
+            free_slots: free,
+            backends: vec![Backend {
+                name: "up".into(),
+                total_slots: 2,
+                free_slots: free,
+            }],
+            running: running
+                .iter()
+                .map(|&(id, preemptible, streaming)| Running {
+                    id,
+                    class: Class::Batch,
+                    priority: 0.0,
+                    model: String::new(),
+                    tenant: None,
+                    backend: 0,
+                    arrival_ms: 0,
+                    started_ms: 0,
+                    first_token_ms: None,
+                    tokens: 0,
+                    preemptible,
+                    streaming,
+                    preemptions: 0,
+                })
+                .collect(),
+            waiting: waiting
+                .iter()
+                .map(|&id| Waiting {
+                    id,
+                    class: Class::Batch,
+                    priority: 0.0,
+                    model: String::new(),
+                    tenant: None,
+                    stream: false,
+                    num_predict: None,
+                    arrival_ms: 0,
+                    enqueued_ms: 0,
+                    preemptions: 0,
+                })
+                .collect(),
+        }
+    }
+
+    fn start(id: u64) -> Action {
+        Action::Start(Start { id, backend: None })
+    }
+
+    fn preempt(id: u64, cut_streaming: bool) -> Action {
+        Action::Preempt(Preemption { id, cut_streaming })
+    }
+
+    fn reject(id: u64, status: u16) -> Action {
+        Action::Reject(RejectWaiting {
+            id,
+            rejection: Rejection {
+                status,
+                message: String::new(),
+            },
+        })
+    }
+
+    fn kinds(view: &View, actions: &[Action], inflight: i64) -> Vec<&'static str> {
+        check_answer(view, actions, inflight)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
+    }
+
+    #[test]
+    fn sane_answers_pass_the_check() {
+        let v = answer_view(1, &[3, 4, 5], &[(1, true, false), (2, false, true)]);
+        assert!(kinds(&v, &[], 0).is_empty());
+        assert!(kinds(&v, &[start(3)], 0).is_empty());
+        // A pre-emption frees a slot for a start in the same answer...
+        assert!(kinds(&v, &[start(3), preempt(1, false), start(4)], 0).is_empty());
+        // ...so does cutting a stream when asked to.
+        assert!(kinds(&v, &[start(3), preempt(2, true), start(4)], 0).is_empty());
+        // A slot still being handed on by an earlier pre-emption counts too.
+        assert!(kinds(&v, &[start(3), start(4)], 1).is_empty());
+        // Rejections of waiting requests, whatever the status (the WIT maps it).
+        assert!(kinds(&v, &[reject(4, 429), reject(5, 0), start(3)], 0).is_empty());
+        // A pre-emption the host will decline is refused later, not nonsense.
+        assert!(kinds(&v, &[preempt(2, false)], 0).is_empty());
+    }
+
+    #[test]
+    fn nonsense_is_found_by_kind() {
+        let v = answer_view(1, &[3, 4], &[(1, true, false)]);
+        assert_eq!(kinds(&v, &[start(99)], 0), ["unknown_id"]);
+        assert_eq!(kinds(&v, &[preempt(3, false)], 0), ["unknown_id"]);
+        assert_eq!(kinds(&v, &[reject(1, 503)], 0), ["unknown_id"]);
+        assert_eq!(kinds(&v, &[reject(3, 503), start(3)], 0), ["unknown_id"]);
+        assert_eq!(kinds(&v, &[start(3), reject(3, 503)], 0), ["unknown_id"]);
+        assert_eq!(kinds(&v, &[start(1)], 0), ["duplicate_start"]);
+        assert_eq!(kinds(&v, &[start(3), start(3)], 0), ["duplicate_start"]);
+        assert_eq!(kinds(&v, &[start(3), start(4)], 0), ["no_free_slot"]);
+        // A pre-emption the host declines frees no slot.
+        let streaming = answer_view(0, &[3], &[(1, false, true)]);
+        assert_eq!(
+            kinds(&streaming, &[preempt(1, false), start(3)], 0),
+            ["no_free_slot"]
+        );
+        assert_eq!(
+            kinds(&v, &[preempt(1, false), preempt(1, false)], 0),
+            ["duplicate_preempt"]
+        );
+        let on_backend_7 = Action::Start(Start {
+            id: 3,
+            backend: Some(7),
+        });
+        assert_eq!(kinds(&v, &[on_backend_7], 0), ["unknown_backend"]);
+        let flood = vec![start(3); 2 + 1 + ACTION_SLACK + 1];
+        assert_eq!(kinds(&v, &flood, 0), ["too_many_actions"]);
+    }
+
+    #[test]
+    fn invalid_summary_names_kinds_and_the_first_one() {
+        let bad = vec![
+            ("unknown_id", "start of request 9".to_string()),
+            ("duplicate_start", "start of request 3 twice".to_string()),
+            ("unknown_id", "start of request 8".to_string()),
+        ];
+        assert_eq!(
+            summarize_invalid(&bad, 5),
+            "3 of 5 actions invalid: unknown_id ×2, duplicate_start ×1 (first: start of request 9)"
+        );
     }
 }

@@ -45,18 +45,39 @@ async fn upstream_busy_goes_back_to_the_queue() {
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["done"], true);
     let log = fake.log();
-    let received = log.iter().filter(|e| e.kind == EventKind::Received && e.tag.as_deref() == Some("busy-once")).count();
+    let received = log
+        .iter()
+        .filter(|e| e.kind == EventKind::Received && e.tag.as_deref() == Some("busy-once"))
+        .count();
     assert_eq!(received, 2, "one 503, one retry");
     // Always busy: after a bounded number of retries the 503 reaches the client
     // in Ollama's own words.
-    let r = generate(&c, &m.url, "busy-always", None, 3).header("x-fake-status", "503").send().await.unwrap();
+    let r = generate(&c, &m.url, "busy-always", None, 3)
+        .header("x-fake-status", "503")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503);
     let v: serde_json::Value = r.json().await.unwrap();
     assert!(v["error"].as_str().unwrap().contains("server busy"), "{v}");
-    let tries = fake.log().iter().filter(|e| e.kind == EventKind::Received && e.tag.as_deref() == Some("busy-always")).count();
+    let tries = fake
+        .log()
+        .iter()
+        .filter(|e| e.kind == EventKind::Received && e.tag.as_deref() == Some("busy-always"))
+        .count();
     assert!((2..=5).contains(&tries), "{tries} tries");
-    let metrics = c.get(format!("{}/metrics", m.admin)).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("maitre_upstream_busy_retries_total"), "{metrics}");
+    let metrics = c
+        .get(format!("{}/metrics", m.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("maitre_upstream_busy_retries_total"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -67,14 +88,35 @@ async fn slow_first_byte_times_out_with_504_and_frees_the_slot() {
     let m = Maitre::start(&text);
     let c = client();
     let t = Instant::now();
-    let r = generate(&c, &m.url, "slow", None, 1).header("x-fake-prompt-ms", "4000").send().await.unwrap();
+    let r = generate(&c, &m.url, "slow", None, 1)
+        .header("x-fake-prompt-ms", "4000")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 504);
     assert!(t.elapsed() < Duration::from_secs(4));
     let v: serde_json::Value = r.json().await.unwrap();
-    assert!(v["error"].as_str().unwrap().contains("first_byte_timeout_seconds"), "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("first_byte_timeout_seconds"),
+        "{v}"
+    );
     // The upstream request was abandoned and the slot is free again.
-    assert!(fake.wait_for("slow", EventKind::Cancelled, T).await.is_some());
-    assert_eq!(generate(&c, &m.url, "next", None, 1).send().await.unwrap().status(), 200);
+    assert!(
+        fake.wait_for("slow", EventKind::Cancelled, T)
+            .await
+            .is_some()
+    );
+    assert_eq!(
+        generate(&c, &m.url, "next", None, 1)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 #[tokio::test]
@@ -92,11 +134,20 @@ async fn upstream_dropping_mid_stream_gives_an_error_line_and_frees_the_slot() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let text = r.text().await.unwrap();
-    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     // At least the first token, then maitre's error line (the fake may lose
     // its last unflushed token when it aborts the connection).
     assert!((2..=3).contains(&lines.len()), "{text}");
-    assert!(lines.last().unwrap()["error"].as_str().unwrap().contains("upstream connection lost"), "{text}");
+    assert!(
+        lines.last().unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .contains("upstream connection lost"),
+        "{text}"
+    );
     assert!(lines.iter().all(|l| l["done"] != true));
     // A mid-stream error line from Ollama itself passes through as is.
     let r = c
@@ -108,8 +159,19 @@ async fn upstream_dropping_mid_stream_gives_an_error_line_and_frees_the_slot() {
         .unwrap();
     let text = r.text().await.unwrap();
     assert!(text.lines().last().unwrap().contains("\"error\""), "{text}");
-    assert_eq!(generate(&c, &m.url, "after", None, 1).send().await.unwrap().status(), 200);
-    assert!(m.wait_log(T, |l| l.contains("request ended") && l.contains("upstream_error")).await);
+    assert_eq!(
+        generate(&c, &m.url, "after", None, 1)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(
+        m.wait_log(T, |l| l.contains("request ended")
+            && l.contains("upstream_error"))
+            .await
+    );
 }
 
 // Multi-threaded: the raw-socket helpers block, and the fake runs in-process.
@@ -125,7 +187,12 @@ async fn hostile_clients_get_defined_answers_and_stall_nobody() {
 
     // Too large a body: 413 in Ollama's shape.
     let big = serde_json::json!({"model": "fake", "prompt": "x".repeat(5000)});
-    let r = c.post(format!("{}/api/generate", m.url)).json(&big).send().await.unwrap();
+    let r = c
+        .post(format!("{}/api/generate", m.url))
+        .json(&big)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 413);
     assert!(r.text().await.unwrap().contains("max_body_bytes"));
 
@@ -142,18 +209,28 @@ async fn hostile_clients_get_defined_answers_and_stall_nobody() {
     let url = m.url.clone();
     let slow_headers = std::thread::spawn(move || {
         let t = Instant::now();
-        let out = raw(&url, b"GET /api/tags HTTP/1.1\r\nHost: x\r\nX-Slow: ", Duration::from_secs(10));
+        let out = raw(
+            &url,
+            b"GET /api/tags HTTP/1.1\r\nHost: x\r\nX-Slow: ",
+            Duration::from_secs(10),
+        );
         (out, t.elapsed())
     });
     for i in 0..5 {
-        let r = generate(&c, &m.url, &format!("ok{i}"), None, 2).send().await.unwrap();
+        let r = generate(&c, &m.url, &format!("ok{i}"), None, 2)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200, "a stalled client stalled others");
     }
     let half = half.join().unwrap();
     assert!(half.starts_with("HTTP/1.1 408"), "{half}");
     assert!(half.contains("body_read_timeout_seconds"), "{half}");
     let (out, took) = slow_headers.join().unwrap();
-    assert!(took < Duration::from_secs(8), "slow headers held the socket {took:?}: {out}");
+    assert!(
+        took < Duration::from_secs(8),
+        "slow headers held the socket {took:?}: {out}"
+    );
 
     // HTTP/1.0, a chunked upload and two pipelined requests.
     let body = r#"{"model":"fake","prompt":"hi","stream":false,"options":{"num_predict":2}}"#;
@@ -175,18 +252,34 @@ async fn hostile_clients_get_defined_answers_and_stall_nobody() {
     );
     assert!(chunked.starts_with("HTTP/1.1 200"), "{chunked}");
     assert!(chunked.contains("\"done\":true"), "{chunked}");
-    let one = format!("POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-    let two = format!("GET /api/version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let one = format!(
+        "POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let two = "GET /api/version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
     let piped = raw(&m.url, format!("{one}{two}").as_bytes(), T);
     assert_eq!(piped.matches("HTTP/1.1 200").count(), 2, "{piped}");
-    assert!(piped.find("\"done\":true").unwrap() < piped.find("0.33.0-fake").unwrap(), "answers in order: {piped}");
+    assert!(
+        piped.find("\"done\":true").unwrap() < piped.find("0.33.0-fake").unwrap(),
+        "answers in order: {piped}"
+    );
 
     // Missing model, unknown path, malformed JSON: answered, never a hang.
-    let r = c.post(format!("{}/api/chat", m.url)).json(&serde_json::json!({"messages": []})).send().await.unwrap();
+    let r = c
+        .post(format!("{}/api/chat", m.url))
+        .json(&serde_json::json!({"messages": []}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     let r = c.get(format!("{}/api/nope", m.url)).send().await.unwrap();
     assert_eq!(r.status(), 404);
-    let r = c.post(format!("{}/v1/chat/completions", m.url)).body("{").send().await.unwrap();
+    let r = c
+        .post(format!("{}/v1/chat/completions", m.url))
+        .body("{")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     assert!(fake.max_concurrent() <= 2);
 }
@@ -194,11 +287,16 @@ async fn hostile_clients_get_defined_answers_and_stall_nobody() {
 #[tokio::test]
 async fn sigterm_finishes_running_answers_waiting_and_exits() {
     let fake = fake(1, 20).await;
-    let text = with_limits(reserved_aging(&fake.url(), 1, "rt_reserved_slots = 0"), "retry_after_seconds = 3");
+    let text = with_limits(
+        reserved_aging(&fake.url(), 1, "rt_reserved_slots = 0"),
+        "retry_after_seconds = 3",
+    );
     let mut m = Maitre::start(&text);
     let c = client();
     let running = tokio::spawn(generate(&c, &m.url, "running", None, 40).send());
-    fake.wait_for("running", EventKind::Started, T).await.unwrap();
+    fake.wait_for("running", EventKind::Started, T)
+        .await
+        .unwrap();
     let waiting = tokio::spawn(generate(&c, &m.url, "waiting", None, 2).send());
     tokio::time::sleep(Duration::from_millis(150)).await;
     let url = m.url.clone();
@@ -212,6 +310,9 @@ async fn sigterm_finishes_running_answers_waiting_and_exits() {
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["done"], true, "the running request finished in full");
     assert!(status.await.unwrap().success());
-    assert!(TcpStream::connect(addr(&url)).is_err(), "no longer accepting");
+    assert!(
+        TcpStream::connect(addr(&url)).is_err(),
+        "no longer accepting"
+    );
     assert!(seq_of(&fake.log(), "waiting", EventKind::Received).is_none());
 }

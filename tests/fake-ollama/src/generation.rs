@@ -371,7 +371,11 @@ impl Gen {
             util::NDJSON
         };
         let stream = futures_util::stream::unfold(self, |mut g| async move {
-            if g.shape.drop_after.is_some_and(|n| g.tracker.tokens >= n && !g.ended) && g.pending.is_empty() {
+            if g.shape
+                .drop_after
+                .is_some_and(|n| g.tracker.tokens >= n && !g.ended)
+                && g.pending.is_empty()
+            {
                 // An upstream that dies mid-stream: hyper aborts the connection.
                 g.ended = true;
                 g.tracker.fail();

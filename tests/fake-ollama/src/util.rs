@@ -26,7 +26,9 @@ pub(crate) const MODEL_SIZE: u64 = 2_019_393_189;
 pub(crate) const CONTEXT_LENGTH: u64 = 4096;
 
 pub(crate) fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).map_err(|e: Infallible| match e {}).boxed_unsync()
+    Full::new(b.into())
+        .map_err(|e: Infallible| match e {})
+        .boxed_unsync()
 }
 
 pub(crate) fn response(

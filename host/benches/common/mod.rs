@@ -1,0 +1,213 @@
+//! Shared helpers of maitre's benchmarks (`cargo bench -p maitre --bench NAME`):
+//! maitre in-process or as the real binary, a seeded RNG, percentiles, and
+//! table printing. Benchmarks print tables; they assert nothing.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+/// A policy file with one arm on `slots` slots.
+pub fn policy(upstream: &str, slots: u32, plugin: &str, config: &str, extra: &str) -> String {
+    format!(
+        r#"listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+{extra}
+[upstream]
+url = "{upstream}"
+slots = {slots}
+
+[[policy]]
+name = "main"
+plugin = "{plugin}"
+[policy.config]
+{config}
+"#
+    )
+}
+
+/// maitre served in-process (`maitre::serve`) on loopback port 0, on the
+/// current tokio runtime; stops when dropped.
+pub struct InProc {
+    /// `http://127.0.0.1:PORT` of the client listener.
+    pub url: String,
+    /// `http://127.0.0.1:PORT` of the admin listener.
+    pub admin: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl InProc {
+    /// Parses `policy_text` (written to a temp folder, as hot reload wants a
+    /// file) and serves it.
+    pub async fn start(policy_text: &str) -> InProc {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("policy.toml");
+        std::fs::write(&path, policy_text).expect("write policy");
+        let cfg = maitre::config::Config::parse(&path, policy_text).expect("valid policy");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let admin_url = format!("http://{}", admin.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            if let Err(e) = maitre::serve(cfg, listener, Some(admin), async {
+                let _ = rx.await;
+            })
+            .await
+            {
+                eprintln!("maitre::serve failed: {e:#}");
+            }
+        });
+        InProc {
+            url,
+            admin: admin_url,
+            stop: Some(tx),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for InProc {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// The real `maitre` binary (`maitre serve`), logging at info to a pipe that
+/// a thread drains; killed when dropped.
+pub struct Binary {
+    child: Child,
+    /// `http://127.0.0.1:PORT` of the client listener.
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Binary {
+    /// Writes `policy_text` to a temp folder and starts `maitre serve` on it.
+    pub fn start(policy_text: &str) -> Binary {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("policy.toml");
+        std::fs::write(&path, policy_text).expect("write policy");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_maitre"))
+            .arg("serve")
+            .arg("--policy")
+            .arg(&path)
+            .env("MAITRE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start maitre");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if !sent
+                    && line.contains("maitre serving")
+                    && let Some(i) = line.find("listen=")
+                {
+                    let addr = line[i + 7..].split_whitespace().next().unwrap_or("");
+                    let _ = tx.send(addr.to_string());
+                    sent = true;
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("maitre binary did not start");
+        Binary {
+            child,
+            url: format!("http://{addr}"),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// SplitMix64: a small seeded generator, so every policy sees the same
+/// arrivals and job sizes.
+#[derive(Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator for `seed` and a stream number.
+    pub fn new(seed: u64, stream: u64) -> Rng {
+        let mut r = Rng(seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        r.next_u64();
+        r
+    }
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Uniform integer in [lo, hi].
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+    /// Exponentially distributed with the given mean.
+    pub fn exp(&mut self, mean: f64) -> f64 {
+        -mean * (1.0 - self.unit()).ln()
+    }
+}
+
+/// Nearest-rank percentile (`q` in 0..=1) of unsorted values.
+pub fn pct(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = (q * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+/// Arithmetic mean.
+pub fn mean(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.iter().sum::<f64>() / values.len() as f64
+}
+
+/// Milliseconds of a duration.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// An environment variable parsed as a number, or `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Value of the first Prometheus sample whose line starts with `prefix`, summed
+/// over every matching line (0 when there is none).
+pub fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

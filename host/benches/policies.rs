@@ -1,0 +1,434 @@
+//! fifo vs reserved-aging vs preemptive under a field-like load, side by side.
+//!
+//! Each replica is one maitre (in-process `maitre::serve`) in front of its own
+//! fake Ollama with the field's shape: 2 slots, 20 ms per token. Four batch
+//! client loops per replica send non-streaming jobs of 50–100 tokens back to
+//! back (the field's few hundred tokens, scaled down), so both slots are
+//! always busy and two more jobs always wait. Real-time streaming requests
+//! (50–100 tokens) arrive at exponential intervals with a mean chosen so that
+//! about 2% of requests are real-time, as in the field.
+//!
+//! At 2% real-time, one replica sees only a few real-time requests a minute,
+//! so the bench runs K independent replicas per policy at once (same seed:
+//! replica r of every policy sees the same arrivals and job sizes) and pools
+//! their samples. An extra replica without any batch load and with enough
+//! slots that one is always free, receiving the real-time arrivals of all K
+//! replicas, gives the idle-upstream TTFT in the same run and the same
+//! process conditions.
+//!
+//! TTFT = request sent → first body byte at the client. Batch throughput =
+//! complete answers per minute per replica in the measured window. Tokens
+//! thrown away = tokens the fake had generated for requests it saw cancelled
+//! (its log), and maitre's own `maitre_preempted_tokens_total`.
+//!
+//! Targets (design.md): preemptive RT p99 TTFT within 50 ms of the idle TTFT
+//! while its batch throughput stays ≥ 95% of fifo's.
+//!
+//! `cargo bench -p maitre --bench policies`; knobs (environment):
+//! REPLICAS (16), SECONDS (150), WARMUP_SECONDS (10), RT_MEAN_SECONDS (36),
+//! BATCH_LOOPS (4), SEED (42).
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use fake_ollama::{EventKind, FakeConfig, FakeOllama};
+use futures_util::StreamExt;
+
+const TOKEN_MS: u64 = 20;
+const SLOTS: u32 = 2;
+const POLICIES: [(&str, &str, &str); 3] = [
+    ("fifo", "builtin:fifo", ""),
+    (
+        "reserved-aging",
+        "builtin:reserved-aging",
+        "rt_reserved_slots = 1",
+    ),
+    ("preemptive", "builtin:preemptive", ""),
+];
+
+struct Knobs {
+    replicas: usize,
+    seconds: f64,
+    warmup: f64,
+    rt_mean: f64,
+    loops: usize,
+    seed: u64,
+}
+
+/// What one group (a policy, or the idle baseline) measured.
+#[derive(Default)]
+struct Record {
+    /// (arrival offset s, TTFT ms) of real-time requests.
+    rt: Vec<(f64, f64)>,
+    rt_incomplete: usize,
+    /// End offsets (s) of complete batch answers.
+    batch_done: Vec<f64>,
+    batch_incomplete: usize,
+    batch_preempted: usize,
+}
+
+type Shared = Arc<Mutex<Record>>;
+
+fn generate_body(tokens: u64, stream: bool) -> serde_json::Value {
+    serde_json::json!({"model": "fake", "prompt": "summarise this article", "stream": stream, "options": {"num_predict": tokens}})
+}
+
+/// One batch client loop: a job, then the next, until the deadline.
+async fn batch_loop(
+    c: reqwest::Client,
+    url: String,
+    mut rng: Rng,
+    t0: Instant,
+    end: Instant,
+    rec: Shared,
+) {
+    while Instant::now() < end {
+        let tokens = rng.range(50, 100);
+        let r = c
+            .post(format!("{url}/api/generate"))
+            .header("x-priority", "batch")
+            .json(&generate_body(tokens, false))
+            .send()
+            .await;
+        let Ok(r) = r else { continue };
+        let preempted = r.headers().contains_key("x-maitre-preempted");
+        let ok = r.status() == 200;
+        let body: serde_json::Value = match r.json().await {
+            Ok(b) => b,
+            Err(_) => serde_json::Value::Null,
+        };
+        let at = t0.elapsed().as_secs_f64();
+        let mut g = rec.lock().unwrap();
+        if ok && body["done"] == true && body["eval_count"] == tokens {
+            g.batch_done.push(at);
+            g.batch_preempted += preempted as usize;
+        } else {
+            g.batch_incomplete += 1;
+        }
+    }
+}
+
+/// One real-time streaming request at `offset` s after `t0`.
+async fn realtime(
+    c: reqwest::Client,
+    url: String,
+    t0: Instant,
+    offset: f64,
+    tokens: u64,
+    rec: Shared,
+) {
+    tokio::time::sleep_until((t0 + Duration::from_secs_f64(offset)).into()).await;
+    let sent = Instant::now();
+    let r = c
+        .post(format!("{url}/api/generate"))
+        .header("x-priority", "realtime")
+        .json(&generate_body(tokens, true))
+        .send()
+        .await;
+    let Ok(r) = r else {
+        rec.lock().unwrap().rt_incomplete += 1;
+        return;
+    };
+    let mut s = r.bytes_stream();
+    let mut body = Vec::new();
+    let mut ttft = None;
+    while let Some(chunk) = s.next().await {
+        let Ok(chunk) = chunk else { break };
+        if ttft.is_none() && !chunk.is_empty() {
+            ttft = Some(ms(sent.elapsed()));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let done = String::from_utf8_lossy(&body)
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .is_some_and(|v| v["done"] == true);
+    let mut g = rec.lock().unwrap();
+    match ttft {
+        Some(t) if done => g.rt.push((offset, t)),
+        _ => g.rt_incomplete += 1,
+    }
+}
+
+/// Arrival offsets (s) and token counts of replica `r`'s real-time requests.
+fn rt_schedule(k: &Knobs, r: usize) -> Vec<(f64, u64)> {
+    let mut rng = Rng::new(k.seed, 1_000 + r as u64);
+    let mut t = 0.0;
+    let mut v = Vec::new();
+    loop {
+        t += rng.exp(k.rt_mean);
+        if t >= k.seconds {
+            return v;
+        }
+        v.push((t, rng.range(50, 100)));
+    }
+}
+
+struct Replica {
+    fake: FakeOllama,
+    maitre: InProc,
+    client: reqwest::Client,
+}
+
+async fn replica(plugin: &str, config: &str, slots: u32) -> Replica {
+    let fake = FakeOllama::start(FakeConfig {
+        slots: slots as usize,
+        token_delay: Duration::from_millis(TOKEN_MS),
+        ..FakeConfig::default()
+    })
+    .await
+    .expect("fake ollama");
+    let maitre = InProc::start(&policy(&fake.url(), slots, plugin, config, "")).await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    Replica {
+        fake,
+        maitre,
+        client,
+    }
+}
+
+/// What a group's replicas reported at the end of the run.
+#[derive(Default)]
+struct Ends {
+    thrown_tokens_fake: u64,
+    cancels_fake: usize,
+    preemptions: f64,
+    thrown_tokens_maitre: f64,
+}
+
+async fn ends(group: &[Replica]) -> Ends {
+    let mut e = Ends::default();
+    for r in group {
+        for ev in r.fake.log() {
+            if ev.kind == EventKind::Cancelled {
+                e.thrown_tokens_fake += ev.tokens;
+                e.cancels_fake += 1;
+            }
+        }
+        let text = r
+            .client
+            .get(format!("{}/metrics", r.maitre.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        e.preemptions += metric_sum(&text, "maitre_preemptions_total");
+        e.thrown_tokens_maitre += metric_sum(&text, "maitre_preempted_tokens_total");
+    }
+    e
+}
+
+fn main() {
+    let k = Knobs {
+        replicas: env_or("REPLICAS", 16),
+        seconds: env_or("SECONDS", 150.0),
+        warmup: env_or("WARMUP_SECONDS", 10.0),
+        rt_mean: env_or("RT_MEAN_SECONDS", 36.0),
+        loops: env_or("BATCH_LOOPS", 4),
+        seed: env_or("SEED", 42),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(k));
+    rt.shutdown_timeout(Duration::from_secs(1));
+}
+
+async fn run(k: Knobs) {
+    let setup = Instant::now();
+    let mut groups: Vec<Vec<Replica>> = Vec::new();
+    for (_, plugin, config) in POLICIES {
+        let mut g = Vec::new();
+        for _ in 0..k.replicas {
+            g.push(replica(plugin, config, SLOTS).await);
+        }
+        groups.push(g);
+    }
+    // Enough slots that a real-time request always finds one free, whatever
+    // the overlap of the pooled arrivals.
+    let idle = replica("builtin:fifo", "", 32).await;
+    // Let every scheduler and plugin come up, and warm the connections.
+    for r in groups.iter().flatten().chain(std::iter::once(&idle)) {
+        let resp = r
+            .client
+            .post(format!("{}/api/generate", r.maitre.url))
+            .json(&generate_body(1, false))
+            .send()
+            .await
+            .expect("warm-up request");
+        assert_eq!(resp.status(), 200);
+        let _ = resp.bytes().await;
+    }
+    eprintln!(
+        "policies: {} maitre + fake pairs up in {:.1} s; running {} s",
+        groups.len() * k.replicas + 1,
+        setup.elapsed().as_secs_f64(),
+        k.seconds
+    );
+    for r in groups.iter().flatten().chain(std::iter::once(&idle)) {
+        r.fake.reset();
+    }
+
+    let t0 = Instant::now() + Duration::from_millis(200);
+    let end = t0 + Duration::from_secs_f64(k.seconds);
+    let recs: Vec<Shared> = (0..=groups.len()).map(|_| Shared::default()).collect();
+    let mut tasks = Vec::new();
+    for (gi, g) in groups.iter().enumerate() {
+        for (ri, r) in g.iter().enumerate() {
+            for j in 0..k.loops {
+                let (c, url, rec) = (r.client.clone(), r.maitre.url.clone(), recs[gi].clone());
+                let rng = Rng::new(k.seed, (ri * 100 + j) as u64);
+                tasks.push(tokio::spawn(async move {
+                    tokio::time::sleep_until(t0.into()).await;
+                    batch_loop(c, url, rng, t0, end, rec).await
+                }));
+            }
+            for (offset, tokens) in rt_schedule(&k, ri) {
+                let (c, url, rec) = (r.client.clone(), r.maitre.url.clone(), recs[gi].clone());
+                tasks.push(tokio::spawn(realtime(c, url, t0, offset, tokens, rec)));
+            }
+        }
+    }
+    for ri in 0..k.replicas {
+        for (offset, tokens) in rt_schedule(&k, ri) {
+            let rec = recs[groups.len()].clone();
+            let (c, url) = (idle.client.clone(), idle.maitre.url.clone());
+            tasks.push(tokio::spawn(realtime(c, url, t0, offset, tokens, rec)));
+        }
+    }
+    tokio::time::sleep_until(end.into()).await;
+    // Real-time requests still streaming get a few seconds to finish.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut group_ends = Vec::new();
+    for g in &groups {
+        group_ends.push(ends(g).await);
+    }
+    for t in &tasks {
+        t.abort();
+    }
+
+    // The table.
+    let window_min = (k.seconds - k.warmup) / 60.0;
+    let take = |rec: &Shared| -> (Vec<f64>, usize, usize, usize, usize) {
+        let g = rec.lock().unwrap();
+        let ttft: Vec<f64> =
+            g.rt.iter()
+                .filter(|(at, _)| *at >= k.warmup)
+                .map(|(_, t)| *t)
+                .collect();
+        let batch = g
+            .batch_done
+            .iter()
+            .filter(|at| **at >= k.warmup && **at <= k.seconds)
+            .count();
+        (
+            ttft,
+            batch,
+            g.batch_incomplete,
+            g.rt_incomplete,
+            g.batch_preempted,
+        )
+    };
+    let (idle_ttft, _, _, idle_incomplete, _) = take(&recs[groups.len()]);
+    let idle_p50 = pct(&idle_ttft, 0.5);
+    println!();
+    println!(
+        "policies: {} replicas per policy, each 1 maitre + 1 fake Ollama ({SLOTS} slots, {TOKEN_MS} ms/token); {} batch loops per replica (non-streaming, 50-100 tokens), RT streaming 50-100 tokens, exponential arrivals mean {} s per replica; {} s run, first {} s not measured; seed {}",
+        k.replicas, k.loops, k.rt_mean, k.seconds, k.warmup, k.seed
+    );
+    println!(
+        "idle-upstream RT TTFT (through maitre, no batch load, same RT arrivals): n {}  p50 {:.1} ms  p95 {:.1} ms  p99 {:.1} ms  max {:.1} ms{}",
+        idle_ttft.len(),
+        idle_p50,
+        pct(&idle_ttft, 0.95),
+        pct(&idle_ttft, 0.99),
+        pct(&idle_ttft, 1.0),
+        if idle_incomplete > 0 {
+            format!("  ({idle_incomplete} incomplete)")
+        } else {
+            String::new()
+        }
+    );
+    println!();
+    println!(
+        "{:<15} {:>5} {:>6} | {:>9} {:>9} {:>9} {:>9} {:>10} | {:>11} {:>8} {:>7} | {:>6} {:>14} {:>13} | {:>6}",
+        "policy",
+        "RT n",
+        "RT %",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "max ms",
+        "p99-idle",
+        "batch/min",
+        "vs fifo",
+        "batch n",
+        "preem",
+        "thrown (fake)",
+        "thrown (mtr)",
+        "errors"
+    );
+    let mut fifo_rate = f64::NAN;
+    let mut verdicts = Vec::new();
+    for (gi, (name, _, _)) in POLICIES.iter().enumerate() {
+        let (ttft, batch, b_bad, rt_bad, _preempted) = take(&recs[gi]);
+        let rate = batch as f64 / window_min / k.replicas as f64;
+        if gi == 0 {
+            fifo_rate = rate;
+        }
+        let e = &group_ends[gi];
+        let p99 = pct(&ttft, 0.99);
+        println!(
+            "{:<15} {:>5} {:>6.2} | {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} | {:>11.2} {:>7.1}% {:>7} | {:>6} {:>14} {:>13} | {:>6}",
+            name,
+            ttft.len(),
+            100.0 * ttft.len() as f64 / (ttft.len() + batch) as f64,
+            pct(&ttft, 0.5),
+            pct(&ttft, 0.95),
+            p99,
+            pct(&ttft, 1.0),
+            p99 - idle_p50,
+            rate,
+            100.0 * rate / fifo_rate,
+            batch,
+            e.preemptions,
+            e.thrown_tokens_fake,
+            e.thrown_tokens_maitre,
+            b_bad + rt_bad
+        );
+        if *name == "preemptive" {
+            verdicts.push(format!(
+                "  preemptive RT p99 - idle p50 = {:.1} ms (target <= 50 ms): {}",
+                p99 - idle_p50,
+                if p99 - idle_p50 <= 50.0 {
+                    "MET"
+                } else {
+                    "MISSED"
+                }
+            ));
+            verdicts.push(format!(
+                "  preemptive batch throughput = {:.1}% of fifo (target >= 95%): {}",
+                100.0 * rate / fifo_rate,
+                if rate >= 0.95 * fifo_rate {
+                    "MET"
+                } else {
+                    "MISSED"
+                }
+            ));
+        }
+    }
+    println!();
+    println!(
+        "batch/min = complete batch answers per minute per replica; preem = pre-emptions (maitre metric); thrown (fake) = tokens the fake generated for cancelled requests; thrown (mtr) = maitre_preempted_tokens_total; errors = incomplete answers"
+    );
+    for v in verdicts {
+        println!("{v}");
+    }
+}
