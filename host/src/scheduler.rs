@@ -1381,12 +1381,11 @@ impl Core {
         };
         let a = e.arm;
         let arm = &mut self.arms[a];
-        let was_waiting = arm.waiting.remove(&id);
+        arm.waiting.remove(&id);
         if let Some(pos) = arm.handoff.iter().position(|x| *x == id) {
             arm.handoff.remove(pos);
         }
         arm.dirty = true;
-        let _ = was_waiting;
         self.metrics
             .waiting
             .get_or_create(&ArmLabel {

@@ -5,24 +5,7 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use common::*;
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("MAITRE_PYTHON") {
-        return p.into();
-    }
-    let venv = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../target/pyenv/bin/python"
-    ));
-    assert!(
-        venv.exists(),
-        "no Python with the official clients: run .ci/run (it creates target/pyenv), or set MAITRE_PYTHON to a python with `pip install -r tests/python/requirements.txt`"
-    );
-    venv
-}
 
 #[tokio::test]
 async fn official_python_clients_work_through_maitre() {

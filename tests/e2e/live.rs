@@ -179,21 +179,6 @@ async fn keyed(
     (status, arm, body["done"] == true)
 }
 
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("MAITRE_PYTHON") {
-        return p.into();
-    }
-    let venv = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../target/pyenv/bin/python"
-    ));
-    assert!(
-        venv.exists(),
-        "no Python with prometheus_client: run .ci/run (it creates target/pyenv), or set MAITRE_PYTHON to a python with `pip install -r tests/python/requirements.txt`"
-    );
-    venv
-}
-
 // ---------------------------------------------------------------------------
 // (a) Hot swaps under continuous load.
 

@@ -228,3 +228,20 @@ pub fn start_order(log: &[LogEvent]) -> Vec<String> {
         .filter_map(|e| e.tag.clone())
         .collect()
 }
+
+/// The Python that has the official clients and prometheus_client:
+/// MAITRE_PYTHON, else the venv `.ci/run` creates in target/pyenv.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("MAITRE_PYTHON") {
+        return p.into();
+    }
+    let venv = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/pyenv/bin/python"
+    ));
+    assert!(
+        venv.exists(),
+        "no Python with the test packages: run .ci/run (it creates target/pyenv), or set MAITRE_PYTHON to a python with `pip install -r tests/python/requirements.txt`"
+    );
+    venv
+}
