@@ -274,20 +274,7 @@ fn main() {
         )
         .init();
 
-    let fake_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let maitre_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let client_rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (fake_rt, maitre_rt, client_rt) = runtimes();
 
     let mut rng = Rng::new(42, 0);
     let c = reqwest::Client::builder().no_proxy().build().unwrap();

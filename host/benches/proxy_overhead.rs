@@ -75,20 +75,7 @@ fn main() {
     let n: usize = env_or("N", 1000);
     let warmup: usize = env_or("WARMUP", 200);
 
-    let fake_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let maitre_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let client_rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (fake_rt, maitre_rt, client_rt) = runtimes();
 
     let fake = fake_rt.block_on(async {
         FakeOllama::start(FakeConfig {

@@ -211,3 +211,25 @@ pub fn metric_sum(text: &str, prefix: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Separate runtimes for the fake upstream (1 worker), an in-process maitre
+/// (2 workers) and the measuring client (current thread), so that none of
+/// them delays the others' timers.
+pub fn runtimes() -> (
+    tokio::runtime::Runtime,
+    tokio::runtime::Runtime,
+    tokio::runtime::Runtime,
+) {
+    let multi = |workers| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let client = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    (multi(1), multi(2), client)
+}
