@@ -6,9 +6,11 @@
 //! - "0 free, RT waits": every slot busy and a real-time request waits
 //!   (preemptive picks a victim; the others have nothing to do).
 //! - "fifo, 0 free" returns before looking at the queue: what remains is
-//!   the host → wasm call itself, copying the view in and the actions out.
-//! - "view build" builds the view the way the scheduler does (a replica of
-//!   the private `Core::view`: one `Waiting` per queued entry, strings cloned).
+//!   the host → wasm call itself: converting the host's view to the 0.1.0
+//!   interface types, copying it in and the actions out.
+//! - "view build" builds the host's view the way the scheduler does (a
+//!   replica of the private `Core::view`: one `Waiting` per queued entry,
+//!   strings shared as `Arc<str>`).
 //!
 //! Target (design.md): < 20 µs median with 100 waiting.
 //!
@@ -17,12 +19,13 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use maitre::config::PluginSource;
-use maitre::plugin::types::{Backend, Class, Running, View, Waiting};
 use maitre::plugin::{Instance, PluginLimits, Runtime};
+use maitre::policy::{Backend, Class, Running, View, Waiting};
 
 const NOW_MS: u64 = 1_000_000;
 const TOTAL_SLOTS: u32 = 4;
@@ -31,8 +34,8 @@ const TOTAL_SLOTS: u32 = 4;
 struct Entry {
     class: Class,
     priority: f64,
-    model: String,
-    tenant: Option<String>,
+    model: Arc<str>,
+    tenant: Option<Arc<str>>,
     stream: bool,
     num_predict: Option<i64>,
     arrival_ms: u64,
@@ -149,8 +152,10 @@ fn stats(us: &[f64]) -> Stats {
 
 async fn instance(name: &str) -> Instance {
     let rt = Runtime::global();
+    let bytes = maitre::builtins::bytes(name).expect("a built-in plugin");
+    let source = PluginSource::Builtin(name.into());
     let compiled = rt
-        .compile(&PluginSource::Builtin(name.into()))
+        .compile_bytes(bytes, source.clone(), source.to_string())
         .expect("built-in plugin compiles");
     let config = vec![
         ("maitre.slots".to_string(), TOTAL_SLOTS.to_string()),

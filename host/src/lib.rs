@@ -9,9 +9,11 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod builtins;
 pub mod config;
 pub mod metrics;
 pub mod plugin;
+pub mod policy;
 pub mod proxy;
 pub mod reload;
 pub mod request;
@@ -61,11 +63,13 @@ pub async fn serve(
     let reloader = reload::Reloader::new(metrics.clone());
     let arms = reloader.build_arms(&cfg).await?;
     let sched = scheduler::spawn(
-        arms,
-        cfg.ab.clone(),
-        cfg.upstream.slots,
-        cfg.limits.clone(),
-        cfg.upstream.url.to_string(),
+        scheduler::Setup {
+            arms,
+            ab: cfg.ab.clone(),
+            total_slots: cfg.upstream.slots,
+            limits: cfg.limits.clone(),
+            upstream_name: cfg.upstream.url.to_string(),
+        },
         metrics.clone(),
     );
     let proxy = Arc::new(Proxy::new(&cfg, sched.clone(), metrics.clone()));

@@ -228,6 +228,16 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// Sets an arm's waiting-requests gauge (derived from its queue, never
+    /// adjusted by hand, so it cannot drift).
+    pub fn set_waiting(&self, arm: &str, n: usize) {
+        self.waiting
+            .get_or_create(&ArmLabel {
+                arm: arm.to_string(),
+            })
+            .set(n as i64);
+    }
+
     /// Encodes every metric in the OpenMetrics 1.0 text format (ends in `# EOF`;
     /// content type [`OPENMETRICS_CONTENT_TYPE`]).
     pub fn encode(&self) -> String {

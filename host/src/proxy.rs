@@ -11,7 +11,9 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -239,14 +241,18 @@ impl Proxy {
         };
         let rmeta = RequestMeta {
             path: path.clone(),
-            model: meta.model,
+            model: meta.model.into(),
             stream: meta.stream,
             priority_header: parts
                 .headers
                 .get("x-priority")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
-            tenant: live.tenant_header.as_ref().and_then(header_str),
+            tenant: live
+                .tenant_header
+                .as_ref()
+                .and_then(header_str)
+                .map(Into::into),
             num_predict: meta.num_predict,
             body_bytes: bytes.len() as u64,
             client_key: header_str(&live.key_header).unwrap_or_else(|| remote.ip().to_string()),

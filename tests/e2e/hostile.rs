@@ -28,7 +28,7 @@ const LIMITS: &str = "plugin_call_ms = 20\nstarvation_ms = 300\ntick_ms = 50";
 /// watches its plugin's folder, and must not see other tests open the shared
 /// build output.
 fn wasm(crate_name: &str, dir: &Path) -> String {
-    let built = maitre::plugin::built_plugin_path(crate_name);
+    let built = maitre::builtins::built_plugin_path(crate_name);
     assert!(built.exists(), "{} was not built", built.display());
     let copy = dir.join(format!("{crate_name}.wasm"));
     std::fs::copy(&built, &copy).unwrap();
@@ -614,7 +614,7 @@ async fn a_reload_restores_a_good_plugin_after_an_ejection() {
     let fake = fake(SLOTS as usize, 5).await;
     let dir = tempfile::tempdir().unwrap();
     let plugin = dir.path().join("policy.wasm");
-    std::fs::copy(maitre::plugin::built_plugin_path("hostile-trap"), &plugin).unwrap();
+    std::fs::copy(maitre::builtins::built_plugin_path("hostile-trap"), &plugin).unwrap();
     let file = dir.path().join("policy.toml");
     std::fs::write(
         &file,
@@ -631,7 +631,7 @@ async fn a_reload_restores_a_good_plugin_after_an_ejection() {
 
     // A good plugin replaces the file; the watcher may reload on its own,
     // POST /reload makes it certain.
-    replace_file(&maitre::plugin::built_plugin_path("fifo"), &plugin);
+    replace_file(&maitre::builtins::built_plugin_path("fifo"), &plugin);
     let reload = client()
         .post(format!("{}/reload", m.admin))
         .send()

@@ -1,7 +1,7 @@
 //! Write a maitre scheduling policy in plain Rust.
 //!
 //! This crate hides `wit_bindgen` from plugin authors. It generates the
-//! bindings of the `maitre:policy@0.1.0` WIT world (`wit/policy.wit`) once,
+//! bindings of the `maitre:policy@0.1.0` WIT world (`wit/v0.1.0/policy.wit`) once,
 //! re-exports its types, and offers:
 //!
 //! - [`Policy`]: the trait a plugin implements (`init` builds the policy from
@@ -52,7 +52,7 @@ pub use config::{Config, invalid};
 #[allow(missing_docs, clippy::all, unsafe_code)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../../wit",
+        path: "../../wit/v0.1.0",
         world: "policy",
         pub_export_macro: true,
         default_bindings_module: "maitre_policy_sdk::bindings",

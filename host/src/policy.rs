@@ -1,0 +1,232 @@
+//! What a policy sees and answers, in the host's own types.
+//!
+//! The scheduler and the proxy speak these types only. The plugin runtime
+//! converts them to and from the generated types of each interface version
+//! (`wit/vX.Y.Z/`) at the plugin boundary ([`crate::plugin`]), so a new
+//! interface version changes the plugin runtime, not the scheduler.
+//!
+//! Strings that repeat across requests (model, tenant, backend names) are
+//! `Arc<str>`: building a view clones a pointer, not the text, and a version
+//! that interns strings can tell equal ones apart by pointer.
+
+use std::sync::Arc;
+
+/// Service class of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Class {
+    /// A person is waiting for the first token.
+    Realtime,
+    /// Best-effort work.
+    Batch,
+}
+
+impl Class {
+    /// Lower-case name, for logs, labels and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Realtime => "realtime",
+            Class::Batch => "batch",
+        }
+    }
+
+    /// Reads `X-Priority` the way the design fixes it: `realtime|rt|high`
+    /// and `batch|be|low`, case-insensitive; anything else is no hint.
+    pub fn from_priority_header(header: Option<&str>) -> Option<Class> {
+        let v = header?.trim();
+        let is = |keys: &[&str]| keys.iter().any(|k| v.eq_ignore_ascii_case(k));
+        if is(&["realtime", "rt", "high"]) {
+            Some(Class::Realtime)
+        } else if is(&["batch", "be", "low"]) {
+            Some(Class::Batch)
+        } else {
+            None
+        }
+    }
+}
+
+/// A request as it arrives, before the policy has classified it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// Host-assigned id, unique for the life of the process.
+    pub id: u64,
+    /// HTTP path.
+    pub path: String,
+    /// `model` from the body ("" when it could not be read).
+    pub model: Arc<str>,
+    /// Whether the response streams (Ollama's defaults applied).
+    pub stream: bool,
+    /// Raw `X-Priority`.
+    pub priority_header: Option<String>,
+    /// The host's reading of `X-Priority`.
+    pub class_hint: Option<Class>,
+    /// Tenant, if a tenant header is configured and present.
+    pub tenant: Option<Arc<str>>,
+    /// `options.num_predict` / `max_tokens`.
+    pub num_predict: Option<i64>,
+    /// Body size in bytes.
+    pub body_bytes: u64,
+    /// Arrival, in ms on the host's clock.
+    pub arrival_ms: u64,
+}
+
+/// A request holding an upstream slot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Running {
+    /// Id.
+    pub id: u64,
+    /// Class given at admission.
+    pub class: Class,
+    /// Priority given at admission.
+    pub priority: f64,
+    /// Model.
+    pub model: Arc<str>,
+    /// Tenant.
+    pub tenant: Option<Arc<str>>,
+    /// Index into [`View::backends`].
+    pub backend: u32,
+    /// When the client sent it.
+    pub arrival_ms: u64,
+    /// When it was dispatched upstream.
+    pub started_ms: u64,
+    /// When the upstream's first byte came, if it has.
+    pub first_token_ms: Option<u64>,
+    /// Response chunks (≈ tokens) so far.
+    pub tokens: u64,
+    /// A pre-emption would be transparent (nothing reached the client).
+    pub preemptible: bool,
+    /// The response has started towards the client.
+    pub streaming: bool,
+    /// Pre-emptions so far.
+    pub preemptions: u32,
+}
+
+/// A request waiting in the host's queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Waiting {
+    /// Id.
+    pub id: u64,
+    /// Class given at admission.
+    pub class: Class,
+    /// Priority given at admission (higher goes first).
+    pub priority: f64,
+    /// Model.
+    pub model: Arc<str>,
+    /// Tenant.
+    pub tenant: Option<Arc<str>>,
+    /// Whether the response streams.
+    pub stream: bool,
+    /// `num_predict` / `max_tokens`.
+    pub num_predict: Option<i64>,
+    /// When the client sent it.
+    pub arrival_ms: u64,
+    /// When it (last) entered the queue.
+    pub enqueued_ms: u64,
+    /// Pre-emptions so far.
+    pub preemptions: u32,
+}
+
+/// One upstream model server as a policy sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backend {
+    /// Name (today the upstream URL).
+    pub name: Arc<str>,
+    /// Slots of this arm on it.
+    pub total_slots: u32,
+    /// Of which free.
+    pub free_slots: u32,
+}
+
+/// A snapshot of one arm's state, built for each call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct View {
+    /// Now, in ms on the host's clock.
+    pub now_ms: u64,
+    /// Slots the arm may use.
+    pub total_slots: u32,
+    /// Of those, free now.
+    pub free_slots: u32,
+    /// The upstreams.
+    pub backends: Vec<Backend>,
+    /// Running requests, oldest start first.
+    pub running: Vec<Running>,
+    /// Waiting requests, oldest arrival first.
+    pub waiting: Vec<Waiting>,
+}
+
+/// Where an admitted request goes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Placement {
+    /// Class.
+    pub class: Class,
+    /// Higher is served first.
+    pub priority: f64,
+}
+
+/// A refusal, answered to the client as `status` + an error body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// HTTP status.
+    pub status: u16,
+    /// Shown to the client.
+    pub message: String,
+}
+
+/// Verdict on an arriving request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Admission {
+    /// Queue it.
+    Queue(Placement),
+    /// Answer it at once with an error.
+    Reject(Rejection),
+}
+
+/// One scheduling action.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Start a waiting request, on a backend (index) or where the host chooses.
+    Start {
+        /// Request id.
+        id: u64,
+        /// Index into [`View::backends`]; none lets the host choose.
+        backend: Option<u32>,
+    },
+    /// Take a slot back from a running request.
+    Preempt {
+        /// Request id.
+        id: u64,
+        /// Also cut a response already streaming to its client.
+        cut_streaming: bool,
+    },
+    /// Reject a waiting request.
+    Reject {
+        /// Request id.
+        id: u64,
+        /// Status and message.
+        rejection: Rejection,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priority_header_mapping() {
+        for v in ["realtime", "RT", "High", " rt "] {
+            assert_eq!(
+                Class::from_priority_header(Some(v)),
+                Some(Class::Realtime),
+                "{v}"
+            );
+        }
+        for v in ["batch", "BE", "low"] {
+            assert_eq!(
+                Class::from_priority_header(Some(v)),
+                Some(Class::Batch),
+                "{v}"
+            );
+        }
+        assert_eq!(Class::from_priority_header(Some("urgent")), None);
+        assert_eq!(Class::from_priority_header(None), None);
+    }
+}

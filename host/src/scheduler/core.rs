@@ -1,0 +1,512 @@
+//! The scheduler task: its state, its message loop, admission, the decide
+//! turn (ask each changed arm's decider, check the answer, apply it), plugin
+//! ejection and the starvation watchdog.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::arms::Arm;
+use super::check::{Invalid, check_answer, summarize_invalid, tidy_rejection};
+use super::decider::Fifo;
+use super::ticket::{RequestMeta, Run, Signal, SubmitError, Ticket, shutting_down};
+use super::{Msg, Setup};
+use crate::config::{AbConfig, Limits};
+use crate::metrics::{ArmKind, Metrics};
+use crate::plugin::PluginError;
+use crate::policy::{Action, Admission, Backend, Class, Request, Running, View, Waiting};
+
+/// Where a request is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum State {
+    /// In its arm's queue.
+    Waiting,
+    /// Started by the policy; takes a pre-empted slot the moment it is let go.
+    Handoff,
+    /// Holding a slot.
+    Running,
+    /// Holding a slot that a pre-emption is taking back.
+    Preempting,
+}
+
+impl State {
+    /// Name in `/status`.
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            State::Waiting => "waiting",
+            State::Handoff => "handoff",
+            State::Running => "running",
+            State::Preempting => "preempting",
+        }
+    }
+}
+
+/// One request the scheduler knows.
+pub(super) struct Entry {
+    pub(super) arm: usize,
+    pub(super) meta: RequestMeta,
+    pub(super) class: Class,
+    pub(super) priority: f64,
+    pub(super) arrival_ms: u64,
+    pub(super) enqueued_at: Instant,
+    pub(super) queued_total: Duration,
+    pub(super) preemptions: u32,
+    pub(super) busy_retries: u32,
+    pub(super) state: State,
+    pub(super) run: Option<Arc<Run>>,
+    /// Upstream TTFB of a dispatch that was requeued (kept for the log).
+    pub(super) first_upstream_ttfb: Option<Duration>,
+    pub(super) tx: mpsc::UnboundedSender<Signal>,
+}
+
+/// The scheduler's state, owned by its task.
+pub(super) struct Core {
+    pub(super) origin: Instant,
+    pub(super) arms: Vec<Arm>,
+    pub(super) ab: AbConfig,
+    pub(super) entries: HashMap<u64, Entry>,
+    pub(super) total_slots: u32,
+    pub(super) busy: u32,
+    next_id: u64,
+    pub(super) limits: Limits,
+    pub(super) metrics: Arc<Metrics>,
+    self_tx: mpsc::UnboundedSender<Msg>,
+    pub(super) draining: bool,
+    pub(super) reload_error: Option<String>,
+    upstream_name: Arc<str>,
+}
+
+impl Core {
+    pub(super) fn new(
+        setup: Setup,
+        metrics: Arc<Metrics>,
+        self_tx: mpsc::UnboundedSender<Msg>,
+    ) -> Core {
+        let mut core = Core {
+            origin: Instant::now(),
+            arms: Vec::new(),
+            ab: setup.ab,
+            entries: HashMap::new(),
+            total_slots: setup.total_slots,
+            busy: 0,
+            next_id: 1,
+            limits: setup.limits,
+            metrics,
+            self_tx,
+            draining: false,
+            reload_error: None,
+            upstream_name: setup.upstream_name.into(),
+        };
+        core.metrics.slots_total.set(core.total_slots as i64);
+        core.install(setup.arms);
+        core
+    }
+
+    /// The task: handle every queued message, then decide once; tick for
+    /// aging, switchback windows and the watchdog.
+    pub(super) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(self.limits.tick_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                m = rx.recv() => {
+                    let Some(m) = m else { break };
+                    self.handle(m).await;
+                    // Take everything already queued before deciding once.
+                    while let Ok(m) = rx.try_recv() {
+                        self.handle(m).await;
+                    }
+                }
+                _ = tick.tick() => self.on_tick(),
+            }
+            self.decide().await;
+            self.publish_waiting();
+        }
+    }
+
+    pub(super) fn now_ms(&self) -> u64 {
+        self.ms_of(Instant::now())
+    }
+
+    pub(super) fn ms_of(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.origin).as_millis() as u64
+    }
+
+    async fn handle(&mut self, m: Msg) {
+        match m {
+            Msg::Submit { meta, reply } => {
+                let r = self.submit(meta).await;
+                let _ = reply.send(r);
+            }
+            Msg::Gone { id } => self.gone(id),
+            Msg::Finished { id, outcome } => self.finished(id, outcome),
+            Msg::Requeue { id, busy } => self.requeue(id, busy),
+            Msg::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Msg::Install { arms, ab, reply } => {
+                self.ab = ab;
+                self.install(arms);
+                self.reload_error = None;
+                let _ = reply.send(());
+            }
+            Msg::ReloadFailed { error } => self.reload_error = Some(error),
+            Msg::SetWeight { arm, weight, reply } => {
+                let _ = reply.send(self.set_weight(&arm, weight));
+            }
+            Msg::Report { window, reply } => {
+                let _ = reply.send(self.report(window));
+            }
+            Msg::Shutdown { reply } => {
+                self.draining = true;
+                let ids: Vec<u64> = self
+                    .entries
+                    .iter()
+                    .filter(|(_, e)| matches!(e.state, State::Waiting | State::Handoff))
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in ids {
+                    self.reject_waiting(id, shutting_down());
+                }
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// Publishes each arm's waiting count where it changed.
+    fn publish_waiting(&mut self) {
+        for a in &mut self.arms {
+            let n = a.queued();
+            if a.published_waiting != Some(n) {
+                self.metrics.set_waiting(&a.name, n);
+                a.published_waiting = Some(n);
+            }
+        }
+    }
+
+    pub(super) fn waiting_count(&self) -> usize {
+        self.arms.iter().map(Arm::queued).sum()
+    }
+
+    async fn submit(&mut self, meta: RequestMeta) -> Result<Ticket, SubmitError> {
+        if self.draining {
+            return Err(SubmitError::ShuttingDown);
+        }
+        if self.waiting_count() >= self.limits.max_waiting {
+            return Err(SubmitError::QueueFull);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        // A switchback window may have ended since the last tick.
+        self.switchback_turn();
+        let a = self.pick_arm(&meta.client_key);
+        let arrival_ms = self.ms_of(meta.arrival);
+        let req = Request {
+            id,
+            path: meta.path.clone(),
+            model: meta.model.clone(),
+            stream: meta.stream,
+            priority_header: meta.priority_header.clone(),
+            class_hint: Class::from_priority_header(meta.priority_header.as_deref()),
+            tenant: meta.tenant.clone(),
+            num_predict: meta.num_predict,
+            body_bytes: meta.body_bytes,
+            arrival_ms,
+        };
+        let name = self.arms[a].name.clone();
+        let placement = match self.admit(a, &req).await {
+            Admission::Queue(p) => p,
+            Admission::Reject(mut r) => {
+                self.tidy(a, &mut r);
+                let class = req.class_hint.unwrap_or(Class::Batch);
+                self.record_rejected_at_admission(a, class, &meta);
+                return Err(SubmitError::Rejected {
+                    arm: name,
+                    rejection: r,
+                });
+            }
+        };
+        let priority = if placement.priority.is_finite() {
+            placement.priority
+        } else {
+            0.0
+        };
+        let (stx, srx) = mpsc::unbounded_channel();
+        self.entries.insert(
+            id,
+            Entry {
+                arm: a,
+                class: placement.class,
+                priority,
+                arrival_ms,
+                enqueued_at: meta.arrival,
+                queued_total: Duration::ZERO,
+                preemptions: 0,
+                busy_retries: 0,
+                state: State::Waiting,
+                run: None,
+                first_upstream_ttfb: None,
+                tx: stx,
+                meta,
+            },
+        );
+        let arm = &mut self.arms[a];
+        arm.waiting.insert(id);
+        arm.dirty = true;
+        Ok(Ticket {
+            id,
+            arm: name,
+            rx: srx,
+            tx: self.self_tx.clone(),
+            ended: false,
+        })
+    }
+
+    async fn admit(&mut self, a: usize, req: &Request) -> Admission {
+        if !self.arms[a].fallback {
+            let view = self.view(a);
+            let t = std::time::Instant::now();
+            let r = self.arms[a].decider.admit(req, &view).await;
+            self.observe_call(a, "admit", t);
+            match r {
+                // NaN has no place in any order: nonsense, like an invalid action.
+                Ok(Admission::Queue(p)) if p.priority.is_nan() => {
+                    self.count_invalid(a, Invalid::BadPriority);
+                    let e = PluginError::Invalid {
+                        call: "admit",
+                        summary: format!("priority NaN for request {}", req.id),
+                    };
+                    self.eject(a, "admit", &e);
+                }
+                Ok(adm) => return adm,
+                Err(e) => self.eject(a, "admit", &e),
+            }
+        }
+        // No plugin, or it was just ejected: the request is still admitted.
+        Fifo::admission(req)
+    }
+
+    fn observe_call(&self, a: usize, call: &str, t: std::time::Instant) {
+        self.metrics
+            .plugin_call
+            .get_or_create(&ArmKind {
+                arm: self.arms[a].name.to_string(),
+                kind: call.into(),
+            })
+            .observe(t.elapsed().as_secs_f64());
+    }
+
+    pub(super) fn count_invalid(&self, a: usize, kind: Invalid) {
+        self.metrics
+            .invalid_actions
+            .get_or_create(&ArmKind {
+                arm: self.arms[a].name.to_string(),
+                kind: kind.as_str().into(),
+            })
+            .inc();
+    }
+
+    /// Makes a plugin's rejection fit to send, counting what was fixed.
+    pub(super) fn tidy(&self, a: usize, r: &mut crate::policy::Rejection) {
+        for kind in tidy_rejection(r) {
+            self.count_invalid(a, kind);
+        }
+    }
+
+    /// Ejects an arm's plugin: log, count, and serve the arm with FIFO.
+    /// `during` names the call (`admit`, `schedule`) or `watchdog`.
+    fn eject(&mut self, a: usize, during: &'static str, e: &PluginError) {
+        let arm = &mut self.arms[a];
+        tracing::error!(
+            arm = %arm.name,
+            plugin = %arm.source,
+            sha256 = %arm.sha256,
+            fault = e.kind(),
+            during,
+            error = %e,
+            "policy plugin ejected; this arm is served by the built-in FIFO until a good plugin is loaded"
+        );
+        arm.last_error = Some(format!("ejected: {e}"));
+        arm.decider = Box::new(Fifo);
+        arm.fallback = true;
+        arm.dirty = true;
+        self.metrics
+            .plugin_faults
+            .get_or_create(&ArmKind {
+                arm: arm.name.to_string(),
+                kind: e.kind().into(),
+            })
+            .inc();
+    }
+
+    pub(super) fn on_tick(&mut self) {
+        let now = Instant::now();
+        self.switchback_turn();
+        let starvation = Duration::from_millis(self.limits.starvation_ms);
+        for a in 0..self.arms.len() {
+            let arm = &mut self.arms[a];
+            if !arm.waiting.is_empty() {
+                arm.dirty = true;
+            }
+            // Starvation watchdog: every slot of the arm idle while requests wait.
+            let starving = !arm.waiting.is_empty()
+                && arm.busy == 0
+                && arm.slots > 0
+                && self.busy < self.total_slots;
+            match (starving, arm.idle_since) {
+                (false, _) => arm.idle_since = None,
+                (true, None) => arm.idle_since = Some(now),
+                (true, Some(t)) if now.duration_since(t) >= starvation => {
+                    arm.idle_since = None;
+                    if !arm.fallback {
+                        let e = PluginError::Starvation {
+                            waiting: arm.waiting.len(),
+                            idle_ms: now.duration_since(t).as_millis() as u64,
+                        };
+                        self.eject(a, "watchdog", &e);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    pub(super) fn free_slots(&self, a: usize) -> u32 {
+        let arm = &self.arms[a];
+        arm.slots
+            .saturating_sub(arm.busy)
+            .min(self.total_slots.saturating_sub(self.busy))
+    }
+
+    /// Builds the policy's snapshot of one arm: waiting requests oldest
+    /// arrival first (ids are given in arrival order), running ones oldest
+    /// start first.
+    pub(super) fn view(&self, a: usize) -> View {
+        let arm = &self.arms[a];
+        let free = self.free_slots(a);
+        let waiting = arm
+            .waiting
+            .iter()
+            .filter_map(|id| self.entries.get(id).map(|e| (id, e)))
+            .map(|(id, e)| Waiting {
+                id: *id,
+                class: e.class,
+                priority: e.priority,
+                model: e.meta.model.clone(),
+                tenant: e.meta.tenant.clone(),
+                stream: e.meta.stream,
+                num_predict: e.meta.num_predict,
+                arrival_ms: e.arrival_ms,
+                enqueued_ms: self.ms_of(e.enqueued_at),
+                preemptions: e.preemptions,
+            })
+            .collect();
+        let mut running: Vec<Running> = arm
+            .running
+            .iter()
+            .filter_map(|id| self.entries.get(id).map(|e| (id, e)))
+            .filter_map(|(id, e)| e.run.as_ref().map(|r| (id, e, r)))
+            .map(|(id, e, r)| {
+                let streaming = r.is_streaming();
+                Running {
+                    id: *id,
+                    class: e.class,
+                    priority: e.priority,
+                    model: e.meta.model.clone(),
+                    tenant: e.meta.tenant.clone(),
+                    backend: 0,
+                    arrival_ms: e.arrival_ms,
+                    started_ms: self.ms_of(r.started),
+                    first_token_ms: r.upstream_first_byte.get().map(|t| self.ms_of(*t)),
+                    tokens: r.tokens(),
+                    preemptible: e.state == State::Running
+                        && !streaming
+                        && e.preemptions < self.limits.max_preemptions,
+                    streaming,
+                    preemptions: e.preemptions,
+                }
+            })
+            .collect();
+        // A requeued request keeps its (older) id but starts later.
+        running.sort_by_key(|r| (r.started_ms, r.id));
+        View {
+            now_ms: self.now_ms(),
+            total_slots: arm.slots,
+            free_slots: free,
+            backends: vec![Backend {
+                name: self.upstream_name.clone(),
+                total_slots: arm.slots,
+                free_slots: free,
+            }],
+            running,
+            waiting,
+        }
+    }
+
+    /// Asks every arm whose state changed what to do, and does it.
+    pub(super) async fn decide(&mut self) {
+        for a in 0..self.arms.len() {
+            if !self.arms[a].dirty {
+                continue;
+            }
+            self.arms[a].dirty = false;
+            if self.arms[a].waiting.is_empty() {
+                continue;
+            }
+            let view = self.view(a);
+            let t = std::time::Instant::now();
+            let answer = self.arms[a].decider.schedule(&view).await;
+            if !self.arms[a].fallback {
+                self.observe_call(a, "schedule", t);
+            }
+            let actions = match answer {
+                // The built-in FIFO cannot answer nonsense.
+                Ok(actions) if self.arms[a].fallback => actions,
+                Ok(actions) => {
+                    let arm = &self.arms[a];
+                    let inflight = arm.preempting as i64 - arm.handoff.len() as i64;
+                    let bad = check_answer(&view, &actions, inflight);
+                    if bad.is_empty() {
+                        actions
+                    } else {
+                        // Nothing of a nonsense answer is applied.
+                        for (kind, _) in &bad {
+                            self.count_invalid(a, *kind);
+                        }
+                        let e = PluginError::Invalid {
+                            call: "schedule",
+                            summary: summarize_invalid(&bad, actions.len()),
+                        };
+                        self.eject(a, "schedule", &e);
+                        Fifo::actions(&view)
+                    }
+                }
+                Err(e) => {
+                    self.eject(a, "schedule", &e);
+                    Fifo::actions(&view)
+                }
+            };
+            self.apply(a, actions);
+        }
+    }
+
+    /// Applies a checked answer, action by action.
+    fn apply(&mut self, a: usize, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Start { id, .. } => self.act_start(a, id),
+                Action::Preempt { id, cut_streaming } => self.act_preempt(a, id, cut_streaming),
+                Action::Reject { id, mut rejection } => match self.entries.get(&id) {
+                    Some(e) if e.arm == a && e.state == State::Waiting => {
+                        self.tidy(a, &mut rejection);
+                        self.reject_waiting(id, rejection);
+                    }
+                    _ => self.count_invalid(a, Invalid::UnknownId),
+                },
+            }
+        }
+    }
+}

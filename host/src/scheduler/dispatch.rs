@@ -1,0 +1,265 @@
+//! The request state machine: start, pre-empt, hand a pre-empted slot on,
+//! requeue (after a pre-emption or an upstream 503), finish, cancel, reject.
+//!
+//! ```text
+//!   Waiting --start, free slot--> Running --finish/gone--> (ended)
+//!   Waiting --start, slot being pre-empted--> Handoff
+//!   Running --preempt--> Preempting --upstream let go--> (slot to the Handoff head)
+//!   Running/Preempting --requeue--> Waiting
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::check::Invalid;
+use super::core::{Core, State};
+use super::ticket::{Grant, Outcome, Run, Signal};
+use crate::metrics::ArmLabel;
+use crate::policy::Rejection;
+
+impl Core {
+    /// A checked `start`: dispatch now, or wait for a slot that a
+    /// pre-emption is freeing (a handoff).
+    pub(super) fn act_start(&mut self, a: usize, id: u64) {
+        match self.entries.get(&id) {
+            Some(e) if e.arm == a && e.state == State::Waiting => {}
+            Some(e) if e.arm == a => return self.count_invalid(a, Invalid::DuplicateStart),
+            _ => return self.count_invalid(a, Invalid::UnknownId),
+        }
+        if self.free_slots(a) > 0 {
+            self.dispatch(id);
+        } else if self.arms[a].preempting as usize > self.arms[a].handoff.len() {
+            // The slot of a pre-empted request goes to this one the moment
+            // its upstream connection is closed.
+            let arm = &mut self.arms[a];
+            arm.waiting.remove(&id);
+            arm.handoff.push_back(id);
+            if let Some(e) = self.entries.get_mut(&id) {
+                e.state = State::Handoff;
+            }
+        } else {
+            self.count_invalid(a, Invalid::NoFreeSlot);
+        }
+    }
+
+    /// A checked `preempt`: abort the upstream request; a request that has
+    /// not reached its client yet is requeued by its handler, a streaming one
+    /// is cut only when the policy asked for that.
+    pub(super) fn act_preempt(&mut self, a: usize, id: u64, cut: bool) {
+        let max = self.limits.max_preemptions;
+        let Some(e) = self.entries.get_mut(&id) else {
+            return self.count_invalid(a, Invalid::UnknownId);
+        };
+        if e.arm != a || !matches!(e.state, State::Running | State::Preempting) {
+            return self.count_invalid(a, Invalid::UnknownId);
+        }
+        if e.state == State::Preempting {
+            return self.count_invalid(a, Invalid::NotPreemptible);
+        }
+        let run = e.run.clone().expect("running entries have a run");
+        let streaming = run.is_streaming();
+        if streaming && !cut {
+            return self.count_invalid(a, Invalid::PreemptStreaming);
+        }
+        if !streaming && e.preemptions >= max {
+            return self.count_invalid(a, Invalid::PreemptBound);
+        }
+        // The response may start towards the client right now: whoever moves
+        // the run's phase first wins.
+        let streaming = streaming || !run.claim_requeue();
+        if streaming && !cut {
+            return self.count_invalid(a, Invalid::PreemptStreaming);
+        }
+        e.state = State::Preempting;
+        let tokens = run.tokens();
+        let (class, model) = (e.class, e.meta.model.clone());
+        if streaming {
+            run.mark_cut();
+        }
+        run.preempt.cancel();
+        let arm = &mut self.arms[a];
+        arm.preempting += 1;
+        let label = ArmLabel {
+            arm: arm.name.to_string(),
+        };
+        self.metrics.preemptions.get_or_create(&label).inc();
+        self.metrics
+            .preempted_tokens
+            .get_or_create(&label)
+            .inc_by(tokens);
+        tracing::info!(
+            target: "maitre::preempt",
+            id,
+            arm = %arm.name,
+            class = class.name(),
+            model = %model,
+            tokens_thrown_away = tokens,
+            cut_stream = streaming,
+            "pre-empted"
+        );
+    }
+
+    /// Gives a waiting (or handed-off) request its slot and tells its handler.
+    fn dispatch(&mut self, id: u64) {
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
+        let a = e.arm;
+        let run = Arc::new(Run::new());
+        e.queued_total += e.enqueued_at.elapsed();
+        e.state = State::Running;
+        e.run = Some(run.clone());
+        let grant = Grant {
+            run,
+            queue_wait: e.queued_total,
+            preemptions: e.preemptions,
+            arm: self.arms[a].name.clone(),
+        };
+        let _ = e.tx.send(Signal::Start(grant));
+        let arm = &mut self.arms[a];
+        arm.waiting.remove(&id);
+        arm.running.insert(id);
+        arm.busy += 1;
+        arm.idle_since = None;
+        self.busy += 1;
+        self.metrics.slots_busy.set(self.busy as i64);
+    }
+
+    /// Releases the slot of a running (or pre-empting) request and hands it on
+    /// to a request waiting for a pre-empted slot, at once.
+    fn release_slot(&mut self, id: u64, was: State) {
+        let Some(e) = self.entries.get(&id) else {
+            return;
+        };
+        let arm = &mut self.arms[e.arm];
+        arm.running.remove(&id);
+        arm.busy = arm.busy.saturating_sub(1);
+        self.busy = self.busy.saturating_sub(1);
+        arm.dirty = true;
+        if was == State::Preempting {
+            arm.preempting = arm.preempting.saturating_sub(1);
+            if let Some(next) = arm.handoff.pop_front()
+                && let Some(n) = self.entries.get_mut(&next)
+            {
+                n.state = State::Waiting;
+                self.dispatch(next);
+            }
+        }
+        self.metrics.slots_busy.set(self.busy as i64);
+        // Arms share the upstream: a slot let go by one may be the one
+        // another arm's waiting requests lacked (its share was free but the
+        // upstream was full, e.g. after a weight change or a switchback turn).
+        for i in 0..self.arms.len() {
+            if !self.arms[i].waiting.is_empty() && self.free_slots(i) > 0 {
+                self.arms[i].dirty = true;
+            }
+        }
+    }
+
+    /// The client went away (its ticket was dropped).
+    pub(super) fn gone(&mut self, id: u64) {
+        self.finished(id, Outcome::Cancelled);
+    }
+
+    /// Takes a request out of its arm's queue (waiting or handoff).
+    fn remove_waiting(&mut self, id: u64) {
+        let Some(e) = self.entries.get(&id) else {
+            return;
+        };
+        let arm = &mut self.arms[e.arm];
+        arm.waiting.remove(&id);
+        if let Some(pos) = arm.handoff.iter().position(|x| *x == id) {
+            arm.handoff.remove(pos);
+        }
+        arm.dirty = true;
+    }
+
+    /// The request ended, wherever it was.
+    pub(super) fn finished(&mut self, id: u64, outcome: Outcome) {
+        let Some(e) = self.entries.get(&id) else {
+            return;
+        };
+        match e.state {
+            state @ (State::Running | State::Preempting) => self.release_slot(id, state),
+            State::Waiting | State::Handoff => self.remove_waiting(id),
+        }
+        self.end(id, outcome);
+    }
+
+    /// Puts a dispatched request back in its queue: after a transparent
+    /// pre-emption, or after an upstream 503 (`busy`). A request whose arm
+    /// lost its slots goes to a serving arm, so it is never stranded.
+    pub(super) fn requeue(&mut self, id: u64, busy: bool) {
+        let Some(e) = self.entries.get(&id) else {
+            return;
+        };
+        let state = e.state;
+        if !matches!(state, State::Running | State::Preempting) {
+            return;
+        }
+        self.release_slot(id, state);
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
+        if let Some(run) = e.run.take()
+            && e.first_upstream_ttfb.is_none()
+        {
+            e.first_upstream_ttfb = run.upstream_ttfb();
+        }
+        if busy {
+            e.busy_retries += 1;
+            self.metrics.upstream_busy_retries.inc();
+        } else {
+            e.preemptions += 1;
+        }
+        e.state = State::Waiting;
+        e.enqueued_at = Instant::now();
+        let arm = &mut self.arms[e.arm];
+        arm.waiting.insert(id);
+        arm.dirty = true;
+        if arm.slots == 0 {
+            self.share_slots();
+        }
+    }
+
+    /// Answers a waiting request with a rejection.
+    pub(super) fn reject_waiting(&mut self, id: u64, rejection: Rejection) {
+        self.remove_waiting(id);
+        if let Some(e) = self.entries.get(&id) {
+            let _ = e.tx.send(Signal::Reject(rejection));
+        }
+        self.end(id, Outcome::Rejected);
+    }
+
+    /// Forgets a request and records how it ended.
+    fn end(&mut self, id: u64, outcome: Outcome) {
+        let Some(e) = self.entries.remove(&id) else {
+            return;
+        };
+        let mut queued = e.queued_total;
+        if matches!(e.state, State::Waiting | State::Handoff) {
+            queued += e.enqueued_at.elapsed();
+        }
+        let (upstream_ttfb, client_ttfb): (Option<Duration>, Option<Duration>) = match &e.run {
+            Some(r) => (
+                r.upstream_ttfb().or(e.first_upstream_ttfb),
+                r.client_first_byte
+                    .get()
+                    .map(|t| t.duration_since(e.meta.arrival)),
+            ),
+            None => (e.first_upstream_ttfb, None),
+        };
+        self.record_end(super::report::Ended {
+            arm: e.arm,
+            class: e.class,
+            meta: &e.meta,
+            queued,
+            upstream_ttfb,
+            client_ttfb,
+            outcome,
+            preemptions: e.preemptions,
+        });
+    }
+}

@@ -1,0 +1,186 @@
+//! The scheduler: the host's single source of truth about requests and slots.
+//!
+//! One task owns every waiting and running request, the upstream slots and the
+//! policy arms; everything else talks to it through messages, so there are no
+//! locks around the queue and every decision sees a consistent state. Each
+//! request is represented outside the scheduler by a [`Ticket`]: the proxy
+//! holds it while the request waits and streams, and dropping it (the client
+//! went away) tells the scheduler at once, which frees the slot and asks the
+//! policy for the next start in the same turn.
+//!
+//! Each arm's decisions come from its [`Decider`] (a plugin instance). A
+//! plugin that traps, overruns its budget or memory, answers with nonsense
+//! (see [`check`]; nothing of such an answer is applied), or lets every slot
+//! idle while requests wait is ejected on that first fault: logged, counted
+//! in `maitre_plugin_faults`, and the arm is served by the built-in FIFO
+//! ([`Fifo`]) until a plugin is loaded again (a reload). A request whose
+//! `admit` faulted is admitted by the FIFO, so a fault never costs a request.
+//!
+//! Where to look:
+//! - [`ticket`]: a request's side (meta, ticket, grant, dispatch phases);
+//! - `core`: the task, its message loop, admission and the decide turn;
+//! - `dispatch`: the start / requeue / pre-empt / handoff state machine;
+//! - [`arms`]: installing arms, slot shares, switchback, A/B key hashing;
+//! - [`check`]: the answer check and its typed [`Invalid`] kinds;
+//! - [`decider`]: the seam between the state machine and a policy;
+//! - [`report`]: `/status` and the A/B report.
+//!
+//! Time is tokio's clock ([`tokio::time::Instant`]), so the state machine
+//! runs unchanged under a paused (virtual) clock in tests.
+
+pub mod arms;
+pub mod check;
+mod core;
+pub mod decider;
+mod dispatch;
+pub mod report;
+pub mod ticket;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+pub use arms::{ArmSpec, ab_key_hash, slot_shares};
+pub use check::Invalid;
+pub use decider::{Decider, Fifo};
+pub use report::{AbReport, AbRow, ArmStatus, RequestStatus, Status, percentile};
+pub use ticket::{Grant, Outcome, RequestMeta, Run, SubmitError, Ticket};
+
+use crate::config::{AbConfig, Limits};
+use crate::metrics::Metrics;
+
+/// A message to the scheduler task.
+pub(crate) enum Msg {
+    Submit {
+        meta: RequestMeta,
+        reply: oneshot::Sender<Result<Ticket, SubmitError>>,
+    },
+    Gone {
+        id: u64,
+    },
+    Finished {
+        id: u64,
+        outcome: Outcome,
+    },
+    Requeue {
+        id: u64,
+        busy: bool,
+    },
+    Status {
+        reply: oneshot::Sender<Status>,
+    },
+    Install {
+        arms: Vec<ArmSpec>,
+        ab: AbConfig,
+        reply: oneshot::Sender<()>,
+    },
+    ReloadFailed {
+        error: String,
+    },
+    SetWeight {
+        arm: String,
+        weight: u32,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Report {
+        window: Duration,
+        reply: oneshot::Sender<AbReport>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Cheap, cloneable handle to the scheduler task.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    tx: mpsc::UnboundedSender<Msg>,
+}
+
+impl SchedulerHandle {
+    /// Asks for a place in the queue.
+    pub async fn submit(&self, meta: RequestMeta) -> Result<Ticket, SubmitError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Submit { meta, reply })
+            .map_err(|_| SubmitError::ShuttingDown)?;
+        rx.await.unwrap_or(Err(SubmitError::ShuttingDown))
+    }
+
+    /// A snapshot for `/status`.
+    pub async fn status(&self) -> Option<Status> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Msg::Status { reply }).ok()?;
+        rx.await.ok()
+    }
+
+    /// Swaps in a new set of arms between two decisions. Waiting and running
+    /// requests stay; those of an arm that no longer exists move to the
+    /// heaviest remaining arm.
+    pub async fn install(&self, arms: Vec<ArmSpec>, ab: AbConfig) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Msg::Install { arms, ab, reply }).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Records a failed reload (shown in `/status`).
+    pub fn reload_failed(&self, error: String) {
+        let _ = self.tx.send(Msg::ReloadFailed { error });
+    }
+
+    /// Changes an arm's weight live.
+    pub async fn set_weight(&self, arm: &str, weight: u32) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::SetWeight {
+                arm: arm.to_string(),
+                weight,
+                reply,
+            })
+            .map_err(|_| "scheduler stopped".to_string())?;
+        rx.await.unwrap_or_else(|_| Err("scheduler stopped".into()))
+    }
+
+    /// Per-arm comparison over the last `window`.
+    pub async fn report(&self, window: Duration) -> Option<AbReport> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Msg::Report { window, reply }).ok()?;
+        rx.await.ok()
+    }
+
+    /// Stops admitting: waiting requests and new arrivals get 503 + Retry-After;
+    /// running ones continue.
+    pub async fn shutdown(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Msg::Shutdown { reply }).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// What the scheduler task is built from.
+pub struct Setup {
+    /// The arms to serve, ready to decide.
+    pub arms: Vec<ArmSpec>,
+    /// How traffic is split between them.
+    pub ab: AbConfig,
+    /// Upstream slots in total.
+    pub total_slots: u32,
+    /// Host limits.
+    pub limits: Limits,
+    /// The upstream's name in views (its URL).
+    pub upstream_name: String,
+}
+
+/// Starts the scheduler task on the current tokio runtime.
+pub fn spawn(setup: Setup, metrics: Arc<Metrics>) -> SchedulerHandle {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let core = core::Core::new(setup, metrics, tx.clone());
+    tokio::spawn(core.run(rx));
+    SchedulerHandle { tx }
+}

@@ -1,0 +1,371 @@
+//! What the scheduler reports: each ended request (log line, metrics, A/B
+//! sample), `/status`, and the A/B comparison of arms over a window.
+
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::core::Core;
+use super::ticket::{Outcome, RequestMeta};
+use crate::config::AbMode;
+use crate::metrics::{ArmClass, OutcomeLabels};
+use crate::policy::Class;
+
+/// One ended request, as kept for the A/B report.
+#[derive(Clone, Copy)]
+pub(super) struct Sample {
+    ended: Instant,
+    class: Class,
+    outcome: Outcome,
+    queue_ms: f64,
+    ttft_ms: Option<f64>,
+}
+
+/// Samples kept per arm (the oldest go first).
+const MAX_SAMPLES: usize = 100_000;
+
+/// How a request ended, for [`Core::record_end`].
+pub(super) struct Ended<'a> {
+    pub(super) arm: usize,
+    pub(super) class: Class,
+    pub(super) meta: &'a RequestMeta,
+    pub(super) queued: Duration,
+    pub(super) upstream_ttfb: Option<Duration>,
+    pub(super) client_ttfb: Option<Duration>,
+    pub(super) outcome: Outcome,
+    pub(super) preemptions: u32,
+}
+
+impl Core {
+    /// A request the policy refused at admission.
+    pub(super) fn record_rejected_at_admission(
+        &mut self,
+        arm: usize,
+        class: Class,
+        meta: &RequestMeta,
+    ) {
+        self.record_end(Ended {
+            arm,
+            class,
+            meta,
+            queued: Duration::ZERO,
+            upstream_ttfb: None,
+            client_ttfb: None,
+            outcome: Outcome::Rejected,
+            preemptions: 0,
+        });
+    }
+
+    /// Logs, counts and samples one ended request.
+    pub(super) fn record_end(&mut self, end: Ended<'_>) {
+        let Ended {
+            arm: a,
+            class,
+            meta,
+            queued,
+            upstream_ttfb,
+            client_ttfb,
+            outcome,
+            preemptions,
+        } = end;
+        let arm = &mut self.arms[a];
+        let total = meta.arrival.elapsed();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        tracing::info!(
+            target: "maitre::request",
+            arm = %arm.name,
+            class = class.name(),
+            path = %meta.path,
+            model = %meta.model,
+            queue_ms = ms(queued),
+            upstream_ttfb_ms = upstream_ttfb.map(ms),
+            client_ttfb_ms = client_ttfb.map(ms),
+            total_ms = ms(total),
+            preemptions,
+            outcome = outcome.as_str(),
+            "request ended"
+        );
+        let ac = ArmClass {
+            arm: arm.name.to_string(),
+            class: class.name().into(),
+        };
+        self.metrics
+            .requests
+            .get_or_create(&OutcomeLabels {
+                arm: ac.arm.clone(),
+                class: ac.class.clone(),
+                outcome: outcome.as_str().into(),
+            })
+            .inc();
+        if outcome != Outcome::Rejected {
+            self.metrics
+                .queue_wait
+                .get_or_create(&ac)
+                .observe(queued.as_secs_f64());
+        }
+        if let Some(d) = upstream_ttfb {
+            self.metrics
+                .upstream_ttfb
+                .get_or_create(&ac)
+                .observe(d.as_secs_f64());
+        }
+        if let Some(d) = client_ttfb {
+            self.metrics
+                .client_ttfb
+                .get_or_create(&ac)
+                .observe(d.as_secs_f64());
+        }
+        self.metrics
+            .total_time
+            .get_or_create(&ac)
+            .observe(total.as_secs_f64());
+        if arm.samples.len() >= MAX_SAMPLES {
+            arm.samples.pop_front();
+        }
+        arm.samples.push_back(Sample {
+            ended: Instant::now(),
+            class,
+            outcome,
+            queue_ms: ms(queued),
+            ttft_ms: client_ttfb.map(ms),
+        });
+    }
+
+    pub(super) fn status(&self) -> Status {
+        let now = Instant::now();
+        let mut requests: Vec<RequestStatus> = self
+            .entries
+            .iter()
+            .map(|(id, e)| RequestStatus {
+                id: *id,
+                arm: self.arms[e.arm].name.to_string(),
+                class: e.class.name(),
+                state: e.state.name(),
+                path: e.meta.path.clone(),
+                model: e.meta.model.to_string(),
+                age_ms: now.duration_since(e.meta.arrival).as_millis() as u64,
+                preemptions: e.preemptions,
+                tokens: e.run.as_ref().map(|r| r.tokens()).unwrap_or(0),
+            })
+            .collect();
+        requests.sort_by_key(|r| r.id);
+        Status {
+            slots: self.total_slots,
+            slots_busy: self.busy,
+            waiting: self.waiting_count(),
+            draining: self.draining,
+            ab_mode: match self.ab.mode {
+                AbMode::Weighted => "weighted",
+                AbMode::Switchback => "switchback",
+            },
+            last_reload_error: self.reload_error.clone(),
+            arms: self
+                .arms
+                .iter()
+                .map(|a| ArmStatus {
+                    name: a.name.to_string(),
+                    weight: a.weight,
+                    slots: a.slots,
+                    busy: a.busy,
+                    waiting: a.queued(),
+                    plugin: a.source.to_string(),
+                    plugin_sha256: a.sha256.clone(),
+                    loaded_at_unix: a
+                        .loaded_at
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map(|d| d.as_secs_f64())
+                        .unwrap_or(0.0),
+                    fallback: a.fallback,
+                    last_error: a.last_error.clone(),
+                })
+                .collect(),
+            requests,
+        }
+    }
+
+    pub(super) fn report(&self, window: Duration) -> AbReport {
+        let now = Instant::now();
+        let mut arms = Vec::new();
+        for a in &self.arms {
+            for class in [Class::Realtime, Class::Batch] {
+                let s: Vec<&Sample> = a
+                    .samples
+                    .iter()
+                    .filter(|s| s.class == class && now.duration_since(s.ended) <= window)
+                    .collect();
+                let mut ttft: Vec<f64> = s.iter().filter_map(|s| s.ttft_ms).collect();
+                ttft.sort_by(|x, y| x.total_cmp(y));
+                let mut queue: Vec<f64> = s
+                    .iter()
+                    .filter(|s| s.outcome != Outcome::Rejected)
+                    .map(|s| s.queue_ms)
+                    .collect();
+                queue.sort_by(|x, y| x.total_cmp(y));
+                let ok = s.iter().filter(|s| s.outcome == Outcome::Ok).count();
+                let span_min = window
+                    .as_secs_f64()
+                    .min(now.duration_since(self.origin).as_secs_f64())
+                    .max(1e-9)
+                    / 60.0;
+                arms.push(AbRow {
+                    arm: a.name.to_string(),
+                    class: class.name().to_string(),
+                    requests: s.len(),
+                    ok,
+                    rejected: s.iter().filter(|s| s.outcome == Outcome::Rejected).count(),
+                    cancelled: s.iter().filter(|s| s.outcome == Outcome::Cancelled).count(),
+                    upstream_errors: s
+                        .iter()
+                        .filter(|s| s.outcome == Outcome::UpstreamError)
+                        .count(),
+                    ttft_samples: ttft.len(),
+                    ttft_p50_ms: percentile(&ttft, 0.50),
+                    ttft_p95_ms: percentile(&ttft, 0.95),
+                    ttft_p99_ms: percentile(&ttft, 0.99),
+                    queue_p50_ms: percentile(&queue, 0.50),
+                    queue_p95_ms: percentile(&queue, 0.95),
+                    completions_per_min: ok as f64 / span_min,
+                });
+            }
+        }
+        AbReport {
+            window_seconds: window.as_secs_f64(),
+            rows: arms,
+        }
+    }
+}
+
+/// Nearest-rank percentile of sorted values.
+pub fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// `/status` JSON.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Upstream slots.
+    pub slots: u32,
+    /// Slots in use.
+    pub slots_busy: u32,
+    /// Requests waiting, all arms.
+    pub waiting: usize,
+    /// Shutting down.
+    pub draining: bool,
+    /// `weighted` or `switchback`.
+    pub ab_mode: &'static str,
+    /// The last reload's error, until a reload succeeds.
+    pub last_reload_error: Option<String>,
+    /// Arms.
+    pub arms: Vec<ArmStatus>,
+    /// Waiting and running requests.
+    pub requests: Vec<RequestStatus>,
+}
+
+/// One arm in `/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ArmStatus {
+    /// Name.
+    pub name: String,
+    /// Weight.
+    pub weight: u32,
+    /// Slots it owns now.
+    pub slots: u32,
+    /// Of which in use.
+    pub busy: u32,
+    /// Requests waiting.
+    pub waiting: usize,
+    /// Plugin path or `builtin:NAME`.
+    pub plugin: String,
+    /// sha256 of the plugin.
+    pub plugin_sha256: String,
+    /// Unix time it was loaded.
+    pub loaded_at_unix: f64,
+    /// True when the plugin was ejected and FIFO serves.
+    pub fallback: bool,
+    /// Last fault.
+    pub last_error: Option<String>,
+}
+
+/// One request in `/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestStatus {
+    /// Id.
+    pub id: u64,
+    /// Arm.
+    pub arm: String,
+    /// Class.
+    pub class: &'static str,
+    /// `waiting`, `running`, `preempting`, `handoff`.
+    pub state: &'static str,
+    /// Path.
+    pub path: String,
+    /// Model.
+    pub model: String,
+    /// Time since arrival.
+    pub age_ms: u64,
+    /// Pre-emptions so far.
+    pub preemptions: u32,
+    /// Chunks received so far.
+    pub tokens: u64,
+}
+
+/// A/B comparison over a window.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct AbReport {
+    /// Window length.
+    pub window_seconds: f64,
+    /// One row per arm and class.
+    pub rows: Vec<AbRow>,
+}
+
+/// One arm × class row of an [`AbReport`].
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct AbRow {
+    /// Arm.
+    pub arm: String,
+    /// Class.
+    pub class: String,
+    /// Requests that ended in the window.
+    pub requests: usize,
+    /// Of which answered.
+    pub ok: usize,
+    /// Rejected.
+    pub rejected: usize,
+    /// Cancelled by the client.
+    pub cancelled: usize,
+    /// Upstream errors.
+    pub upstream_errors: usize,
+    /// Requests with a TTFT sample.
+    pub ttft_samples: usize,
+    /// TTFT percentiles (ms).
+    pub ttft_p50_ms: Option<f64>,
+    /// p95.
+    pub ttft_p95_ms: Option<f64>,
+    /// p99.
+    pub ttft_p99_ms: Option<f64>,
+    /// Queue wait p50 (ms).
+    pub queue_p50_ms: Option<f64>,
+    /// Queue wait p95 (ms).
+    pub queue_p95_ms: Option<f64>,
+    /// Completed requests per minute.
+    pub completions_per_min: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<f64> = (1..=100).map(|x| x as f64).collect();
+        assert_eq!(percentile(&v, 0.5), Some(50.0));
+        assert_eq!(percentile(&v, 0.99), Some(99.0));
+        assert_eq!(percentile(&v, 1.0), Some(100.0));
+        assert_eq!(percentile(&[], 0.5), None);
+    }
+}

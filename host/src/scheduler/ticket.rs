@@ -1,0 +1,303 @@
+//! A request's side of the scheduler: what the proxy submits
+//! ([`RequestMeta`]), the place it holds while waiting and running
+//! ([`Ticket`]), the go-ahead it receives ([`Grant`]) and the state of one
+//! dispatch shared with the scheduler ([`Run`] and its phases).
+
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::Msg;
+use crate::policy::Rejection;
+
+/// What the proxy knows about a request when it asks for a slot.
+#[derive(Debug, Clone)]
+pub struct RequestMeta {
+    /// HTTP path.
+    pub path: String,
+    /// `model` from the body ("" when it could not be read).
+    pub model: Arc<str>,
+    /// Whether the response streams (with Ollama's defaults applied).
+    pub stream: bool,
+    /// Raw `X-Priority`.
+    pub priority_header: Option<String>,
+    /// Tenant, if a tenant header is configured and present.
+    pub tenant: Option<Arc<str>>,
+    /// `options.num_predict` / `max_tokens`.
+    pub num_predict: Option<i64>,
+    /// Body size in bytes.
+    pub body_bytes: u64,
+    /// Sticky A/B key (header value or client address).
+    pub client_key: String,
+    /// When the request arrived (tokio's clock, so tests can pause it).
+    pub arrival: Instant,
+}
+
+/// How a scheduled request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Answered by the upstream.
+    Ok,
+    /// The client went away (or a stream was cut by pre-emption).
+    Cancelled,
+    /// Refused by the policy, a limit or shutdown.
+    Rejected,
+    /// The upstream failed or was unreachable.
+    UpstreamError,
+}
+
+impl Outcome {
+    /// Label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Rejected => "rejected",
+            Outcome::UpstreamError => "upstream_error",
+        }
+    }
+}
+
+/// [`Run`] phase: sent upstream, nothing sent to the client yet.
+const PHASE_DISPATCHED: u8 = 0;
+/// [`Run`] phase: the response has started towards the client.
+const PHASE_STREAMING: u8 = 1;
+/// [`Run`] phase: pre-empted before anything reached the client; requeued.
+const PHASE_REQUEUED: u8 = 2;
+
+/// State shared between the scheduler and the handler of one dispatch.
+#[derive(Debug)]
+pub struct Run {
+    /// When the request was dispatched upstream.
+    pub started: Instant,
+    pub(super) upstream_first_byte: OnceLock<Instant>,
+    pub(super) client_first_byte: OnceLock<Instant>,
+    tokens: AtomicU64,
+    /// [`PHASE_DISPATCHED`], [`PHASE_STREAMING`] or [`PHASE_REQUEUED`]: one
+    /// atomic, so a transparent pre-emption and the response starting towards
+    /// the client cannot both win.
+    phase: AtomicU8,
+    cut: AtomicBool,
+    /// Cancelled when a policy pre-empts this dispatch.
+    pub preempt: CancellationToken,
+}
+
+impl Run {
+    pub(super) fn new() -> Run {
+        Run {
+            started: Instant::now(),
+            upstream_first_byte: OnceLock::new(),
+            client_first_byte: OnceLock::new(),
+            tokens: AtomicU64::new(0),
+            phase: AtomicU8::new(PHASE_DISPATCHED),
+            cut: AtomicBool::new(false),
+            preempt: CancellationToken::new(),
+        }
+    }
+    /// Marks the upstream's first byte (response headers arrived).
+    pub fn mark_upstream_first_byte(&self) {
+        let _ = self.upstream_first_byte.set(Instant::now());
+    }
+    /// Marks the response as started towards the client: from now on a
+    /// pre-emption is no longer transparent. False when a transparent
+    /// pre-emption got there first: the response must then be dropped and
+    /// the request requeued.
+    #[must_use]
+    pub fn mark_streaming(&self) -> bool {
+        match self.phase.compare_exchange(
+            PHASE_DISPATCHED,
+            PHASE_STREAMING,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => true,
+            Err(phase) => phase == PHASE_STREAMING,
+        }
+    }
+    /// Claims a transparent pre-emption (requeue); false when the response
+    /// has already started towards the client.
+    pub(super) fn claim_requeue(&self) -> bool {
+        match self.phase.compare_exchange(
+            PHASE_DISPATCHED,
+            PHASE_REQUEUED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => true,
+            Err(phase) => phase == PHASE_REQUEUED,
+        }
+    }
+    /// Marks the first body byte sent to the client.
+    pub fn mark_client_first_byte(&self) {
+        let _ = self.client_first_byte.set(Instant::now());
+    }
+    /// Counts one response chunk (≈ one token).
+    pub fn add_token(&self) {
+        self.tokens.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Response chunks so far.
+    pub fn tokens(&self) -> u64 {
+        self.tokens.load(Ordering::Relaxed)
+    }
+    /// Whether the response has started towards the client.
+    pub fn is_streaming(&self) -> bool {
+        self.phase.load(Ordering::Acquire) == PHASE_STREAMING
+    }
+    /// True when the policy pre-empted a stream that already reached the
+    /// client, which must then end with an error line.
+    pub fn is_cut(&self) -> bool {
+        self.cut.load(Ordering::Acquire)
+    }
+    /// Marks this dispatch as cut mid-stream (before it is cancelled).
+    pub(super) fn mark_cut(&self) {
+        self.cut.store(true, Ordering::Release);
+    }
+    /// Time from dispatch to the upstream's first byte, if it came.
+    pub(super) fn upstream_ttfb(&self) -> Option<Duration> {
+        self.upstream_first_byte
+            .get()
+            .map(|t| t.duration_since(self.started))
+    }
+}
+
+/// The go-ahead for a waiting request.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// Shared state of this dispatch.
+    pub run: Arc<Run>,
+    /// Total time spent waiting in maitre so far.
+    pub queue_wait: Duration,
+    /// How often the request was pre-empted before this dispatch.
+    pub preemptions: u32,
+    /// The arm that started it (it may have moved from the arm that admitted
+    /// it when an arm drained or a switchback window turned).
+    pub arm: Arc<str>,
+}
+
+/// What the scheduler tells a waiting [`Ticket`].
+pub(super) enum Signal {
+    Start(Grant),
+    Reject(Rejection),
+}
+
+/// Why a request was not queued.
+#[derive(Debug, Clone)]
+pub enum SubmitError {
+    /// The policy (or a plugin fallback) refused it.
+    Rejected {
+        /// Arm that decided.
+        arm: Arc<str>,
+        /// Status and message.
+        rejection: Rejection,
+    },
+    /// Too many requests wait already.
+    QueueFull,
+    /// The host is shutting down.
+    ShuttingDown,
+}
+
+/// The answer to a waiting request when the host shuts down.
+pub(super) fn shutting_down() -> Rejection {
+    Rejection {
+        status: 503,
+        message: "maitre is shutting down; retry shortly".into(),
+    }
+}
+
+/// A request's place in the scheduler, held by its HTTP handler. Dropping it
+/// before [`Ticket::finish`] means the client went away.
+pub struct Ticket {
+    pub(super) id: u64,
+    pub(super) arm: Arc<str>,
+    pub(super) rx: mpsc::UnboundedReceiver<Signal>,
+    pub(super) tx: mpsc::UnboundedSender<Msg>,
+    pub(super) ended: bool,
+}
+
+impl Ticket {
+    /// The request id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+    /// The arm that admitted it.
+    pub fn arm(&self) -> &Arc<str> {
+        &self.arm
+    }
+
+    /// Waits until the policy starts the request (or rejects it while waiting).
+    pub async fn wait_start(&mut self) -> Result<Grant, Rejection> {
+        match self.rx.recv().await {
+            Some(Signal::Start(g)) => Ok(g),
+            Some(Signal::Reject(r)) => {
+                self.ended = true;
+                Err(r)
+            }
+            None => {
+                self.ended = true;
+                Err(shutting_down())
+            }
+        }
+    }
+
+    /// The upstream request of a pre-empted dispatch has been aborted: put the
+    /// request back in the queue.
+    pub fn requeue_after_preempt(&mut self) {
+        let _ = self.tx.send(Msg::Requeue {
+            id: self.id,
+            busy: false,
+        });
+    }
+
+    /// The upstream answered 503 busy before any byte reached the client: put
+    /// the request back in the queue.
+    pub fn requeue_after_busy(&mut self) {
+        let _ = self.tx.send(Msg::Requeue {
+            id: self.id,
+            busy: true,
+        });
+    }
+
+    /// The request ended; `outcome` is logged and counted.
+    pub fn finish(mut self, outcome: Outcome) {
+        self.ended = true;
+        let _ = self.tx.send(Msg::Finished {
+            id: self.id,
+            outcome,
+        });
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.ended {
+            let _ = self.tx.send(Msg::Gone { id: self.id });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transparent_preemption_and_streaming_cannot_both_win() {
+        let r = Run::new();
+        assert!(r.claim_requeue());
+        assert!(
+            !r.mark_streaming(),
+            "the response must be dropped and requeued"
+        );
+        assert!(!r.is_streaming());
+        let r = Run::new();
+        assert!(r.mark_streaming());
+        assert!(r.mark_streaming());
+        assert!(!r.claim_requeue(), "only a cut can end it now");
+        assert!(r.is_streaming());
+    }
+}
