@@ -155,7 +155,7 @@ async fn instance(name: &str) -> Instance {
     let bytes = maitre::builtins::bytes(name).expect("a built-in plugin");
     let source = PluginSource::Builtin(name.into());
     let compiled = rt
-        .compile_bytes(bytes, source.clone(), source.to_string())
+        .compile_bytes(bytes, source.to_string())
         .expect("built-in plugin compiles");
     let config = vec![
         ("maitre.slots".to_string(), TOTAL_SLOTS.to_string()),

@@ -176,7 +176,7 @@ impl Reloader {
         }
         let src = source.clone();
         let compiled = tokio::task::spawn_blocking(move || {
-            Runtime::global().compile_bytes(&bytes, src.clone(), src.to_string())
+            Runtime::global().compile_bytes(&bytes, src.to_string())
         })
         .await
         .expect("compile task does not panic")?;

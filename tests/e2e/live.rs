@@ -465,7 +465,10 @@ async fn broken_changes_keep_the_running_policy_until_fixed() {
                 let p = p.clone();
                 move || std::fs::write(&p, EMPTY_COMPONENT).unwrap()
             }),
-            vec!["p.wasm", "does not match maitre's policy interface"],
+            vec![
+                "p.wasm",
+                "does not implement a policy interface this maitre supports",
+            ],
         ),
     ];
     let mut failures = 0.0;

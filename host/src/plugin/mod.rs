@@ -33,7 +33,6 @@ use wasmtime_wasi::WasiCtx;
 pub use error::PluginError;
 use sandbox::{Limiter, State, StderrTail};
 
-use crate::config::PluginSource;
 use crate::policy::{Action, Admission, Request, View};
 
 /// The interface versions this host loads, newest first.
@@ -105,12 +104,7 @@ impl Runtime {
     /// Compiles component bytes and matches them to a supported interface
     /// version. CPU-heavy (≈100 ms): call it off the async executor, e.g. in
     /// `spawn_blocking`.
-    pub fn compile_bytes(
-        &self,
-        bytes: &[u8],
-        source: PluginSource,
-        name: String,
-    ) -> Result<Compiled, PluginError> {
+    pub fn compile_bytes(&self, bytes: &[u8], name: String) -> Result<Compiled, PluginError> {
         let sha256 = hex::encode(Sha256::digest(bytes));
         let component = Component::new(&self.engine, bytes).map_err(|e| PluginError::Compile {
             source_name: name.clone(),
@@ -126,12 +120,7 @@ impl Runtime {
                 reason: format!("{e:#}"),
             })?;
         Ok(Compiled {
-            inner: Arc::new(CompiledInner {
-                pre,
-                sha256,
-                source,
-                name,
-            }),
+            inner: Arc::new(CompiledInner { pre, sha256, name }),
         })
     }
 
@@ -215,7 +204,6 @@ pub struct Compiled {
 struct CompiledInner {
     pre: Pre,
     sha256: String,
-    source: PluginSource,
     name: String,
 }
 
@@ -223,10 +211,6 @@ impl Compiled {
     /// Hex sha256 of the component bytes.
     pub fn sha256(&self) -> &str {
         &self.inner.sha256
-    }
-    /// Where it came from.
-    pub fn source(&self) -> &PluginSource {
-        &self.inner.source
     }
     /// The interface version it implements, e.g. `maitre:policy@0.1.0`.
     pub fn interface(&self) -> &'static str {

@@ -95,11 +95,6 @@ impl Proxy {
         }
     }
 
-    /// The host limits in force.
-    pub fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
     /// Serves one request; never fails (errors become Ollama-style answers).
     pub async fn handle(
         self: Arc<Self>,
