@@ -24,12 +24,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use fake_ollama::{EventKind, FakeConfig, FakeOllama, LogEvent};
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use upstream_model::{EventKind, LogEvent, ModelConfig, UpstreamModel};
 
 const TOKEN_MS: &str = "50";
 
@@ -47,7 +47,7 @@ impl<S: tracing::Subscriber> Layer<S> for PreemptStamps {
 
 /// The fake Ollama with its clock tied to ours.
 struct Fake {
-    fake: FakeOllama,
+    fake: UpstreamModel,
     /// Our instant for the fake's time zero (its `at` of 0).
     origin: Instant,
     /// Half the bracket around `origin`.
@@ -76,13 +76,13 @@ impl Fake {
 fn start_fake(rt: &tokio::runtime::Runtime) -> Fake {
     rt.block_on(async {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let cfg = FakeConfig {
+        let cfg = ModelConfig {
             slots: 1,
             token_delay: Duration::from_millis(1),
-            ..FakeConfig::default()
+            ..ModelConfig::default()
         };
         let before = Instant::now();
-        let fake = FakeOllama::start_on(l, cfg).await.unwrap();
+        let fake = UpstreamModel::start_on(l, cfg).await.unwrap();
         let after = Instant::now();
         Fake {
             fake,

@@ -13,7 +13,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fake_ollama::{EventKind, FakeConfig, FakeOllama};
+use upstream_model::{EventKind, ModelConfig, UpstreamModel};
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -31,11 +31,11 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
-    let fake = FakeOllama::start(FakeConfig {
+    let fake = UpstreamModel::start(ModelConfig {
         slots: 2,
         token_delay: Duration::ZERO,
         default_tokens: 1,
-        ..FakeConfig::default()
+        ..ModelConfig::default()
     })
     .await
     .unwrap();

@@ -34,8 +34,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use fake_ollama::{EventKind, FakeConfig, FakeOllama};
 use futures_util::StreamExt;
+use upstream_model::{EventKind, ModelConfig, UpstreamModel};
 
 const TOKEN_MS: u64 = 20;
 const SLOTS: u32 = 2;
@@ -169,16 +169,16 @@ fn rt_schedule(k: &Knobs, r: usize) -> Vec<(f64, u64)> {
 }
 
 struct Replica {
-    fake: FakeOllama,
+    fake: UpstreamModel,
     maitre: InProc,
     client: reqwest::Client,
 }
 
 async fn replica(plugin: &str, config: &str, slots: u32) -> Replica {
-    let fake = FakeOllama::start(FakeConfig {
+    let fake = UpstreamModel::start(ModelConfig {
         slots: slots as usize,
         token_delay: Duration::from_millis(TOKEN_MS),
-        ..FakeConfig::default()
+        ..ModelConfig::default()
     })
     .await
     .expect("fake ollama");

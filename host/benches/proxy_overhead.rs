@@ -20,11 +20,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use fake_ollama::{FakeConfig, FakeOllama};
 use http::{Request, header};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{SendRequest, handshake};
 use hyper_util::rt::TokioIo;
+use upstream_model::{ModelConfig, UpstreamModel};
 
 const BODY: &str = r#"{"model":"fake","prompt":"hi","stream":true,"options":{"num_predict":1}}"#;
 
@@ -78,12 +78,12 @@ fn main() {
     let (fake_rt, maitre_rt, client_rt) = runtimes();
 
     let fake = fake_rt.block_on(async {
-        FakeOllama::start(FakeConfig {
+        UpstreamModel::start(ModelConfig {
             slots: 2,
             token_delay: Duration::ZERO,
             prompt_delay: Duration::ZERO,
             default_tokens: 1,
-            ..FakeConfig::default()
+            ..ModelConfig::default()
         })
         .await
         .expect("fake ollama")

@@ -36,8 +36,9 @@ enum Cmd {
         /// Admin listener, overriding `admin_listen`.
         #[arg(long)]
         admin_listen: Option<SocketAddr>,
-        /// Start the project's fake Ollama on a free loopback port and use it as
-        /// the upstream: see maitre work without installing Ollama.
+        /// Start the project's model of Ollama (model "fake") on a free
+        /// loopback port and use it as the upstream: see maitre work without
+        /// installing Ollama.
         #[arg(long)]
         demo: bool,
         /// Log as JSON lines instead of text.
@@ -130,13 +131,13 @@ async fn serve(
             parse_upstream_url(&u).map_err(|e| anyhow::anyhow!("--upstream: {e}"))?;
     }
     let _fake = if demo {
-        let fake = fake_ollama::FakeOllama::start(fake_ollama::FakeConfig {
-            slots: cfg.upstream.slots as usize,
-            ..Default::default()
-        })
-        .await
-        .context("starting the demo upstream")?;
-        tracing::info!(upstream = %fake.url(), "demo: serving the project's fake Ollama (model \"fake\") as the upstream");
+        // No control routes and no event log: the demo shows Ollama's
+        // surface only, and its memory stays flat however long it runs.
+        let model = upstream_model::ModelConfig::demo(cfg.upstream.slots as usize);
+        let fake = upstream_model::UpstreamModel::start(model)
+            .await
+            .context("starting the demo upstream")?;
+        tracing::info!(upstream = %fake.url(), "demo: serving the project's model of Ollama (model \"fake\") as the upstream");
         cfg.upstream.url = parse_upstream_url(&fake.url()).map_err(|e| anyhow::anyhow!(e))?;
         Some(fake)
     } else {

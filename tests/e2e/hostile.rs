@@ -173,7 +173,7 @@ async fn arm_status(m: &Maitre) -> Value {
 /// What a case produced.
 struct Run {
     m: Maitre,
-    fake: FakeOllama,
+    fake: UpstreamModel,
     answers: Vec<Answer>,
     metrics: String,
     arm: Value,

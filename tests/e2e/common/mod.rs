@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use fake_ollama::{EventKind, FakeConfig, FakeOllama, LogEvent};
+pub use upstream_model::{EventKind, LogEvent, ModelConfig, UpstreamModel};
 
 /// A running `maitre serve` process; killed on drop.
 pub struct Maitre {
@@ -186,11 +186,11 @@ pub fn client() -> reqwest::Client {
 }
 
 /// Starts a fake Ollama with `slots` slots and `token_ms` per token.
-pub async fn fake(slots: usize, token_ms: u64) -> FakeOllama {
-    FakeOllama::start(FakeConfig {
+pub async fn fake(slots: usize, token_ms: u64) -> UpstreamModel {
+    UpstreamModel::start(ModelConfig {
         slots,
         token_delay: Duration::from_millis(token_ms),
-        ..FakeConfig::default()
+        ..ModelConfig::default()
     })
     .await
     .expect("start fake ollama")

@@ -5,7 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use fake_ollama::{EventKind, LogEvent};
+use upstream_model::{EventKind, LogEvent};
 
 fn events<'a>(log: &'a [LogEvent], tag: &str) -> Vec<&'a LogEvent> {
     log.iter()

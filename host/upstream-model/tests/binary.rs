@@ -1,4 +1,4 @@
-//! The `fake-ollama` binary: prints its address, serves, honours its flags.
+//! The `upstream-model` binary: prints its address, serves, honours its flags.
 
 mod common;
 
@@ -19,7 +19,7 @@ impl Drop for Child {
 #[tokio::test]
 async fn binary_prints_its_address_and_serves() {
     let mut child = Child(
-        Command::new(env!("CARGO_BIN_EXE_fake-ollama"))
+        Command::new(env!("CARGO_BIN_EXE_upstream-model"))
             .args([
                 "--listen",
                 "127.0.0.1:0",
@@ -33,7 +33,7 @@ async fn binary_prints_its_address_and_serves() {
             ])
             .stdout(Stdio::piped())
             .spawn()
-            .expect("spawn fake-ollama"),
+            .expect("spawn upstream-model"),
     );
     let mut line = String::new();
     BufReader::new(child.0.stdout.take().unwrap())
@@ -41,7 +41,7 @@ async fn binary_prints_its_address_and_serves() {
         .unwrap();
     let url = line
         .trim()
-        .strip_prefix("fake-ollama listening on http://")
+        .strip_prefix("upstream-model listening on http://")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
     let addr: std::net::SocketAddr = url.parse().unwrap();
     let r = send(addr, "GET", "/", &[("host", "example.com")], "").await;

@@ -3,7 +3,6 @@
 //! `Cancelled` event.
 
 use std::collections::BTreeMap;
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -11,9 +10,11 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 
-use crate::FakeConfig;
+use crate::ModelConfig;
+use crate::event_log::EventLog;
+use crate::slots::SlotQueue;
 
-/// What happened to a request, as recorded in the fake's log.
+/// What happened to a request, as recorded in the model's log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EventKind {
     /// The request (head and body) was read and parsed.
@@ -35,10 +36,11 @@ pub enum EventKind {
     Cancelled,
 }
 
-/// One entry of the fake's event log.
+/// One entry of the model's event log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogEvent {
     /// Global, gap-free sequence number: the order in which events happened.
+    /// It counts every event, also those the bounded log no longer keeps.
     pub seq: u64,
     /// Time since the fake started (monotonic, non-decreasing with `seq`).
     pub at: Duration,
@@ -91,19 +93,13 @@ struct Waiter {
 /// are logged in one critical section, so the log order *is* the grant
 /// order, whatever the threads do afterwards.
 struct Inner {
-    events: Vec<LogEvent>,
-    next_seq: u64,
-    free: usize,
-    queue: VecDeque<Waiter>,
-    active: usize,
-    max_concurrent: usize,
+    log: EventLog,
+    slots: SlotQueue<Waiter>,
 }
 
 impl Inner {
     fn push(&mut self, start: Instant, kind: EventKind, info: &ReqInfo, tokens: u64) {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.events.push(LogEvent {
+        self.log.push(|seq| LogEvent {
             seq,
             // Taken under the lock so that `at` never decreases along `seq`.
             at: start.elapsed(),
@@ -117,30 +113,21 @@ impl Inner {
         });
     }
 
-    fn grant(&mut self, start: Instant, info: &ReqInfo) {
-        self.active += 1;
-        self.max_concurrent = self.max_concurrent.max(self.active);
-        self.push(start, EventKind::Started, info, 0);
-    }
-
-    /// Frees a slot: hands it to the first waiter, or makes it free. A
-    /// waiter whose task is being dropped right now still gets it; its
-    /// tracker then finds itself out of the queue and releases the slot.
+    /// Frees a slot: hands it to the first waiter (logging its `Started`),
+    /// or makes it free. A waiter whose task is being dropped right now
+    /// still gets it; its tracker then finds itself out of the queue and
+    /// releases the slot.
     fn release(&mut self, start: Instant) {
-        self.active -= 1;
-        match self.queue.pop_front() {
-            Some(w) => {
-                let _ = w.tx.send(());
-                self.grant(start, &w.info);
-            }
-            None => self.free += 1,
+        if let Some(w) = self.slots.release() {
+            let _ = w.tx.send(());
+            self.push(start, EventKind::Started, &w.info, 0);
         }
     }
 }
 
-/// State shared by every connection of one fake server.
+/// State shared by every connection of one server.
 pub(crate) struct State {
-    pub cfg: FakeConfig,
+    pub cfg: ModelConfig,
     pub start: Instant,
     inner: Mutex<Inner>,
     notify: Notify,
@@ -156,15 +143,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl State {
-    pub fn new(cfg: FakeConfig) -> Self {
+    pub fn new(cfg: ModelConfig) -> Self {
         State {
             inner: Mutex::new(Inner {
-                events: Vec::with_capacity(1024),
-                next_seq: 1,
-                free: cfg.slots,
-                queue: VecDeque::new(),
-                active: 0,
-                max_concurrent: 0,
+                log: EventLog::new(cfg.log_capacity),
+                slots: SlotQueue::new(cfg.slots),
             }),
             cfg,
             start: Instant::now(),
@@ -183,7 +166,7 @@ impl State {
     }
 
     pub fn log_snapshot(&self) -> Vec<LogEvent> {
-        lock(&self.inner).events.clone()
+        lock(&self.inner).log.events().to_vec()
     }
 
     /// Waits until `pred` holds for the log or `timeout` passes.
@@ -193,12 +176,12 @@ impl State {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if pred(&lock(&self.inner).events) {
+            if pred(lock(&self.inner).log.events()) {
                 return true;
             }
             tokio::select! {
                 _ = notified => {}
-                _ = tokio::time::sleep_until(deadline) => return pred(&lock(&self.inner).events),
+                _ = tokio::time::sleep_until(deadline) => return pred(lock(&self.inner).log.events()),
             }
         }
     }
@@ -206,17 +189,17 @@ impl State {
     pub fn stats(&self) -> Stats {
         let g = lock(&self.inner);
         Stats {
-            max_concurrent: g.max_concurrent,
-            active: g.active,
-            waiting: g.queue.len(),
-            slots: self.cfg.slots,
+            max_concurrent: g.slots.max_active(),
+            active: g.slots.active(),
+            waiting: g.slots.waiting(),
+            slots: g.slots.slots(),
         }
     }
 
     pub fn reset(&self) {
         let mut g = lock(&self.inner);
-        g.events.clear();
-        g.max_concurrent = g.active;
+        g.log.clear();
+        g.slots.reset_max();
     }
 
     /// How many requests with this tag got the `X-Fake-Status` answer so
@@ -228,10 +211,26 @@ impl State {
         *n - 1
     }
 
+    /// Marks `model` loaded until its `keep_alive` runs out. Models whose
+    /// time ran out are unloaded, and at most [`MAX_LOADED`] stay loaded
+    /// (the ones to expire first go), so that a client inventing model
+    /// names cannot grow this map without end.
     pub fn set_loaded(&self, model: &str, keep_alive: Option<&serde_json::Value>) {
         let name = full_name(model);
         let expires = crate::util::expiry(keep_alive);
-        lock(&self.loaded).insert(name, expires);
+        let mut loaded = lock(&self.loaded);
+        let now = SystemTime::now();
+        loaded.retain(|_, until| *until > now);
+        loaded.insert(name, expires);
+        while loaded.len() > MAX_LOADED {
+            let first = loaded
+                .iter()
+                .min_by_key(|(_, until)| **until)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = first {
+                loaded.remove(&k);
+            }
+        }
     }
 
     pub fn set_unloaded(&self, model: &str) {
@@ -247,6 +246,9 @@ impl State {
         v
     }
 }
+
+/// Models kept loaded at once (`/api/ps`), like `OLLAMA_MAX_LOADED_MODELS`.
+pub(crate) const MAX_LOADED: usize = 16;
 
 /// `fake` -> `fake:latest`, like Ollama's name normalisation.
 pub(crate) fn full_name(model: &str) -> String {
@@ -338,16 +340,12 @@ impl Tracker {
         let start = self.state.start;
         let rx = self.state.with(|g| {
             g.push(start, EventKind::Queued, &self.info, 0);
-            if g.free > 0 && g.queue.is_empty() {
-                g.free -= 1;
-                g.grant(start, &self.info);
+            let (tx, rx) = oneshot::channel();
+            let info = self.info.clone();
+            if g.slots.request(Waiter { info, tx }) {
+                g.push(start, EventKind::Started, &self.info, 0);
                 None
             } else {
-                let (tx, rx) = oneshot::channel();
-                g.queue.push_back(Waiter {
-                    info: self.info.clone(),
-                    tx,
-                });
                 Some(rx)
             }
         });
@@ -386,9 +384,7 @@ impl Tracker {
             match slot {
                 Slot::Held => g.release(start),
                 Slot::Queued => {
-                    let before = g.queue.len();
-                    g.queue.retain(|w| w.info.req != info.req);
-                    if g.queue.len() == before {
+                    if !g.slots.leave(|w| w.info.req == info.req) {
                         // Granted just now, before this task saw it.
                         g.release(start);
                     }

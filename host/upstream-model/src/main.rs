@@ -1,5 +1,6 @@
-//! `fake-ollama`: the fake Ollama server as a process, for the demo, the
-//! benchmarks and tests that drive real processes.
+//! `upstream-model`: the model of an Ollama server as a process, for
+//! benchmarks, tests that drive real processes, and trying a client
+//! against it by hand.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -7,10 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use fake_ollama::FakeConfig;
+use upstream_model::ModelConfig;
 
-/// A fake Ollama server: slots, a FIFO queue, per-token streaming, Ollama's
-/// errors and Host check. Serves until killed.
+/// A model of an Ollama server: slots, a FIFO queue, prompt and per-token
+/// time, streaming, Ollama's errors and Host check. Serves until killed.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
@@ -32,29 +33,38 @@ struct Args {
     /// Accept any Host header (Ollama bound to a non-loopback address).
     #[arg(long)]
     no_host_check: bool,
+    /// Answer 404 on /_fake/log, /_fake/stats, /_fake/reset and /_fake/echo,
+    /// like Ollama.
+    #[arg(long)]
+    no_control_routes: bool,
+    /// Events the log behind /_fake/log keeps (the most recent); 0 = no log.
+    #[arg(long, default_value_t = upstream_model::DEFAULT_LOG_CAPACITY)]
+    log_capacity: usize,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let cfg = FakeConfig {
+    let cfg = ModelConfig {
         slots: args.slots,
         token_delay: Duration::from_millis(args.token_ms),
         prompt_delay: Duration::from_millis(args.prompt_ms),
         default_tokens: args.tokens,
         check_host: !args.no_host_check,
-        ..FakeConfig::default()
+        control_routes: !args.no_control_routes,
+        log_capacity: args.log_capacity,
+        ..ModelConfig::default()
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "fake-ollama listening on http://{addr}")?;
+    writeln!(out, "upstream-model listening on http://{addr}")?;
     out.flush()?;
     drop(out);
     tokio::select! {
-        _ = fake_ollama::serve_forever(listener, cfg) => {}
+        _ = upstream_model::serve_forever(listener, cfg) => {}
         _ = tokio::signal::ctrl_c() => {}
     }
     Ok(())

@@ -99,7 +99,9 @@ pub(crate) async fn embeddings(
     let st = call.tracker.state().clone();
     call.tracker.acquire().await;
     st.set_loaded(model, None);
-    util::pause(call.shape.prompt_delay + call.shape.token_delay).await;
+    util::Pacer::start()
+        .until(call.shape.timing.token_ready(0))
+        .await;
     if call.shape.fail_after == Some(0) {
         return call.error(http::StatusCode::INTERNAL_SERVER_ERROR, util::FAKE_FAILURE);
     }

@@ -1,13 +1,15 @@
 //! Small helpers: response builders, error bodies, request parsing, clocks.
 
 use std::convert::Infallible;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use serde_json::{Value, json};
+
+use crate::timing::Timing;
 
 /// The response body type of every handler.
 /// Response body; an error aborts the connection mid-response (`X-Fake-Drop-After`).
@@ -218,8 +220,8 @@ fn header_u64(h: &HeaderMap, name: &str) -> Option<u64> {
 /// Per-request behaviour, from the config and the `X-Fake-*` headers.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Shape {
-    pub token_delay: Duration,
-    pub prompt_delay: Duration,
+    /// The configured timing with `X-Fake-Prompt-Ms` / `X-Fake-Token-Ms`.
+    pub timing: Timing,
     /// `X-Fake-Tokens`: overrides everything else.
     pub tokens: Option<u64>,
     pub fail_after: Option<u64>,
@@ -233,14 +235,12 @@ pub(crate) struct Shape {
 }
 
 impl Shape {
-    pub fn from_headers(cfg: &crate::FakeConfig, h: &HeaderMap) -> Self {
+    pub fn from_headers(cfg: &crate::ModelConfig, h: &HeaderMap) -> Self {
         Shape {
-            token_delay: header_u64(h, "x-fake-token-ms")
-                .map(Duration::from_millis)
-                .unwrap_or(cfg.token_delay),
-            prompt_delay: header_u64(h, "x-fake-prompt-ms")
-                .map(Duration::from_millis)
-                .unwrap_or(cfg.prompt_delay),
+            timing: Timing::of(cfg).overridden(
+                header_u64(h, "x-fake-prompt-ms").map(Duration::from_millis),
+                header_u64(h, "x-fake-token-ms").map(Duration::from_millis),
+            ),
             tokens: header_u64(h, "x-fake-tokens"),
             fail_after: header_u64(h, "x-fake-fail-after"),
             drop_after: header_u64(h, "x-fake-drop-after"),
@@ -256,6 +256,36 @@ impl Shape {
 pub(crate) async fn pause(d: Duration) {
     if !d.is_zero() {
         tokio::time::sleep(d).await;
+    }
+}
+
+/// Sleeps on the real clock to the offsets of a [`crate::timing::Plan`],
+/// counted from the slot grant. Offsets are absolute, so timer lateness does
+/// not add up over the tokens of an answer.
+pub(crate) struct Pacer {
+    granted: Instant,
+    reached: Duration,
+}
+
+impl Pacer {
+    /// Offsets count from now: call it when the slot is granted.
+    pub fn start() -> Self {
+        Pacer {
+            granted: Instant::now(),
+            reached: Duration::ZERO,
+        }
+    }
+
+    /// Sleeps until `at` after the grant. An offset already reached costs
+    /// no timer round trip (zero-delay benches send many tokens).
+    pub async fn until(&mut self, at: Duration) {
+        if at > self.reached {
+            self.reached = at;
+            match self.granted.checked_add(at) {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        }
     }
 }
 

@@ -3,8 +3,8 @@
 mod common;
 
 use common::*;
-use fake_ollama::{EventKind, FakeConfig, LogEvent};
 use serde_json::{Value, json};
+use upstream_model::{EventKind, LogEvent, ModelConfig};
 
 #[tokio::test]
 async fn stream_defaults_true_on_api_and_false_on_v1() {
@@ -122,7 +122,7 @@ async fn v1_sse_ends_with_done() {
 
 #[tokio::test]
 async fn host_check() {
-    let f = fake(FakeConfig::default()).await;
+    let f = fake(ModelConfig::default()).await;
     let r = send(f.addr(), "GET", "/api/tags", &[("host", "example.com")], "").await;
     assert_eq!(r.status(), 403);
     assert_eq!(header(&r, "x-fake-upstream"), "1");
@@ -160,9 +160,9 @@ async fn host_check() {
     assert_eq!(v["query"], "a=1");
     assert_eq!(v["method"], "GET");
 
-    let open = fake(FakeConfig {
+    let open = fake(ModelConfig {
         check_host: false,
-        ..FakeConfig::default()
+        ..ModelConfig::default()
     })
     .await;
     let r = send(open.addr(), "GET", "/", &[("host", "example.com")], "").await;

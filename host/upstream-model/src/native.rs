@@ -30,11 +30,8 @@ pub(crate) fn model_error(model: &str) -> Option<(StatusCode, String)> {
 /// Token count for a request: `X-Fake-Tokens`, else the given limit, else the
 /// default. The bool says whether the limit was what stopped it ("length").
 pub(crate) fn token_count(call: &Call, limit: Option<u64>) -> (u64, bool) {
-    match (call.shape.tokens, limit) {
-        (Some(n), _) => (n, false),
-        (None, Some(n)) => (n, true),
-        (None, None) => (call.tracker.state().cfg.default_tokens, false),
-    }
+    let default = call.tracker.state().cfg.default_tokens;
+    crate::timing::token_count(call.shape.tokens, limit, default)
 }
 
 /// `POST /api/generate` and `POST /api/chat`.
@@ -144,7 +141,9 @@ pub(crate) async fn embed(mut call: Call, model: &str, m: &Map<String, Value>) -
     let load = call.tracker.t0.elapsed();
     call.tracker.acquire().await;
     st.set_loaded(model, keep_alive);
-    util::pause(call.shape.prompt_delay + call.shape.token_delay).await;
+    util::Pacer::start()
+        .until(call.shape.timing.token_ready(0))
+        .await;
     if call.shape.fail_after == Some(0) {
         return call.error(StatusCode::INTERNAL_SERVER_ERROR, util::FAKE_FAILURE);
     }
@@ -267,7 +266,7 @@ pub(crate) async fn pull(call: Call, model: &str, m: &Map<String, Value>) -> Res
     let mut p = Pull {
         known: util::known_model(model),
         steps,
-        delay: call.shape.token_delay,
+        delay: call.shape.timing.per_token,
         phase: 0,
         tracker: call.tracker,
     };

@@ -1,12 +1,15 @@
-//! A fake Ollama server for maitre's integration tests, demo and benchmarks.
+//! A model of an Ollama server, served over HTTP: the upstream of
+//! `maitre serve --demo`, of the tests and of the benchmarks, and the timing
+//! model of the simulator to come.
 //!
 //! It models what a scheduling proxy can observe of real Ollama (see
 //! `ollama-api.md`): a fixed number of generation slots with a FIFO queue in
-//! front of them, no response headers before the first token, NDJSON / SSE
+//! front of them ([`slots`]), a prompt time and a per-token time
+//! ([`timing`]), no response headers before the first token, NDJSON / SSE
 //! streams flushed per token, Ollama's error shapes, the loopback Host check,
-//! and immediate cancellation when the client goes away. Everything it sees
-//! is recorded in an in-memory event log that tests can query in-process
-//! ([`FakeOllama::log`]) or over HTTP (`GET /_fake/log`).
+//! and immediate cancellation when the client goes away. What it sees goes
+//! to a bounded event log ([`ModelConfig::log_capacity`]) that tests can
+//! query in-process ([`UpstreamModel::log`]) or over HTTP (`GET /_fake/log`).
 //!
 //! | Route | Slot | Answer |
 //! |---|---|---|
@@ -15,7 +18,7 @@
 //! | `POST /v1/chat/completions`, `/v1/completions` | yes | JSON (stream omitted = false) or SSE ending in `data: [DONE]` |
 //! | `POST /v1/embeddings` | yes | OpenAI list of embeddings (`encoding_format: "base64"` honoured) |
 //! | `GET\|HEAD /`, `/api/version`, `/api/tags`; `GET /api/ps`, `/v1/models`, `/v1/models/{m}`; `POST /api/show`, `/api/pull` | no | as Ollama |
-//! | `GET /_fake/log`, `/_fake/stats`; `POST /_fake/reset`; any `/_fake/echo` | no | control (no Host check, not logged) |
+//! | `GET /_fake/log`, `/_fake/stats`; `POST /_fake/reset`; any `/_fake/echo` | no | control (no Host check, not logged); 404 unless [`ModelConfig::control_routes`] |
 //!
 //! Per-request headers: `X-Fake-Token-Ms`, `X-Fake-Prompt-Ms`,
 //! `X-Fake-Tokens` (token count; pull: progress lines), `X-Fake-Fail-After: N`
@@ -25,14 +28,18 @@
 //! `X-Fake-Upstream: 1`. Models must start with "fake" (else 404).
 //!
 //! Timing: a request waits FIFO for a slot, then `prompt_delay`, then each
-//! token takes `token_delay` (TTFT = prompt + one token). Streaming answers
+//! token takes `token_delay` (TTFT = prompt + one token); token `i` is due at
+//! a fixed offset from the slot grant ([`timing::Plan`]). Streaming answers
 //! send no headers until the first token is ready, like Ollama.
 
+mod event_log;
 mod generation;
 mod native;
 mod openai;
 mod routes;
+pub mod slots;
 mod state;
+pub mod timing;
 mod util;
 
 use std::convert::Infallible;
@@ -47,15 +54,20 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
+pub use event_log::DEFAULT_LOG_CAPACITY;
 pub use state::{EventKind, LogEvent, Stats};
 
 /// What `GET /api/version` reports.
 pub const VERSION: &str = "0.33.0-fake";
 
-/// How the fake behaves. Per-request `X-Fake-*` headers override the delays
-/// and the token count.
+/// How the model behaves. Per-request `X-Fake-*` headers override the
+/// delays and the token count.
+///
+/// The default suits tests and benches: control routes on and a log of
+/// [`DEFAULT_LOG_CAPACITY`] events. [`ModelConfig::demo`] is the one to
+/// put in front of people.
 #[derive(Clone, Debug)]
-pub struct FakeConfig {
+pub struct ModelConfig {
     /// Requests generating at once (`OLLAMA_NUM_PARALLEL`); others queue FIFO.
     pub slots: usize,
     /// Time to produce each token (the first one included).
@@ -69,43 +81,64 @@ pub struct FakeConfig {
     pub check_host: bool,
     /// Length of the fake embedding vectors when the request sets none.
     pub embedding_dims: usize,
+    /// Serve `/_fake/log`, `/_fake/stats`, `/_fake/reset` and `/_fake/echo`.
+    /// Off, they answer 404 like any path Ollama does not know.
+    pub control_routes: bool,
+    /// Events the log keeps (the most recent ones); 0 switches it off.
+    pub log_capacity: usize,
 }
 
-impl Default for FakeConfig {
+impl ModelConfig {
+    /// The upstream of `maitre serve --demo`: default timing, no control
+    /// routes, no log, so that it shows only Ollama's surface and its
+    /// memory stays flat however long it runs.
+    pub fn demo(slots: usize) -> Self {
+        ModelConfig {
+            slots,
+            control_routes: false,
+            log_capacity: 0,
+            ..ModelConfig::default()
+        }
+    }
+}
+
+impl Default for ModelConfig {
     fn default() -> Self {
-        FakeConfig {
+        ModelConfig {
             slots: 2,
             token_delay: Duration::from_millis(20),
             prompt_delay: Duration::ZERO,
             default_tokens: 5,
             check_host: true,
             embedding_dims: 8,
+            control_routes: true,
+            log_capacity: DEFAULT_LOG_CAPACITY,
         }
     }
 }
 
-/// A running fake Ollama. Dropping it (or [`FakeOllama::shutdown`]) stops the
-/// server and closes its connections.
-pub struct FakeOllama {
+/// A running model of Ollama. Dropping it (or [`UpstreamModel::shutdown`])
+/// stops the server and closes its connections.
+pub struct UpstreamModel {
     addr: SocketAddr,
     state: Arc<state::State>,
     task: JoinHandle<()>,
 }
 
-impl FakeOllama {
-    /// Starts a fake on `127.0.0.1` with an OS-chosen port, serving in a
+impl UpstreamModel {
+    /// Starts one on `127.0.0.1` with an OS-chosen port, serving in a
     /// background task of the current tokio runtime.
-    pub async fn start(cfg: FakeConfig) -> io::Result<FakeOllama> {
+    pub async fn start(cfg: ModelConfig) -> io::Result<UpstreamModel> {
         let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
         Self::start_on(listener, cfg).await
     }
 
-    /// Starts a fake on an already bound listener.
-    pub async fn start_on(listener: TcpListener, cfg: FakeConfig) -> io::Result<FakeOllama> {
+    /// Starts one on an already bound listener.
+    pub async fn start_on(listener: TcpListener, cfg: ModelConfig) -> io::Result<UpstreamModel> {
         let addr = listener.local_addr()?;
         let state = Arc::new(state::State::new(cfg));
         let task = tokio::spawn(serve(listener, state.clone()));
-        Ok(FakeOllama { addr, state, task })
+        Ok(UpstreamModel { addr, state, task })
     }
 
     /// The address it listens on.
@@ -119,11 +152,12 @@ impl FakeOllama {
     }
 
     /// The configuration it runs with.
-    pub fn config(&self) -> &FakeConfig {
+    pub fn config(&self) -> &ModelConfig {
         &self.state.cfg
     }
 
-    /// A snapshot of the event log, in `seq` order.
+    /// A snapshot of the event log, in `seq` order: the last
+    /// [`ModelConfig::log_capacity`] events.
     pub fn log(&self) -> Vec<LogEvent> {
         self.state.log_snapshot()
     }
@@ -144,8 +178,9 @@ impl FakeOllama {
         self.state.reset()
     }
 
-    /// Waits until `pred` holds for the log, or `timeout` passes; returns
-    /// whether it held. Wakes on every new event, so no polling is needed.
+    /// Waits until `pred` holds for the log (the events it keeps), or
+    /// `timeout` passes; returns whether it held. Wakes on every new event,
+    /// so no polling is needed.
     pub async fn wait_until(&self, timeout: Duration, pred: impl Fn(&[LogEvent]) -> bool) -> bool {
         self.state.wait_until(timeout, pred).await
     }
@@ -170,14 +205,14 @@ impl FakeOllama {
     pub fn shutdown(self) {}
 }
 
-impl Drop for FakeOllama {
+impl Drop for UpstreamModel {
     fn drop(&mut self) {
         self.task.abort();
     }
 }
 
 /// Serves forever on `listener` (what the binary runs).
-pub async fn serve_forever(listener: TcpListener, cfg: FakeConfig) {
+pub async fn serve_forever(listener: TcpListener, cfg: ModelConfig) {
     serve(listener, Arc::new(state::State::new(cfg))).await
 }
 

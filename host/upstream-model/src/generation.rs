@@ -13,7 +13,8 @@ use http_body_util::{BodyExt, StreamBody};
 use serde_json::{Value, json};
 
 use crate::state::Tracker;
-use crate::util::{self, Body, Shape};
+use crate::timing::{Next, Plan};
+use crate::util::{self, Body, Pacer, Shape};
 
 /// Which API a generation answers in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,8 +41,8 @@ pub(crate) struct Gen {
     pub tracker: Tracker,
     pub flavor: Flavor,
     pub model: String,
-    /// Tokens to produce.
-    pub n: u64,
+    /// Its timing, length and failure point.
+    pub plan: Plan,
     /// `done_reason: "length"` rather than `"stop"`.
     pub length: bool,
     pub prompt_tokens: u64,
@@ -53,6 +54,8 @@ pub(crate) struct Gen {
     load_dur: Duration,
     prompt_dur: Duration,
     gen_start: Instant,
+    /// Sleeps to the plan's offsets; restarted when the slot is granted.
+    pacer: Pacer,
     pending: VecDeque<Bytes>,
     ended: bool,
 }
@@ -90,11 +93,16 @@ impl Gen {
             Flavor::OaChat => format!("chatcmpl-{}", tracker.req()),
             _ => format!("cmpl-{}", tracker.req()),
         };
+        let plan = Plan {
+            timing: shape.timing,
+            tokens: n,
+            fail_after: shape.fail_after,
+        };
         Gen {
             tracker,
             flavor,
             model,
-            n,
+            plan,
             length,
             prompt_tokens,
             include_usage,
@@ -105,6 +113,7 @@ impl Gen {
             load_dur: Duration::ZERO,
             prompt_dur: Duration::ZERO,
             gen_start: Instant::now(),
+            pacer: Pacer::start(),
             pending: VecDeque::new(),
             ended: false,
         }
@@ -118,11 +127,12 @@ impl Gen {
         let state = self.tracker.state().clone();
         state.set_loaded(&self.model, self.keep_alive.as_ref());
         let started = Instant::now();
-        util::pause(self.shape.prompt_delay).await;
+        self.pacer = Pacer::start();
+        self.pacer.until(self.plan.timing.prompt).await;
         self.prompt_dur = started.elapsed();
         self.gen_start = Instant::now();
         if stream {
-            if self.shape.fail_after == Some(0) && self.n > 0 {
+            if self.plan.next(0) == Next::Fail {
                 // Failing on the very first token: nothing written yet, so
                 // Ollama answers with a real status.
                 self.tracker.fail();
@@ -156,14 +166,12 @@ impl Gen {
     }
 
     async fn step(&mut self) -> Step {
-        if self.tracker.tokens < self.n && self.shape.fail_after == Some(self.tracker.tokens) {
-            return Step::Fail;
-        }
-        if self.tracker.tokens >= self.n {
-            return Step::Done;
-        }
-        util::pause(self.shape.token_delay).await;
         let i = self.tracker.tokens;
+        match self.plan.next(i) {
+            Next::Fail => return Step::Fail,
+            Next::Done => return Step::Done,
+            Next::Token(at) => self.pacer.until(at).await,
+        }
         self.tracker.tokens += 1;
         if i == 0 {
             self.tracker.first_token();

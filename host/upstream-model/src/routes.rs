@@ -1,5 +1,6 @@
 //! Request routing: the Host check, the route table (404/405 like gin), the
-//! `/_fake/*` control endpoints and the model-less pass-through endpoints.
+//! `/_fake/*` control endpoints (when switched on) and the model-less
+//! pass-through endpoints.
 
 use std::sync::Arc;
 
@@ -14,7 +15,7 @@ use crate::state::{State, Tracker, full_name};
 use crate::util::{self, Body, Shape};
 use crate::{native, openai};
 
-/// Every route the fake knows.
+/// Every Ollama route the model knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Route {
     Root,
@@ -89,7 +90,9 @@ pub(crate) async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<B
 async fn dispatch(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path();
-    if let Some(what) = path.strip_prefix("/_fake/") {
+    if st.cfg.control_routes
+        && let Some(what) = path.strip_prefix("/_fake/")
+    {
         let what = what.to_string();
         return control(&st, &what, parts, body).await;
     }
@@ -136,7 +139,7 @@ async fn dispatch(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     call.run(&body).await
 }
 
-/// One API request on its way through the fake.
+/// One API request on its way through the model.
 pub(crate) struct Call {
     pub route: Route,
     pub tracker: Tracker,

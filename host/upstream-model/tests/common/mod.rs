@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fake_ollama::{FakeConfig, FakeOllama};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -14,19 +13,20 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use upstream_model::{ModelConfig, UpstreamModel};
 
 pub const SECOND: Duration = Duration::from_secs(1);
 
-pub async fn fake(cfg: FakeConfig) -> FakeOllama {
-    FakeOllama::start(cfg).await.expect("start the fake")
+pub async fn fake(cfg: ModelConfig) -> UpstreamModel {
+    UpstreamModel::start(cfg).await.expect("start the fake")
 }
 
-pub fn cfg(slots: usize, token_ms: u64, tokens: u64) -> FakeConfig {
-    FakeConfig {
+pub fn cfg(slots: usize, token_ms: u64, tokens: u64) -> ModelConfig {
+    ModelConfig {
         slots,
         token_delay: Duration::from_millis(token_ms),
         default_tokens: tokens,
-        ..FakeConfig::default()
+        ..ModelConfig::default()
     }
 }
 
