@@ -53,7 +53,7 @@ impl InProc {
         let admin_url = format!("http://{}", admin.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
-            if let Err(e) = maitre::serve(cfg, listener, Some(admin), async {
+            if let Err(e) = maitre::serve(cfg, listener, Some(admin), None, async {
                 let _ = rx.await;
             })
             .await
