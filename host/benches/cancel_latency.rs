@@ -25,11 +25,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use futures_util::StreamExt;
+use maitre_testkit::{Arm, EventKind, LogEvent, ModelConfig, PolicyFile, UpstreamModel};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use upstream_model::{EventKind, LogEvent, ModelConfig, UpstreamModel};
 
 const TOKEN_MS: &str = "50";
 
@@ -281,13 +281,9 @@ fn main() {
 
     // 1. Client disconnect (fifo).
     let fake = start_fake(&fake_rt);
-    let m = maitre_rt.block_on(InProc::start(&policy(
-        &fake.fake.url(),
-        1,
-        "builtin:fifo",
-        "",
-        "",
-    )));
+    let m = maitre_rt.block_on(InProc::start(
+        &PolicyFile::new(fake.fake.url(), 1).arm(Arm::builtin("main", "fifo")),
+    ));
     let mut d_cancel = Vec::new();
     let mut d_next = Vec::new();
     client_rt.block_on(async {
@@ -308,14 +304,11 @@ fn main() {
     let mut results = Vec::new();
     for cut in [false, true] {
         let fake = start_fake(&fake_rt);
-        let config = if cut { "preempt_streaming = true" } else { "" };
-        let m = maitre_rt.block_on(InProc::start(&policy(
-            &fake.fake.url(),
-            1,
-            "builtin:preemptive",
-            config,
-            "",
-        )));
+        let mut arm = Arm::builtin("main", "preemptive");
+        if cut {
+            arm = arm.config("preempt_streaming", true);
+        }
+        let m = maitre_rt.block_on(InProc::start(&PolicyFile::new(fake.fake.url(), 1).arm(arm)));
         let mut r = (Vec::new(), Vec::new(), Vec::new());
         client_rt.block_on(async {
             for i in 0..trials + 3 {

@@ -10,10 +10,9 @@
 //! drain fast. Needs `ulimit -n` above N + a few hundred (maitre and this
 //! process each hold N sockets).
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use upstream_model::{EventKind, ModelConfig, UpstreamModel};
+use maitre_testkit::{Arm, EventKind, Limits, ModelConfig, PolicyFile, Serve, UpstreamModel};
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -39,55 +38,20 @@ async fn main() {
     })
     .await
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(
-        &policy,
-        format!(
-            r#"listen = "127.0.0.1:0"
-[limits]
-max_waiting = {}
-[upstream]
-url = "{}"
-slots = 2
-[[policy]]
-name = "reserved-aging"
-plugin = "builtin:reserved-aging"
-[policy.config]
-rt_reserved_slots = 1
-"#,
-            n + 100,
-            fake.url()
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_maitre"))
-        .args(["serve", "--policy"])
-        .arg(&policy)
+    let policy = PolicyFile::new(fake.url(), 2)
+        .no_admin()
+        .limits(Limits {
+            max_waiting: Some(n as u64 + 100),
+            ..Limits::default()
+        })
+        .arm(Arm::builtin("reserved-aging", "reserved-aging").config("rt_reserved_slots", 1));
+    let maitre = Serve::new(env!("CARGO_BIN_EXE_maitre"))
+        .policy(&policy)
         .env("MAITRE_LOG", "warn,maitre=info,maitre::request=warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start maitre");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Some(i) = line.find("listen=") {
-                let addr = line[i + 7..].split_whitespace().next().unwrap().to_string();
-                let _ = tx.send(addr);
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("maitre started");
-    let url = format!("http://{addr}");
+        .start();
+    let url = maitre.url.clone();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let idle = rss_kib(child.id());
+    let idle = rss_kib(maitre.pid());
 
     let client = reqwest::Client::builder()
         .no_proxy()
@@ -139,7 +103,7 @@ rt_reserved_slots = 1
     let mut peak = 0;
     let admin_deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        peak = peak.max(rss_kib(child.id()));
+        peak = peak.max(rss_kib(maitre.pid()));
         let queued = waiting.iter().filter(|t| !t.is_finished()).count();
         let received = fake
             .log()
@@ -149,7 +113,7 @@ rt_reserved_slots = 1
         if queued == n && t0.elapsed() > Duration::from_secs(2) && received == 2 {
             // Give maitre a moment to admit the last arrivals, then sample.
             tokio::time::sleep(Duration::from_millis(500)).await;
-            peak = peak.max(rss_kib(child.id()));
+            peak = peak.max(rss_kib(maitre.pid()));
             break;
         }
         if Instant::now() > admin_deadline {
@@ -171,12 +135,11 @@ rt_reserved_slots = 1
         if good {
             ok += 1;
         }
-        peak = peak.max(rss_kib(child.id()));
+        peak = peak.max(rss_kib(maitre.pid()));
     }
     let drain = t1.elapsed();
-    let after = rss_kib(child.id());
-    let _ = child.kill();
-    let _ = child.wait();
+    let after = rss_kib(maitre.pid());
+    drop(maitre);
     println!("| figure | value |");
     println!("|---|---|");
     println!("| waiting requests held | {n} |");

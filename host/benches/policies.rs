@@ -35,19 +35,21 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use futures_util::StreamExt;
-use upstream_model::{EventKind, ModelConfig, UpstreamModel};
+use maitre_testkit::{Arm, EventKind, ModelConfig, PolicyFile, Scrape, UpstreamModel};
 
 const TOKEN_MS: u64 = 20;
 const SLOTS: u32 = 2;
-const POLICIES: [(&str, &str, &str); 3] = [
-    ("fifo", "builtin:fifo", ""),
-    (
-        "reserved-aging",
-        "builtin:reserved-aging",
-        "rt_reserved_slots = 1",
-    ),
-    ("preemptive", "builtin:preemptive", ""),
-];
+/// The compared policies: a name and the one arm of its policy file.
+fn policies() -> [(&'static str, Arm); 3] {
+    [
+        ("fifo", Arm::builtin("main", "fifo")),
+        (
+            "reserved-aging",
+            Arm::builtin("main", "reserved-aging").config("rt_reserved_slots", 1),
+        ),
+        ("preemptive", Arm::builtin("main", "preemptive")),
+    ]
+}
 
 struct Knobs {
     replicas: usize,
@@ -174,7 +176,7 @@ struct Replica {
     client: reqwest::Client,
 }
 
-async fn replica(plugin: &str, config: &str, slots: u32) -> Replica {
+async fn replica(arm: Arm, slots: u32) -> Replica {
     let fake = UpstreamModel::start(ModelConfig {
         slots: slots as usize,
         token_delay: Duration::from_millis(TOKEN_MS),
@@ -182,7 +184,7 @@ async fn replica(plugin: &str, config: &str, slots: u32) -> Replica {
     })
     .await
     .expect("fake ollama");
-    let maitre = InProc::start(&policy(&fake.url(), slots, plugin, config, "")).await;
+    let maitre = InProc::start(&PolicyFile::new(fake.url(), slots).arm(arm)).await;
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     Replica {
         fake,
@@ -218,8 +220,9 @@ async fn ends(group: &[Replica]) -> Ends {
             .text()
             .await
             .unwrap();
-        e.preemptions += metric_sum(&text, "maitre_preemptions_total");
-        e.thrown_tokens_maitre += metric_sum(&text, "maitre_preempted_tokens_total");
+        let metrics = Scrape::parse(&text).expect("valid /metrics");
+        e.preemptions += metrics.sum("maitre_preemptions_total", &[]);
+        e.thrown_tokens_maitre += metrics.sum("maitre_preempted_tokens_total", &[]);
     }
     e
 }
@@ -244,16 +247,16 @@ fn main() {
 async fn run(k: Knobs) {
     let setup = Instant::now();
     let mut groups: Vec<Vec<Replica>> = Vec::new();
-    for (_, plugin, config) in POLICIES {
+    for (_, arm) in policies() {
         let mut g = Vec::new();
         for _ in 0..k.replicas {
-            g.push(replica(plugin, config, SLOTS).await);
+            g.push(replica(arm.clone(), SLOTS).await);
         }
         groups.push(g);
     }
     // Enough slots that a real-time request always finds one free, whatever
     // the overlap of the pooled arrivals.
-    let idle = replica("builtin:fifo", "", 32).await;
+    let idle = replica(Arm::builtin("main", "fifo"), 32).await;
     // Let every scheduler and plugin come up, and warm the connections.
     for r in groups.iter().flatten().chain(std::iter::once(&idle)) {
         let resp = r
@@ -377,7 +380,7 @@ async fn run(k: Knobs) {
     );
     let mut fifo_rate = f64::NAN;
     let mut verdicts = Vec::new();
-    for (gi, (name, _, _)) in POLICIES.iter().enumerate() {
+    for (gi, (name, _)) in policies().iter().enumerate() {
         let (ttft, batch, b_bad, rt_bad, _preempted) = take(&recs[gi]);
         let rate = batch as f64 / window_min / k.replicas as f64;
         if gi == 0 {

@@ -24,7 +24,7 @@ use http::{Request, header};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{SendRequest, handshake};
 use hyper_util::rt::TokioIo;
-use upstream_model::{ModelConfig, UpstreamModel};
+use maitre_testkit::{Arm, ModelConfig, PolicyFile, UpstreamModel};
 
 const BODY: &str = r#"{"model":"fake","prompt":"hi","stream":true,"options":{"num_predict":1}}"#;
 
@@ -88,9 +88,9 @@ fn main() {
         .await
         .expect("fake ollama")
     });
-    let text = policy(&fake.url(), 2, "builtin:reserved-aging", "", "");
-    let binary = Binary::start(&text);
-    let inproc = maitre_rt.block_on(InProc::start(&text));
+    let policy = PolicyFile::new(fake.url(), 2).arm(Arm::builtin("main", "reserved-aging"));
+    let binary = binary(&policy);
+    let inproc = maitre_rt.block_on(InProc::start(&policy));
 
     let names = ["direct (fake Ollama)", "maitre binary", "maitre in-process"];
     let samples: Vec<Vec<f64>> = client_rt.block_on(async {

@@ -15,11 +15,13 @@ pub mod metrics;
 pub mod plugin;
 pub mod policy;
 pub mod proxy;
+pub mod ready;
 pub mod reload;
 pub mod request;
 pub mod scheduler;
 
 use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,10 +55,13 @@ pub struct Host {
 
 /// Runs maitre until `shutdown` resolves: client listener, admin listener,
 /// scheduler and file watcher. Listeners are passed in so tests can bind port 0.
+/// With `ready_file`, writes the bound addresses there ([`ready`]) once the
+/// plugins are loaded and both listeners are bound.
 pub async fn serve(
     cfg: Config,
     listener: TcpListener,
     admin: Option<TcpListener>,
+    ready_file: Option<&Path>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
@@ -83,6 +88,7 @@ pub async fn serve(
     let _watcher = reload::watch(host.clone())?;
 
     let stop = CancellationToken::new();
+    let admin_addr = admin.as_ref().map(TcpListener::local_addr).transpose()?;
     let admin_task = admin.map(|l| tokio::spawn(admin::serve(l, host.clone(), stop.clone())));
     let local = listener.local_addr()?;
     tracing::info!(
@@ -92,6 +98,14 @@ pub async fn serve(
         arms = ?cfg.arms.iter().map(|a| format!("{}={}", a.name, a.plugin)).collect::<Vec<_>>(),
         "maitre serving; point Ollama clients at OLLAMA_HOST={local}"
     );
+    if let Some(path) = ready_file {
+        let ready = ready::Ready {
+            listen: local,
+            admin: admin_addr,
+        };
+        ready::write(path, &ready)
+            .map_err(|e| anyhow::anyhow!("cannot write the ready file {}: {e}", path.display()))?;
+    }
 
     let header_timeout = Duration::from_secs(cfg.limits.header_read_timeout_seconds);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();

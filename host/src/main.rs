@@ -44,6 +44,11 @@ enum Cmd {
         /// Log as JSON lines instead of text.
         #[arg(long)]
         log_json: bool,
+        /// Once the plugins are loaded and the listeners bound, write
+        /// `{"listen":"ADDR","admin":"ADDR"}` to this file (atomically); it is
+        /// removed again on a graceful stop. For supervisors and tests.
+        #[arg(long, value_name = "PATH")]
+        ready_file: Option<PathBuf>,
     },
     /// Validate a policy file and load its plugins; exits non-zero on any error.
     Check {
@@ -76,7 +81,19 @@ fn main() -> ExitCode {
                 admin_listen,
                 demo,
                 log_json,
-            } => serve(policy, listen, upstream, admin_listen, demo, log_json).await,
+                ready_file,
+            } => {
+                serve(
+                    policy,
+                    listen,
+                    upstream,
+                    admin_listen,
+                    demo,
+                    log_json,
+                    ready_file,
+                )
+                .await
+            }
             Cmd::Check { file } => check(file).await,
             Cmd::Ab { admin, window } => ab(&admin, window).await,
         }
@@ -117,8 +134,18 @@ async fn serve(
     admin_listen: Option<SocketAddr>,
     demo: bool,
     log_json: bool,
+    ready_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     init_logs(log_json);
+    // A file left by an earlier run must not announce this one early.
+    if let Some(path) = &ready_file {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                anyhow::bail!("cannot remove the old ready file {}: {e}", path.display())
+            }
+            _ => {}
+        }
+    }
     let mut cfg = load(&policy)?;
     if let Some(l) = listen {
         cfg.listen = l;
@@ -163,7 +190,18 @@ async fn serve(
         ),
         None => None,
     };
-    maitre::serve(cfg, listener, admin, maitre::shutdown_signal()).await
+    maitre::serve(
+        cfg,
+        listener,
+        admin,
+        ready_file.as_deref(),
+        maitre::shutdown_signal(),
+    )
+    .await?;
+    if let Some(path) = &ready_file {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
 }
 
 async fn check(file: PathBuf) -> anyhow::Result<()> {

@@ -3,14 +3,15 @@
 //! `.ci/run` installs them into `target/pyenv`; set MAITRE_PYTHON to use
 //! another interpreter that has them (see tests/python/requirements.txt).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[tokio::test]
 async fn official_python_clients_work_through_maitre() {
     let fake = fake(2, 5).await;
-    let m = Maitre::start(&reserved_aging(&fake.url(), 2, "rt_reserved_slots = 1"));
+    let m = start(
+        &PolicyFile::new(fake.url(), 2)
+            .arm(Arm::builtin("main", "reserved-aging").config("rt_reserved_slots", 1)),
+    );
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/python/clients.py");
     let out = tokio::process::Command::new(python())
         .arg(script)

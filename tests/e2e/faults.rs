@@ -1,19 +1,13 @@
 //! Upstream faults, hostile or broken clients, and graceful shutdown: every
 //! request gets a defined answer and nothing stalls the scheduler.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const T: Duration = Duration::from_secs(20);
-
-fn with_limits(text: String, limits: &str) -> String {
-    text.replace("[upstream]", &format!("[limits]\n{limits}\n\n[upstream]"))
-}
 
 fn addr(url: &str) -> String {
     url.trim_start_matches("http://").to_string()
@@ -32,7 +26,10 @@ fn raw(url: &str, bytes: &[u8], timeout: Duration) -> String {
 #[tokio::test]
 async fn upstream_busy_goes_back_to_the_queue() {
     let fake = fake(1, 5).await;
-    let m = Maitre::start(&reserved_aging(&fake.url(), 1, "rt_reserved_slots = 0"));
+    let m = start(
+        &PolicyFile::new(fake.url(), 1)
+            .arm(Arm::builtin("main", "reserved-aging").config("rt_reserved_slots", 0)),
+    );
     let c = client();
     // The fake answers 503 "server busy" once, then serves.
     let r = generate(&c, &m.url, "busy-once", None, 3)
@@ -83,9 +80,11 @@ async fn upstream_busy_goes_back_to_the_queue() {
 #[tokio::test]
 async fn slow_first_byte_times_out_with_504_and_frees_the_slot() {
     let fake = fake(1, 5).await;
-    let text = reserved_aging(&fake.url(), 1, "rt_reserved_slots = 0")
-        .replace("slots = 1", "slots = 1\nfirst_byte_timeout_seconds = 1");
-    let m = Maitre::start(&text);
+    let m = start(
+        &PolicyFile::new(fake.url(), 1)
+            .first_byte_timeout_seconds(1)
+            .arm(Arm::builtin("main", "reserved-aging").config("rt_reserved_slots", 0)),
+    );
     let c = client();
     let t = Instant::now();
     let r = generate(&c, &m.url, "slow", None, 1)
@@ -122,7 +121,10 @@ async fn slow_first_byte_times_out_with_504_and_frees_the_slot() {
 #[tokio::test]
 async fn upstream_dropping_mid_stream_gives_an_error_line_and_frees_the_slot() {
     let fake = fake(1, 5).await;
-    let m = Maitre::start(&reserved_aging(&fake.url(), 1, "rt_reserved_slots = 0"));
+    let m = start(
+        &PolicyFile::new(fake.url(), 1)
+            .arm(Arm::builtin("main", "reserved-aging").config("rt_reserved_slots", 0)),
+    );
     let c = client();
     let r = c
         .post(format!("{}/api/generate", m.url))
@@ -178,11 +180,16 @@ async fn upstream_dropping_mid_stream_gives_an_error_line_and_frees_the_slot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_clients_get_defined_answers_and_stall_nobody() {
     let fake = fake(2, 5).await;
-    let text = with_limits(
-        reserved_aging(&fake.url(), 2, "rt_reserved_slots = 1"),
-        "max_body_bytes = 2048\nbody_read_timeout_seconds = 1\nheader_read_timeout_seconds = 1",
+    let m = start(
+        &PolicyFile::new(fake.url(), 2)
+            .limits(Limits {
+                max_body_bytes: Some(2048),
+                body_read_timeout_seconds: Some(1),
+                header_read_timeout_seconds: Some(1),
+                ..Limits::default()
+            })
+            .arm(Arm::builtin("main", "reserved-aging").config("rt_reserved_slots", 1)),
     );
-    let m = Maitre::start(&text);
     let c = client();
 
     // Too large a body: 413 in Ollama's shape.
@@ -287,11 +294,14 @@ async fn hostile_clients_get_defined_answers_and_stall_nobody() {
 #[tokio::test]
 async fn sigterm_finishes_running_answers_waiting_and_exits() {
     let fake = fake(1, 20).await;
-    let text = with_limits(
-        reserved_aging(&fake.url(), 1, "rt_reserved_slots = 0"),
-        "retry_after_seconds = 3",
+    let mut m = start(
+        &PolicyFile::new(fake.url(), 1)
+            .limits(Limits {
+                retry_after_seconds: Some(3),
+                ..Limits::default()
+            })
+            .arm(Arm::builtin("main", "reserved-aging").config("rt_reserved_slots", 0)),
     );
-    let mut m = Maitre::start(&text);
     let c = client();
     let running = tokio::spawn(generate(&c, &m.url, "running", None, 40).send());
     fake.wait_for("running", EventKind::Started, T)

@@ -7,12 +7,10 @@
 //! Set `MAITRE_HOSTILE_REPORT=1` to print one line per plugin: requests sent,
 //! answered and lost, and how long the faulty call ran.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(30);
@@ -21,7 +19,14 @@ const N: usize = 30;
 const SLOTS: u32 = 2;
 /// Short limits keep every case quick: a 20 ms CPU budget per call, a
 /// starvation watchdog at 300 ms checked every 50 ms.
-const LIMITS: &str = "plugin_call_ms = 20\nstarvation_ms = 300\ntick_ms = 50";
+fn limits() -> Limits {
+    Limits {
+        plugin_call_ms: Some(20),
+        starvation_ms: Some(300),
+        tick_ms: Some(50),
+        ..Limits::default()
+    }
+}
 
 /// Copies a plugin built from the `plugins/` workspace into `dir` and
 /// returns the copy's absolute path. Each maitre gets a private copy: maitre
@@ -36,29 +41,18 @@ fn wasm(crate_name: &str, dir: &Path) -> String {
 }
 
 /// Starts maitre on a policy file and a private copy of `plugin` in a temp folder.
-fn start(upstream: &str, plugin: &str, config: &str, extra_limits: &str) -> Maitre {
+fn start_plugin(upstream: &str, plugin: &str, config: toml::Table, limits: Limits) -> Maitre {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("policy.toml");
-    let text = policy_with(upstream, &wasm(plugin, dir.path()), config, extra_limits);
-    std::fs::write(&file, text).expect("write policy");
-    Maitre::spawn(dir, file, &[])
+    policy_with(upstream, &wasm(plugin, dir.path()), config, limits).write(&file);
+    serve().policy_in(dir, file).start()
 }
 
-/// A one-arm policy file with [`LIMITS`], `extra_limits` added or overriding.
-fn policy_with(upstream: &str, plugin: &str, config: &str, extra_limits: &str) -> String {
-    let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_string();
-    let overridden: Vec<String> = extra_limits.lines().map(key).collect();
-    let kept: Vec<&str> = LIMITS
-        .lines()
-        .filter(|l| !overridden.contains(&key(l)))
-        .collect();
-    policy(upstream, SLOTS, plugin, config).replace(
-        "[upstream]",
-        &format!(
-            "[limits]\n{}\n{extra_limits}\n\n[upstream]",
-            kept.join("\n")
-        ),
-    )
+/// A one-arm policy file on [`SLOTS`] slots running the plugin file `plugin`.
+fn policy_with(upstream: &str, plugin: &str, config: toml::Table, limits: Limits) -> PolicyFile {
+    PolicyFile::new(upstream, SLOTS)
+        .limits(limits)
+        .arm(Arm::new("main", plugin).configs(config))
 }
 
 /// One request of the mixed load: generate or chat, streamed or not,
@@ -131,32 +125,6 @@ async fn load(m: &Maitre, n: usize) -> Vec<Answer> {
     out
 }
 
-/// The value of the sample `name{labels...}` in a `/metrics` text (0 when absent).
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>()
-        + 0.0 // an empty sum is -0.0
-}
-
-async fn get_metrics(m: &Maitre) -> String {
-    client()
-        .get(format!("{}/metrics", m.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// The arm `main` in `/status`.
 async fn arm_status(m: &Maitre) -> Value {
     let s: Value = client()
@@ -175,17 +143,17 @@ struct Run {
     m: Maitre,
     fake: UpstreamModel,
     answers: Vec<Answer>,
-    metrics: String,
+    metrics: Scrape,
     arm: Value,
 }
 
 /// Starts maitre with `plugin` (a crate of the plugins workspace) and
 /// `config`, sends the load and collects what maitre and the fake saw.
-async fn run(plugin: &str, config: &str, extra_limits: &str) -> Run {
+async fn run(plugin: &str, config: toml::Table, limits: Limits) -> Run {
     let fake = fake(SLOTS as usize, 5).await;
-    let m = start(&fake.url(), plugin, config, extra_limits);
+    let m = start_plugin(&fake.url(), plugin, config, limits);
     let answers = load(&m, N).await;
-    let metrics = get_metrics(&m).await;
+    let metrics = Scrape::get(&m.admin).await;
     let arm = arm_status(&m).await;
     Run {
         m,
@@ -233,8 +201,7 @@ impl Run {
     /// `/status` with a `last_error` containing every one of `needles`, logged.
     async fn assert_ejected(&self, kind: &str, needles: &[&str]) {
         let faults = |k: &str| {
-            metric(
-                &self.metrics,
+            self.metrics.sum(
                 "maitre_plugin_faults_total",
                 &[("arm", "main"), ("kind", k)],
             )
@@ -245,11 +212,9 @@ impl Run {
             "plugin_faults{{kind={kind}}}:\n{}",
             self.metrics
         );
-        let all = metric(
-            &self.metrics,
-            "maitre_plugin_faults_total",
-            &[("arm", "main")],
-        );
+        let all = self
+            .metrics
+            .sum("maitre_plugin_faults_total", &[("arm", "main")]);
         assert_eq!(all, 1.0, "one fault, one kind:\n{}", self.metrics);
         assert_eq!(self.arm["fallback"], true, "{}", self.arm);
         let last = self.arm["last_error"].as_str().unwrap_or_default();
@@ -276,11 +241,9 @@ impl Run {
 
     /// The plugin is still serving: no fault, not in fallback.
     fn assert_not_ejected(&self) {
-        let all = metric(
-            &self.metrics,
-            "maitre_plugin_faults_total",
-            &[("arm", "main")],
-        );
+        let all = self
+            .metrics
+            .sum("maitre_plugin_faults_total", &[("arm", "main")]);
         assert_eq!(all, 0.0, "{}", self.metrics);
         assert_eq!(self.arm["fallback"], false, "{}", self.arm);
         assert!(
@@ -293,8 +256,7 @@ impl Run {
     }
 
     fn invalid(&self, kind: &str) -> f64 {
-        metric(
-            &self.metrics,
+        self.metrics.sum(
             "maitre_plugin_invalid_actions_total",
             &[("arm", "main"), ("kind", kind)],
         )
@@ -304,8 +266,8 @@ impl Run {
     fn call_seconds(&self, call: &str) -> (f64, f64) {
         let l = [("arm", "main"), ("kind", call)];
         (
-            metric(&self.metrics, "maitre_plugin_call_seconds_sum", &l),
-            metric(&self.metrics, "maitre_plugin_call_seconds_count", &l),
+            self.metrics.sum("maitre_plugin_call_seconds_sum", &l),
+            self.metrics.sum("maitre_plugin_call_seconds_count", &l),
         )
     }
 
@@ -342,7 +304,7 @@ fn stopped_after_ms(last_error: &str) -> u64 {
 #[tokio::test]
 async fn loop_in_schedule_is_stopped_by_the_cpu_budget() {
     // Three good decisions first, so requests are running when it hangs.
-    let r = run("hostile-loop", "after_calls = 3", "").await;
+    let r = run("hostile-loop", toml::toml! { after_calls = 3 }, limits()).await;
     r.report("loop(schedule)");
     r.assert_all_served();
     r.assert_ejected("timeout", &["20 ms CPU budget", "stopped after"])
@@ -356,7 +318,12 @@ async fn loop_in_schedule_is_stopped_by_the_cpu_budget() {
 
 #[tokio::test]
 async fn loop_in_admit_is_stopped_and_the_request_still_admitted() {
-    let r = run("hostile-loop", "call = \"admit\"\nafter_calls = 2", "").await;
+    let r = run(
+        "hostile-loop",
+        toml::toml! { call = "admit" after_calls = 2 },
+        limits(),
+    )
+    .await;
     r.report("loop(admit)");
     r.assert_all_served();
     r.assert_ejected("timeout", &["20 ms CPU budget"]).await;
@@ -369,11 +336,8 @@ async fn loop_in_admit_is_stopped_and_the_request_still_admitted() {
     // The request whose admit hung was admitted by the fallback: all N were
     // queued and answered (assert_all_served), none rejected.
     assert_eq!(
-        metric(
-            &r.metrics,
-            "maitre_requests_total",
-            &[("outcome", "rejected")]
-        ),
+        r.metrics
+            .sum("maitre_requests_total", &[("outcome", "rejected")]),
         0.0
     );
 }
@@ -382,8 +346,11 @@ async fn loop_in_admit_is_stopped_and_the_request_still_admitted() {
 async fn memory_bomb_is_stopped_at_the_memory_cap() {
     let r = run(
         "hostile-memory-bomb",
-        "after_calls = 2",
-        "plugin_memory_mib = 16",
+        toml::toml! { after_calls = 2 },
+        Limits {
+            plugin_memory_mib: Some(16),
+            ..limits()
+        },
     )
     .await;
     r.report("memory-bomb(schedule)");
@@ -395,8 +362,11 @@ async fn memory_bomb_is_stopped_at_the_memory_cap() {
 async fn memory_bomb_in_admit_is_stopped_and_the_request_still_admitted() {
     let r = run(
         "hostile-memory-bomb",
-        "call = \"admit\"",
-        "plugin_memory_mib = 16",
+        toml::toml! { call = "admit" },
+        Limits {
+            plugin_memory_mib: Some(16),
+            ..limits()
+        },
     )
     .await;
     r.report("memory-bomb(admit)");
@@ -406,7 +376,7 @@ async fn memory_bomb_in_admit_is_stopped_and_the_request_still_admitted() {
 
 #[tokio::test]
 async fn trap_is_ejected_as_a_trap() {
-    let r = run("hostile-trap", "after_calls = 2", "").await;
+    let r = run("hostile-trap", toml::toml! { after_calls = 2 }, limits()).await;
     r.report("trap(schedule)");
     r.assert_all_served();
     r.assert_ejected("trap", &["unreachable"]).await;
@@ -414,7 +384,7 @@ async fn trap_is_ejected_as_a_trap() {
 
 #[tokio::test]
 async fn panic_is_a_trap_whose_message_reaches_last_error() {
-    let r = run("hostile-panic", "after_calls = 1", "").await;
+    let r = run("hostile-panic", toml::toml! { after_calls = 1 }, limits()).await;
     r.report("panic(schedule)");
     // The panic message went to the guest's stderr (a WASI write under
     // tokio) without taking the host down: everything was served.
@@ -432,7 +402,7 @@ async fn panic_is_a_trap_whose_message_reaches_last_error() {
 
 #[tokio::test]
 async fn panic_in_admit_is_ejected_and_the_request_still_admitted() {
-    let r = run("hostile-panic", "call = \"admit\"", "").await;
+    let r = run("hostile-panic", toml::toml! { call = "admit" }, limits()).await;
     r.report("panic(admit)");
     r.assert_all_served();
     r.assert_ejected("trap", &["hostile-panic: deliberate panic in admit"])
@@ -441,7 +411,7 @@ async fn panic_in_admit_is_ejected_and_the_request_still_admitted() {
 
 #[tokio::test]
 async fn garbage_is_refused_whole_and_ejected() {
-    let r = run("hostile-garbage", "", "").await;
+    let r = run("hostile-garbage", toml::Table::new(), limits()).await;
     r.report("garbage(all)");
     r.assert_all_served();
     r.assert_ejected("invalid", &["invalid answer from schedule", "unknown_id"])
@@ -456,7 +426,12 @@ async fn garbage_is_refused_whole_and_ejected() {
 
 #[tokio::test]
 async fn garbage_unknown_id_is_ejected() {
-    let r = run("hostile-garbage", "mode = \"unknown_id\"", "").await;
+    let r = run(
+        "hostile-garbage",
+        toml::toml! { mode = "unknown_id" },
+        limits(),
+    )
+    .await;
     r.report("garbage(unknown_id)");
     r.assert_all_served();
     r.assert_ejected("invalid", &["unknown_id", "not waiting"])
@@ -466,7 +441,12 @@ async fn garbage_unknown_id_is_ejected() {
 
 #[tokio::test]
 async fn garbage_duplicate_start_is_ejected() {
-    let r = run("hostile-garbage", "mode = \"duplicate_start\"", "").await;
+    let r = run(
+        "hostile-garbage",
+        toml::toml! { mode = "duplicate_start" },
+        limits(),
+    )
+    .await;
     r.report("garbage(duplicate_start)");
     r.assert_all_served();
     r.assert_ejected("invalid", &["duplicate_start"]).await;
@@ -475,7 +455,12 @@ async fn garbage_duplicate_start_is_ejected() {
 
 #[tokio::test]
 async fn garbage_reject_of_running_requests_is_ejected() {
-    let r = run("hostile-garbage", "mode = \"reject_running\"", "").await;
+    let r = run(
+        "hostile-garbage",
+        toml::toml! { mode = "reject_running" },
+        limits(),
+    )
+    .await;
     r.report("garbage(reject_running)");
     // The running requests it tried to reject were not touched.
     r.assert_all_served();
@@ -486,7 +471,12 @@ async fn garbage_reject_of_running_requests_is_ejected() {
 
 #[tokio::test]
 async fn garbage_nan_priority_is_ejected_in_admit() {
-    let r = run("hostile-garbage", "mode = \"nan_priority\"", "").await;
+    let r = run(
+        "hostile-garbage",
+        toml::toml! { mode = "nan_priority" },
+        limits(),
+    )
+    .await;
     r.report("garbage(nan_priority)");
     r.assert_all_served();
     r.assert_ejected("invalid", &["invalid answer from admit", "NaN"])
@@ -499,7 +489,12 @@ async fn garbage_nan_priority_is_ejected_in_admit() {
 /// it, and the plugin keeps serving.
 #[tokio::test]
 async fn garbage_bad_status_is_answered_503_and_counted() {
-    let r = run("hostile-garbage", "mode = \"bad_status\"", "").await;
+    let r = run(
+        "hostile-garbage",
+        toml::toml! { mode = "bad_status" },
+        limits(),
+    )
+    .await;
     r.report("garbage(bad_status)");
     for a in &r.answers {
         assert_eq!(a.status, 503, "{:?}", a.body);
@@ -520,7 +515,12 @@ async fn garbage_bad_status_is_answered_503_and_counted() {
 /// and sent to, the client; counted, not ejected.
 #[tokio::test]
 async fn garbage_long_message_is_cut_and_counted() {
-    let r = run("hostile-garbage", "mode = \"long_message\"", "").await;
+    let r = run(
+        "hostile-garbage",
+        toml::toml! { mode = "long_message" },
+        limits(),
+    )
+    .await;
     r.report("garbage(long_message)");
     for a in &r.answers {
         assert_eq!(a.status, 429);
@@ -535,7 +535,7 @@ async fn garbage_long_message_is_cut_and_counted() {
 
 #[tokio::test]
 async fn start_everything_is_refused_and_ejected() {
-    let r = run("hostile-start-everything", "", "").await;
+    let r = run("hostile-start-everything", toml::Table::new(), limits()).await;
     r.report("start-everything");
     r.assert_all_served();
     r.assert_ejected("invalid", &["no_free_slot", "free slot"])
@@ -545,7 +545,7 @@ async fn start_everything_is_refused_and_ejected() {
 
 #[tokio::test]
 async fn starvation_is_ejected_by_the_watchdog() {
-    let r = run("hostile-starve", "", "").await;
+    let r = run("hostile-starve", toml::Table::new(), limits()).await;
     r.report("starve");
     r.assert_all_served();
     r.assert_ejected("starvation", &["starvation:", "every slot of the arm idle"])
@@ -558,8 +558,12 @@ async fn a_million_actions_are_refused_unread_and_ejected() {
     // (not the memory cap) is what gets it ejected.
     let r = run(
         "hostile-huge",
-        "",
-        "plugin_memory_mib = 256\nplugin_call_ms = 500",
+        toml::Table::new(),
+        Limits {
+            plugin_memory_mib: Some(256),
+            plugin_call_ms: Some(500),
+            ..limits()
+        },
     )
     .await;
     r.report("huge");
@@ -585,12 +589,16 @@ fn faults_in_init_refuse_the_load() {
             policy_with(
                 "http://127.0.0.1:9",
                 &wasm(plugin, dir.path()),
-                "call = \"init\"",
-                "plugin_memory_mib = 16",
-            ),
+                toml::toml! { call = "init" },
+                Limits {
+                    plugin_memory_mib: Some(16),
+                    ..limits()
+                },
+            )
+            .to_toml(),
         )
         .unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_maitre"))
+        let out = std::process::Command::new(BIN)
             .arg("check")
             .arg(&file)
             .output()
@@ -616,12 +624,14 @@ async fn a_reload_restores_a_good_plugin_after_an_ejection() {
     let plugin = dir.path().join("policy.wasm");
     std::fs::copy(maitre::builtins::built_plugin_path("hostile-trap"), &plugin).unwrap();
     let file = dir.path().join("policy.toml");
-    std::fs::write(
-        &file,
-        policy_with(&fake.url(), &plugin.display().to_string(), "", ""),
+    policy_with(
+        &fake.url(),
+        &plugin.display().to_string(),
+        toml::Table::new(),
+        limits(),
     )
-    .unwrap();
-    let m = Maitre::spawn(dir, file, &[]);
+    .write(&file);
+    let m = serve().policy_in(dir, file).start();
 
     let first = load(&m, 10).await;
     assert!(first.iter().all(|a| a.done), "{first:?}");
@@ -642,24 +652,23 @@ async fn a_reload_restores_a_good_plugin_after_an_ejection() {
     assert_eq!(arm["fallback"], false, "{arm}");
     assert_eq!(arm["last_error"], Value::Null, "{arm}");
 
-    let before = get_metrics(&m).await;
-    let calls = |t: &str| {
-        metric(
-            t,
+    let before = Scrape::get(&m.admin).await;
+    let calls = |t: &Scrape| {
+        t.sum(
             "maitre_plugin_call_seconds_count",
             &[("arm", "main"), ("kind", "schedule")],
         )
     };
     let second = load(&m, 10).await;
     assert!(second.iter().all(|a| a.done), "{second:?}");
-    let after = get_metrics(&m).await;
+    let after = Scrape::get(&m.admin).await;
     assert!(
         calls(&after) > calls(&before),
         "the reloaded plugin decides again"
     );
     // Still the one fault from before the reload.
     assert_eq!(
-        metric(&after, "maitre_plugin_faults_total", &[("arm", "main")]),
+        after.sum("maitre_plugin_faults_total", &[("arm", "main")]),
         1.0
     );
     assert_eq!(arm_status(&m).await["fallback"], false);

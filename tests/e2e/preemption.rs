@@ -2,23 +2,28 @@
 //! on 2 slots: asserted on the order of the fake Ollama's log, on what every
 //! client received, and on maitre's metrics.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 
 const T: Duration = Duration::from_secs(20);
 
 /// A `builtin:preemptive` policy on 2 slots, with extra `[policy.config]`
-/// lines and an optional `[limits] max_preemptions`.
-fn preemptive(upstream: &str, config: &str, host_max_preemptions: Option<u32>) -> String {
-    let mut p = policy(upstream, 2, "builtin:preemptive", config);
-    if let Some(n) = host_max_preemptions {
-        p.push_str(&format!("\n[limits]\nmax_preemptions = {n}\n"));
+/// keys and an optional `[limits] max_preemptions`.
+fn preemptive(
+    upstream: &str,
+    config: toml::Table,
+    host_max_preemptions: Option<u64>,
+) -> PolicyFile {
+    let p = PolicyFile::new(upstream, 2).arm(Arm::builtin("main", "preemptive").configs(config));
+    match host_max_preemptions {
+        Some(n) => p.limits(Limits {
+            max_preemptions: Some(n),
+            ..Limits::default()
+        }),
+        None => p,
     }
-    p
 }
 
 /// A streaming `/api/generate`.
@@ -129,29 +134,10 @@ fn assert_handoff(log: &[LogEvent], victim: &str, rt: &str) {
     );
 }
 
-async fn metrics(c: &reqwest::Client, m: &Maitre) -> String {
-    c.get(format!("{}/metrics", m.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-/// The value of a metric line that starts with `prefix` (0 when absent).
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .map(|v| v.parse().unwrap())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn preempted_batch_is_answered_in_full_and_realtime_takes_its_slot() {
     let fake = fake(2, 20).await;
-    let m = Maitre::start(&preemptive(&fake.url(), "", None));
+    let m = start(&preemptive(&fake.url(), toml::Table::new(), None));
     let c = client();
     let b1 = tokio::spawn(generate(&c, &m.url, "b1", Some("batch"), 40).send());
     fake.wait_for("b1", EventKind::Started, T).await.unwrap();
@@ -200,11 +186,11 @@ async fn preempted_batch_is_answered_in_full_and_realtime_takes_its_slot() {
     }
     assert!(fake.max_concurrent() <= 2);
 
-    let text = metrics(&c, &m).await;
+    let metrics = Scrape::get(&m.admin).await;
     assert_eq!(
-        metric(&text, "maitre_preemptions_total{arm=\"main\"}"),
+        metrics.sum("maitre_preemptions_total", &[("arm", "main")]),
         1.0,
-        "{text}"
+        "{metrics}"
     );
     assert!(
         m.wait_log(T, |l| l.contains("pre-empted")
@@ -218,7 +204,7 @@ async fn preempted_batch_is_answered_in_full_and_realtime_takes_its_slot() {
 #[tokio::test]
 async fn streaming_requests_are_never_cut_by_default() {
     let fake = fake(2, 20).await;
-    let m = Maitre::start(&preemptive(&fake.url(), "", None));
+    let m = start(&preemptive(&fake.url(), toml::Table::new(), None));
     let c = client();
     let b1 = streaming_started(generate_stream(&c, &m.url, "b1", "batch", 30)).await;
     let b2 = streaming_started(generate_stream(&c, &m.url, "b2", "batch", 30)).await;
@@ -250,19 +236,27 @@ async fn streaming_requests_are_never_cut_by_default() {
         .unwrap()
         .seq;
     assert!(seq_of(&log, "rt", EventKind::Started).unwrap() > first_finish);
-    let text = metrics(&c, &m).await;
-    assert_eq!(metric(&text, "maitre_preemptions_total"), 0.0, "{text}");
+    let metrics = Scrape::get(&m.admin).await;
     assert_eq!(
-        metric(&text, "maitre_plugin_invalid_actions_total"),
+        metrics.sum("maitre_preemptions_total", &[]),
         0.0,
-        "{text}"
+        "{metrics}"
+    );
+    assert_eq!(
+        metrics.sum("maitre_plugin_invalid_actions_total", &[]),
+        0.0,
+        "{metrics}"
     );
 }
 
 #[tokio::test]
 async fn a_policy_that_opts_in_cuts_a_stream_with_an_error_line() {
     let fake = fake(2, 20).await;
-    let m = Maitre::start(&preemptive(&fake.url(), "preempt_streaming = true", None));
+    let m = start(&preemptive(
+        &fake.url(),
+        toml::toml! { preempt_streaming = true },
+        None,
+    ));
     let c = client();
     let b1 = streaming_started(generate_stream(&c, &m.url, "b1", "batch", 60)).await;
     let b2 = streaming_started(generate_stream(&c, &m.url, "b2", "batch", 60)).await;
@@ -298,18 +292,22 @@ async fn a_policy_that_opts_in_cuts_a_stream_with_an_error_line() {
     // A cut stream is not retried: it started upstream exactly once.
     assert_eq!(count(&log, cut[0], EventKind::Started), 1);
 
-    let text = metrics(&c, &m).await;
+    let metrics = Scrape::get(&m.admin).await;
     assert_eq!(
-        metric(&text, "maitre_preemptions_total{arm=\"main\"}"),
+        metrics.sum("maitre_preemptions_total", &[("arm", "main")]),
         1.0,
-        "{text}"
+        "{metrics}"
     );
     assert!(
-        metric(
-            &text,
-            "maitre_requests_total{arm=\"main\",class=\"batch\",outcome=\"cancelled\"}"
+        metrics.sum(
+            "maitre_requests_total",
+            &[
+                ("arm", "main"),
+                ("class", "batch"),
+                ("outcome", "cancelled")
+            ]
         ) == 1.0,
-        "{text}"
+        "{metrics}"
     );
     assert!(
         m.wait_log(T, |l| l.contains("pre-empted")
@@ -323,7 +321,11 @@ async fn a_cut_closes_the_upstream_at_once_not_at_the_next_token() {
     // Tokens 2 s apart: a cut noticed only when the next token arrives
     // would let the fake produce a second one before it sees the cancel.
     let fake = fake(2, 20).await;
-    let m = Maitre::start(&preemptive(&fake.url(), "preempt_streaming = true", None));
+    let m = start(&preemptive(
+        &fake.url(),
+        toml::toml! { preempt_streaming = true },
+        None,
+    ));
     let c = client();
     let slow = |tag: &str| {
         generate_stream(&c, &m.url, tag, "batch", 100).header("x-fake-token-ms", "2000")
@@ -360,9 +362,10 @@ async fn a_cut_closes_the_upstream_at_once_not_at_the_next_token() {
 /// (never a victim). Real-time requests arrive one after another, each once b
 /// has produced a token again. With a bound of `n`, the first `n` of them
 /// pre-empt b and the next one waits for b to finish; b still completes.
-async fn bound_scenario(plugin_config: &str, host_max: Option<u32>, n: usize) {
+async fn bound_scenario(plugin_max: u32, host_max: Option<u64>, n: usize) {
     let fake = fake(2, 20).await;
-    let m = Maitre::start(&preemptive(&fake.url(), plugin_config, host_max));
+    let config = toml::Table::from_iter([("max_preemptions".to_string(), plugin_max.into())]);
+    let m = start(&preemptive(&fake.url(), config, host_max));
     let c = client();
     // Outlasts everything below; aborted at the end.
     let hold = tokio::spawn(generate(&c, &m.url, "hold", Some("realtime"), 1000).send());
@@ -405,16 +408,16 @@ async fn bound_scenario(plugin_config: &str, host_max: Option<u32>, n: usize) {
     assert_eq!(count(&log, "b", EventKind::Cancelled), n, "{log:#?}");
     assert_eq!(count(&log, "b", EventKind::Started), n + 1, "{log:#?}");
     assert_eq!(count(&log, "b", EventKind::Finished), 1, "{log:#?}");
-    let text = metrics(&c, &m).await;
+    let metrics = Scrape::get(&m.admin).await;
     assert_eq!(
-        metric(&text, "maitre_preemptions_total{arm=\"main\"}"),
+        metrics.sum("maitre_preemptions_total", &[("arm", "main")]),
         n as f64,
-        "{text}"
+        "{metrics}"
     );
     assert_eq!(
-        metric(&text, "maitre_plugin_invalid_actions_total"),
+        metrics.sum("maitre_plugin_invalid_actions_total", &[]),
         0.0,
-        "{text}"
+        "{metrics}"
     );
     hold.abort();
 }
@@ -422,18 +425,18 @@ async fn bound_scenario(plugin_config: &str, host_max: Option<u32>, n: usize) {
 #[tokio::test]
 async fn host_bound_on_preemptions_holds_and_the_batch_request_completes() {
     // The plugin would allow 5; the host's [limits] allows 1.
-    bound_scenario("max_preemptions = 5", Some(1), 1).await;
+    bound_scenario(5, Some(1), 1).await;
 }
 
 #[tokio::test]
 async fn plugin_bound_on_preemptions_holds_and_the_batch_request_completes() {
     // The host would allow 5; the plugin's max_preemptions allows 2.
-    bound_scenario("max_preemptions = 2", Some(5), 2).await;
+    bound_scenario(2, Some(5), 2).await;
 }
 
 #[tokio::test]
 async fn example_preemptive_policy_passes_check() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_maitre"))
+    let out = std::process::Command::new(BIN)
         .args(["check", "examples/preemptive.toml"])
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .output()

@@ -1,16 +1,17 @@
 //! Ollama transparency: every endpoint works through maitre as it does direct.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 
 #[tokio::test]
 async fn root_version_tags_ps_show_pass_through() {
     let fake = fake(2, 5).await;
-    let m = Maitre::start(&reserved_aging(&fake.url(), 2, "rt_reserved_slots = 1"));
+    let m = start(
+        &PolicyFile::new(fake.url(), 2)
+            .arm(Arm::builtin("main", "reserved-aging").config("rt_reserved_slots", 1)),
+    );
     let c = client();
 
     let head = c.head(format!("{}/", m.url)).send().await.unwrap();
@@ -62,7 +63,7 @@ async fn root_version_tags_ps_show_pass_through() {
 #[tokio::test]
 async fn host_is_rewritten_and_headers_pass_through() {
     let fake = fake(2, 5).await;
-    let m = Maitre::start(&reserved_aging(&fake.url(), 2, ""));
+    let m = start(&PolicyFile::new(fake.url(), 2).arm(Arm::builtin("main", "reserved-aging")));
     let c = client();
     // Direct with a foreign Host, the fake (like Ollama on loopback) refuses.
     let direct = c
@@ -96,7 +97,7 @@ async fn host_is_rewritten_and_headers_pass_through() {
 #[tokio::test]
 async fn ndjson_streams_token_by_token() {
     let fake = fake(2, 60).await;
-    let m = Maitre::start(&reserved_aging(&fake.url(), 2, ""));
+    let m = start(&PolicyFile::new(fake.url(), 2).arm(Arm::builtin("main", "reserved-aging")));
     let c = client();
     let resp = c
         .post(format!("{}/api/generate", m.url))
@@ -150,7 +151,7 @@ async fn ndjson_streams_token_by_token() {
 #[tokio::test]
 async fn non_streaming_and_embeddings_match_direct() {
     let fake = fake(2, 1).await;
-    let m = Maitre::start(&reserved_aging(&fake.url(), 2, ""));
+    let m = start(&PolicyFile::new(fake.url(), 2).arm(Arm::builtin("main", "reserved-aging")));
     let c = client();
     for (path, body) in [
         (
@@ -204,7 +205,7 @@ async fn non_streaming_and_embeddings_match_direct() {
 #[tokio::test]
 async fn openai_sse_stream_ends_with_done() {
     let fake = fake(2, 10).await;
-    let m = Maitre::start(&reserved_aging(&fake.url(), 2, ""));
+    let m = start(&PolicyFile::new(fake.url(), 2).arm(Arm::builtin("main", "reserved-aging")));
     let resp = client()
         .post(format!("{}/v1/chat/completions", m.url))
         .json(&serde_json::json!({"model": "fake", "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
@@ -228,7 +229,7 @@ async fn openai_sse_stream_ends_with_done() {
 #[tokio::test]
 async fn pull_streams_progress() {
     let fake = fake(2, 10).await;
-    let m = Maitre::start(&reserved_aging(&fake.url(), 2, ""));
+    let m = start(&PolicyFile::new(fake.url(), 2).arm(Arm::builtin("main", "reserved-aging")));
     let text = client()
         .post(format!("{}/api/pull", m.url))
         .json(&serde_json::json!({"model": "fake"}))
@@ -251,7 +252,10 @@ async fn upstream_down_is_a_quick_502_in_ollama_shape() {
         .local_addr()
         .unwrap()
         .port();
-    let m = Maitre::start(&reserved_aging(&format!("http://127.0.0.1:{port}"), 2, ""));
+    let m = start(
+        &PolicyFile::new(format!("http://127.0.0.1:{port}"), 2)
+            .arm(Arm::builtin("main", "reserved-aging")),
+    );
     let c = client();
     for path in ["/api/tags", "/api/generate"] {
         let t = Instant::now();
@@ -274,7 +278,10 @@ async fn upstream_down_is_a_quick_502_in_ollama_shape() {
 #[tokio::test]
 async fn malformed_json_is_answered_by_ollama_without_a_slot() {
     let fake = fake(1, 5).await;
-    let m = Maitre::start(&reserved_aging(&fake.url(), 1, "rt_reserved_slots = 0"));
+    let m = start(
+        &PolicyFile::new(fake.url(), 1)
+            .arm(Arm::builtin("main", "reserved-aging").config("rt_reserved_slots", 0)),
+    );
     let c = client();
     for body in ["{not json", "", "[1,2]", r#"{"prompt":"no model"}"#] {
         let r = c
@@ -296,11 +303,15 @@ async fn malformed_json_is_answered_by_ollama_without_a_slot() {
 #[tokio::test]
 async fn queue_full_is_503_with_retry_after() {
     let fake = fake(1, 50).await;
-    let text = reserved_aging(&fake.url(), 1, "rt_reserved_slots = 0").replace(
-        "[upstream]",
-        "[limits]\nmax_waiting = 1\nretry_after_seconds = 7\n\n[upstream]",
+    let m = start(
+        &PolicyFile::new(fake.url(), 1)
+            .limits(Limits {
+                max_waiting: Some(1),
+                retry_after_seconds: Some(7),
+                ..Limits::default()
+            })
+            .arm(Arm::builtin("main", "reserved-aging").config("rt_reserved_slots", 0)),
     );
-    let m = Maitre::start(&text);
     let c = client();
     let running = tokio::spawn(generate(&c, &m.url, "r", None, 20).send());
     fake.wait_for("r", EventKind::Started, Duration::from_secs(5))

@@ -1,18 +1,19 @@
 //! Scheduling through the real binary: order, reservation, aging,
 //! cancellation and the slot bound, asserted on what reached the fake Ollama.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const T: Duration = Duration::from_secs(20);
 
 #[tokio::test]
 async fn realtime_is_dispatched_ahead_of_earlier_batch() {
     let fake = fake(2, 20).await;
-    let m = Maitre::start(&reserved_aging(&fake.url(), 2, "rt_reserved_slots = 1"));
+    let m = start(
+        &PolicyFile::new(fake.url(), 2)
+            .arm(Arm::builtin("main", "reserved-aging").config("rt_reserved_slots", 1)),
+    );
     let c = client();
     let mut tasks = Vec::new();
     // A batch flood: b0 takes the shared slot, b1..b5 wait.
@@ -67,13 +68,16 @@ async fn realtime_is_dispatched_ahead_of_earlier_batch() {
 /// Returns the start order of "b-aged" and "rt-late" in a scenario where a
 /// batch request has waited 0.8 s when the shared slot frees, and a realtime
 /// request arrived later; the reserved slot is busy throughout.
-async fn aging_scenario(boost: &str) -> Vec<String> {
+async fn aging_scenario(boost: f64) -> Vec<String> {
     let fake = fake(2, 50).await;
-    let m = Maitre::start(&reserved_aging(
-        &fake.url(),
-        2,
-        &format!("rt_reserved_slots = 1\naging_threshold_seconds = 0.3\naging_boost = {boost}"),
-    ));
+    let m = start(
+        &PolicyFile::new(fake.url(), 2).arm(
+            Arm::builtin("main", "reserved-aging")
+                .config("rt_reserved_slots", 1)
+                .config("aging_threshold_seconds", 0.3)
+                .config("aging_boost", boost),
+        ),
+    );
     let c = client();
     let hold_shared = tokio::spawn(generate(&c, &m.url, "b-hold", Some("batch"), 20).send());
     fake.wait_for("b-hold", EventKind::Started, T)
@@ -95,11 +99,11 @@ async fn aging_scenario(boost: &str) -> Vec<String> {
 #[tokio::test]
 async fn aged_batch_overtakes_realtime_only_with_aging() {
     // 0.8 s waited = 2 thresholds: priority 0 + 2 × 0.6 = 1.2 > realtime's 1.0.
-    let with = aging_scenario("0.6").await;
+    let with = aging_scenario(0.6).await;
     let pos = |o: &[String], t: &str| o.iter().position(|x| x == t).unwrap();
     assert!(pos(&with, "b-aged") < pos(&with, "rt-late"), "{with:?}");
     // Without aging, the later realtime request goes first.
-    let without = aging_scenario("0").await;
+    let without = aging_scenario(0.0).await;
     assert!(
         pos(&without, "rt-late") < pos(&without, "b-aged"),
         "{without:?}"
@@ -109,7 +113,10 @@ async fn aged_batch_overtakes_realtime_only_with_aging() {
 #[tokio::test]
 async fn disconnect_while_waiting_never_reaches_upstream() {
     let fake = fake(1, 20).await;
-    let m = Maitre::start(&reserved_aging(&fake.url(), 1, "rt_reserved_slots = 0"));
+    let m = start(
+        &PolicyFile::new(fake.url(), 1)
+            .arm(Arm::builtin("main", "reserved-aging").config("rt_reserved_slots", 0)),
+    );
     let c = client();
     let hold = tokio::spawn(generate(&c, &m.url, "hold", None, 25).send());
     fake.wait_for("hold", EventKind::Started, T).await.unwrap();
@@ -145,7 +152,10 @@ async fn disconnect_while_waiting_never_reaches_upstream() {
 #[tokio::test]
 async fn disconnect_while_running_cancels_upstream_and_starts_the_next() {
     let fake = fake(1, 20).await;
-    let m = Maitre::start(&reserved_aging(&fake.url(), 1, "rt_reserved_slots = 0"));
+    let m = start(
+        &PolicyFile::new(fake.url(), 1)
+            .arm(Arm::builtin("main", "reserved-aging").config("rt_reserved_slots", 0)),
+    );
     let c = client();
     let resp = c
         .post(format!("{}/api/generate", m.url))
@@ -183,7 +193,10 @@ async fn disconnect_while_running_cancels_upstream_and_starts_the_next() {
 #[tokio::test]
 async fn slots_are_never_overrun_and_every_request_is_answered() {
     let fake = fake(2, 2).await;
-    let m = Maitre::start(&reserved_aging(&fake.url(), 2, "rt_reserved_slots = 1"));
+    let m = start(
+        &PolicyFile::new(fake.url(), 2)
+            .arm(Arm::builtin("main", "reserved-aging").config("rt_reserved_slots", 1)),
+    );
     let c = client();
     let mut tasks = Vec::new();
     for i in 0..40 {
@@ -218,7 +231,7 @@ async fn slots_are_never_overrun_and_every_request_is_answered() {
 #[tokio::test]
 async fn each_request_gets_one_structured_log_line() {
     let fake = fake(2, 1).await;
-    let m = Maitre::start(&reserved_aging(&fake.url(), 2, ""));
+    let m = start(&PolicyFile::new(fake.url(), 2).arm(Arm::builtin("main", "reserved-aging")));
     let c = client();
     let r = generate(&c, &m.url, "x", Some("high"), 2)
         .send()
@@ -251,19 +264,16 @@ async fn each_request_gets_one_structured_log_line() {
 async fn all_slots_reserved_is_refused_with_an_explanation() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("p.toml");
-    std::fs::write(
-        &f,
-        reserved_aging("http://127.0.0.1:1", 1, "rt_reserved_slots = 1"),
-    )
-    .unwrap();
+    let all_reserved = |slots| {
+        PolicyFile::new("http://127.0.0.1:1", slots)
+            .arm(Arm::builtin("main", "reserved-aging").config("rt_reserved_slots", 1))
+    };
+    all_reserved(1).write(&f);
     for cmd in [
         vec!["check", f.to_str().unwrap()],
         vec!["serve", "--policy", f.to_str().unwrap()],
     ] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_maitre"))
-            .args(&cmd)
-            .output()
-            .unwrap();
+        let out = std::process::Command::new(BIN).args(&cmd).output().unwrap();
         assert!(!out.status.success(), "{cmd:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
@@ -273,20 +283,24 @@ async fn all_slots_reserved_is_refused_with_an_explanation() {
             "{err}"
         );
     }
-    std::fs::write(
-        &f,
-        reserved_aging("http://127.0.0.1:1", 1, "rt_reserved_slots = 1")
-            .replace("slots = 1", "slots = 0"),
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_maitre"))
+    let zero_slots = all_reserved(0);
+    zero_slots.write(&f);
+    let out = std::process::Command::new(BIN)
         .args(["check", f.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("p.toml:6: upstream.slots"), "{err}");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_maitre"))
+    let slots_line = 1 + zero_slots
+        .to_toml()
+        .lines()
+        .position(|l| l == "slots = 0")
+        .expect("a slots line");
+    assert!(
+        err.contains(&format!("p.toml:{slots_line}: upstream.slots")),
+        "{err}"
+    );
+    let out = std::process::Command::new(BIN)
         .args(["check", "examples/policy.toml"])
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .output()

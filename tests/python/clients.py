@@ -1,7 +1,8 @@
 """The official `ollama` and `openai` Python clients, pointed at maitre.
 
-Run by the Rust e2e test `clients` (tests/e2e/clients.rs), which starts the
-fake Ollama and maitre and sets MAITRE_URL. Exits non-zero on any failure.
+Run by the Rust e2e test `clients::official_python_clients_work_through_maitre`
+(tests/e2e/clients.rs), which starts the fake Ollama and maitre and sets
+MAITRE_URL. Exits non-zero on any failure.
 """
 
 import os

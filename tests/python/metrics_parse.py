@@ -1,7 +1,8 @@
 """Fetches maitre's /metrics in both text formats and parses each with the
 official Prometheus parser for it (prometheus_client): OpenMetrics 1.0 when
 asked for with Accept (what Prometheus does), Prometheus text 0.0.4 otherwise.
-Prints the parsed families as JSON for the e2e test `live` to check; exits
+Prints the parsed families as JSON for the e2e test
+`live::admin::metrics_parse_with_the_prometheus_parsers` to check; exits
 non-zero if a parser rejects the text.
 
 Usage: python metrics_parse.py http://127.0.0.1:PORT/metrics

@@ -1,31 +1,22 @@
 //! Shared helpers of maitre's benchmarks (`cargo bench -p maitre --bench NAME`):
 //! maitre in-process or as the real binary, a seeded RNG, percentiles, and
-//! table printing. Benchmarks print tables; they assert nothing.
+//! table printing. Benchmarks print tables; they assert nothing. The policy
+//! builder, the process launcher, the metrics parser and the upstream model
+//! come from the test kit (`maitre-testkit`), shared with the e2e tests.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-/// A policy file with one arm on `slots` slots.
-pub fn policy(upstream: &str, slots: u32, plugin: &str, config: &str, extra: &str) -> String {
-    format!(
-        r#"listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-{extra}
-[upstream]
-url = "{upstream}"
-slots = {slots}
+use maitre_testkit::{Maitre, PolicyFile, Serve};
 
-[[policy]]
-name = "main"
-plugin = "{plugin}"
-[policy.config]
-{config}
-"#
-    )
+/// The real `maitre` binary (`maitre serve`) on `policy`, once it is ready;
+/// killed when dropped.
+pub fn binary(policy: &PolicyFile) -> Maitre {
+    Serve::new(env!("CARGO_BIN_EXE_maitre"))
+        .policy(policy)
+        .start()
 }
 
 /// maitre served in-process (`maitre::serve`) on loopback port 0, on the
@@ -40,20 +31,21 @@ pub struct InProc {
 }
 
 impl InProc {
-    /// Parses `policy_text` (written to a temp folder, as hot reload wants a
+    /// Parses `policy` (written to a temp folder, as hot reload wants a
     /// file) and serves it.
-    pub async fn start(policy_text: &str) -> InProc {
+    pub async fn start(policy: &PolicyFile) -> InProc {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("policy.toml");
-        std::fs::write(&path, policy_text).expect("write policy");
-        let cfg = maitre::config::Config::parse(&path, policy_text).expect("valid policy");
+        let text = policy.to_toml();
+        std::fs::write(&path, &text).expect("write policy");
+        let cfg = maitre::config::Config::parse(&path, &text).expect("valid policy");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().unwrap());
         let admin_url = format!("http://{}", admin.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
-            if let Err(e) = maitre::serve(cfg, listener, Some(admin), async {
+            if let Err(e) = maitre::serve(cfg, listener, Some(admin), None, async {
                 let _ = rx.await;
             })
             .await
@@ -75,65 +67,6 @@ impl Drop for InProc {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-    }
-}
-
-/// The real `maitre` binary (`maitre serve`), logging at info to a pipe that
-/// a thread drains; killed when dropped.
-pub struct Binary {
-    child: Child,
-    /// `http://127.0.0.1:PORT` of the client listener.
-    pub url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Binary {
-    /// Writes `policy_text` to a temp folder and starts `maitre serve` on it.
-    pub fn start(policy_text: &str) -> Binary {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("policy.toml");
-        std::fs::write(&path, policy_text).expect("write policy");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_maitre"))
-            .arg("serve")
-            .arg("--policy")
-            .arg(&path)
-            .env("MAITRE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start maitre");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if !sent
-                    && line.contains("maitre serving")
-                    && let Some(i) = line.find("listen=")
-                {
-                    let addr = line[i + 7..].split_whitespace().next().unwrap_or("");
-                    let _ = tx.send(addr.to_string());
-                    sent = true;
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("maitre binary did not start");
-        Binary {
-            child,
-            url: format!("http://{addr}"),
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -201,15 +134,6 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// Value of the first Prometheus sample whose line starts with `prefix`, summed
-/// over every matching line (0 when there is none).
-pub fn metric_sum(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Separate runtimes for the fake upstream (1 worker), an in-process maitre

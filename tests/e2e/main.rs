@@ -1,0 +1,15 @@
+//! maitre's end-to-end tests, in one test binary (one link instead of one per
+//! topic): each module starts the real `maitre` binary against the upstream
+//! model on loopback ports and checks what clients, the upstream, the log and
+//! `/metrics` see. `cargo test --release -p maitre --test e2e [MODULE::]`.
+
+mod common;
+
+mod clients;
+mod faults;
+mod hostile;
+mod live;
+mod preemption;
+mod proxy;
+mod ready;
+mod scheduling;
