@@ -18,7 +18,7 @@
 //! with no second copy per call.
 
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
@@ -54,36 +54,6 @@ pub mod types {
 
 use bindings::{Policy, PolicyPre};
 use types::{Action, Admission, Request, View};
-
-/// The plugins compiled into the `maitre` binary, by name (`builtin:NAME`).
-const BUILTINS: &[(&str, &[u8])] = &[
-    (
-        "reserved-aging",
-        include_bytes!(concat!(env!("MAITRE_PLUGIN_DIR"), "/reserved_aging.wasm")),
-    ),
-    (
-        "fifo",
-        include_bytes!(concat!(env!("MAITRE_PLUGIN_DIR"), "/fifo.wasm")),
-    ),
-    (
-        "preemptive",
-        include_bytes!(concat!(env!("MAITRE_PLUGIN_DIR"), "/preemptive.wasm")),
-    ),
-];
-
-/// Names accepted after `builtin:` in a policy file.
-pub fn builtin_names() -> Vec<&'static str> {
-    BUILTINS.iter().map(|(n, _)| *n).collect()
-}
-
-/// The bytes of a built-in plugin.
-pub fn builtin_bytes(name: &str) -> Option<&'static [u8]> {
-    BUILTINS.iter().find(|(n, _)| *n == name).map(|(_, b)| *b)
-}
-
-/// Where the build put the plugin components (used by tests and benchmarks that
-/// need plugin files on disk, e.g. to exercise hot reload).
-pub const BUILT_PLUGIN_DIR: &str = env!("MAITRE_PLUGIN_DIR");
 
 /// Sandbox limits of one plugin instance.
 #[derive(Debug, Clone, Copy)]
@@ -401,7 +371,7 @@ impl Runtime {
     pub fn compile(&self, source: &PluginSource) -> Result<Compiled, PluginError> {
         let (bytes, name): (std::borrow::Cow<'static, [u8]>, String) = match source {
             PluginSource::Builtin(b) => (
-                builtin_bytes(b)
+                crate::builtins::bytes(b)
                     .ok_or_else(|| PluginError::Compile {
                         source_name: source.to_string(),
                         reason: "no such built-in plugin".into(),
@@ -664,19 +634,6 @@ pub async fn load(
         .instantiate(&compiled, limits, config)
         .await?;
     Ok((compiled, inst))
-}
-
-/// Path of a built plugin component on disk, e.g. `built_plugin_path("fifo")`.
-pub fn built_plugin_path(crate_name: &str) -> PathBuf {
-    Path::new(BUILT_PLUGIN_DIR).join(format!("{}.wasm", crate_name.replace('-', "_")))
-}
-
-#[cfg(test)]
-mod builtin_tests {
-    #[test]
-    fn config_knows_every_embedded_plugin() {
-        assert_eq!(super::builtin_names(), crate::config::BUILTIN_PLUGINS);
-    }
 }
 
 #[cfg(test)]

@@ -155,7 +155,7 @@ impl Reloader {
     /// Returns the compiled plugin and whether it had to be compiled now.
     async fn compile(&self, source: &PluginSource) -> Result<(Compiled, bool), PluginError> {
         let bytes: Vec<u8> = match source {
-            PluginSource::Builtin(name) => crate::plugin::builtin_bytes(name)
+            PluginSource::Builtin(name) => crate::builtins::bytes(name)
                 .ok_or_else(|| PluginError::Compile {
                     source_name: source.to_string(),
                     reason: "no such built-in plugin".into(),

@@ -12,6 +12,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::hostile_plugins::hostile_plugin;
 use common::*;
 use serde_json::Value;
 
@@ -23,13 +24,12 @@ const SLOTS: u32 = 2;
 /// starvation watchdog at 300 ms checked every 50 ms.
 const LIMITS: &str = "plugin_call_ms = 20\nstarvation_ms = 300\ntick_ms = 50";
 
-/// Copies a plugin built from the `plugins/` workspace into `dir` and
-/// returns the copy's absolute path. Each maitre gets a private copy: maitre
+/// Copies a hostile plugin (built on first use) into `dir` and returns the
+/// copy's absolute path. Each maitre gets a private copy: maitre
 /// watches its plugin's folder, and must not see other tests open the shared
 /// build output.
 fn wasm(crate_name: &str, dir: &Path) -> String {
-    let built = maitre::plugin::built_plugin_path(crate_name);
-    assert!(built.exists(), "{} was not built", built.display());
+    let built = hostile_plugin(crate_name);
     let copy = dir.join(format!("{crate_name}.wasm"));
     std::fs::copy(&built, &copy).unwrap();
     copy.display().to_string()
@@ -614,7 +614,7 @@ async fn a_reload_restores_a_good_plugin_after_an_ejection() {
     let fake = fake(SLOTS as usize, 5).await;
     let dir = tempfile::tempdir().unwrap();
     let plugin = dir.path().join("policy.wasm");
-    std::fs::copy(maitre::plugin::built_plugin_path("hostile-trap"), &plugin).unwrap();
+    std::fs::copy(hostile_plugin("hostile-trap"), &plugin).unwrap();
     let file = dir.path().join("policy.toml");
     std::fs::write(
         &file,
@@ -631,7 +631,7 @@ async fn a_reload_restores_a_good_plugin_after_an_ejection() {
 
     // A good plugin replaces the file; the watcher may reload on its own,
     // POST /reload makes it certain.
-    replace_file(&maitre::plugin::built_plugin_path("fifo"), &plugin);
+    replace_file(&maitre::builtins::built_plugin_path("fifo"), &plugin);
     let reload = client()
         .post(format!("{}/reload", m.admin))
         .send()

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use maitre::plugin::built_plugin_path;
+use maitre::builtins::built_plugin_path;
 use serde_json::{Value, json};
 use sha2::Digest;
 

@@ -23,10 +23,6 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:11435";
 /// Default upstream: a local Ollama.
 pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:11434";
 
-/// Names accepted after `builtin:` (the plugins embedded in the binary;
-/// `plugin.rs` holds their bytes and a test keeps the two lists equal).
-pub const BUILTIN_PLUGINS: &[&str] = &["reserved-aging", "fifo", "preemptive"];
-
 /// Where a plugin's WebAssembly comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PluginSource {

@@ -9,9 +9,11 @@ use std::path::Path;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::builtins;
+
 use super::{
-    AbConfig, AbMode, ArmConfig, BUILTIN_PLUGINS, Config, ConfigError, DEFAULT_LISTEN,
-    DEFAULT_UPSTREAM, Limits, PluginSource, UpstreamConfig,
+    AbConfig, AbMode, ArmConfig, Config, ConfigError, DEFAULT_LISTEN, DEFAULT_UPSTREAM, Limits,
+    PluginSource, UpstreamConfig,
 };
 
 #[derive(Deserialize)]
@@ -322,18 +324,24 @@ impl Config {
                     return Err(cx.err(
                         span,
                         &key("plugin"),
-                        "missing: give builtin:reserved-aging, builtin:fifo, builtin:preemptive or a path to a .wasm component",
+                        format!(
+                            "missing: give {} or a path to a .wasm component",
+                            builtins::names()
+                                .map(|n| format!("builtin:{n}"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
                     ));
                 }
                 Some(s) => match s.get_ref().strip_prefix("builtin:") {
                     Some(b) => {
-                        if !BUILTIN_PLUGINS.contains(&b) {
+                        if builtins::bytes(b).is_none() {
                             return Err(cx.err(
                                 s.span(),
                                 &key("plugin"),
                                 format!(
                                     "no built-in plugin {b:?}; built in are: {}",
-                                    BUILTIN_PLUGINS.join(", ")
+                                    builtins::names().collect::<Vec<_>>().join(", ")
                                 ),
                             ));
                         }

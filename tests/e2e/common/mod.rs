@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 pub use fake_ollama::{EventKind, FakeConfig, FakeOllama, LogEvent};
 
+pub mod hostile_plugins;
+
 /// A running `maitre serve` process; killed on drop.
 pub struct Maitre {
     child: Child,
