@@ -2,7 +2,8 @@
 //! WebAssembly policy plugins.
 //!
 //! Data flows one way: [`proxy`] → [`scheduler`] → [`plugin`] → [`scheduler`] →
-//! [`proxy`]. [`config`] reads the policy file, [`reload`] swaps policies while
+//! [`proxy`]. [`config`] reads the policy file, [`builtins`] holds the plugins
+//! compiled into the binary, [`reload`] swaps policies while
 //! traffic flows, [`admin`] and [`metrics`] let operators watch and steer.
 
 #![forbid(unsafe_code)]

@@ -10,6 +10,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::common::hostile_plugins::hostile_plugin;
 use crate::common::*;
 use serde_json::Value;
 
@@ -28,13 +29,12 @@ fn limits() -> Limits {
     }
 }
 
-/// Copies a plugin built from the `plugins/` workspace into `dir` and
-/// returns the copy's absolute path. Each maitre gets a private copy: maitre
+/// Copies a hostile plugin (built on first use) into `dir` and returns the
+/// copy's absolute path. Each maitre gets a private copy: maitre
 /// watches its plugin's folder, and must not see other tests open the shared
 /// build output.
 fn wasm(crate_name: &str, dir: &Path) -> String {
-    let built = maitre::builtins::built_plugin_path(crate_name);
-    assert!(built.exists(), "{} was not built", built.display());
+    let built = hostile_plugin(crate_name);
     let copy = dir.join(format!("{crate_name}.wasm"));
     std::fs::copy(&built, &copy).unwrap();
     copy.display().to_string()
@@ -622,7 +622,7 @@ async fn a_reload_restores_a_good_plugin_after_an_ejection() {
     let fake = fake(SLOTS as usize, 5).await;
     let dir = tempfile::tempdir().unwrap();
     let plugin = dir.path().join("policy.wasm");
-    std::fs::copy(maitre::builtins::built_plugin_path("hostile-trap"), &plugin).unwrap();
+    std::fs::copy(hostile_plugin("hostile-trap"), &plugin).unwrap();
     let file = dir.path().join("policy.toml");
     policy_with(
         &fake.url(),

@@ -97,7 +97,11 @@ async fn ready_file_names_listeners_that_answer_at_once() {
 fn no_ready_file_while_plugins_load_or_when_they_fail() {
     let dir = tempfile::tempdir().unwrap();
     let plugin = dir.path().join("loop.wasm");
-    std::fs::copy(maitre::builtins::built_plugin_path("hostile-loop"), &plugin).unwrap();
+    std::fs::copy(
+        crate::common::hostile_plugins::hostile_plugin("hostile-loop"),
+        &plugin,
+    )
+    .unwrap();
     let policy = dir.path().join("policy.toml");
     PolicyFile::new("http://127.0.0.1:9", 1)
         .limits(Limits {

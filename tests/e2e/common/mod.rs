@@ -2,6 +2,8 @@
 //! benches) and the path of the binary under test, which only this crate
 //! knows (`CARGO_BIN_EXE_maitre` is set when a test target is compiled).
 
+pub mod hostile_plugins;
+
 pub use maitre_testkit::*;
 
 /// The `maitre` binary under test.

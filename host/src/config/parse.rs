@@ -1,184 +1,20 @@
-//! The policy file: parsing, defaults and validation.
-//!
-//! Every error a user can see names the file, the line, the key and what to do,
-//! because a policy file is edited by hand while traffic flows (hot reload keeps
-//! the old policy when the new file is wrong, and shows this message).
+//! Reading a policy file: TOML into the raw, spanned shape, then checked
+//! field by field into a [`Config`], each error pointing at its line and key.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Deserialize;
 use toml::Spanned;
 
-/// Names accepted after `builtin:` (the plugins embedded in the binary;
-/// `plugin.rs` holds their bytes and a test keeps the two lists equal).
-pub const BUILTIN_PLUGINS: &[&str] = &["reserved-aging", "fifo", "preemptive"];
+use crate::builtins;
 
-/// Where a plugin's WebAssembly comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PluginSource {
-    /// One of the plugins built into the `maitre` binary (`builtin:NAME`).
-    Builtin(String),
-    /// A `.wasm` component on disk (resolved against the policy file's folder).
-    File(PathBuf),
-}
-
-impl std::fmt::Display for PluginSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PluginSource::Builtin(name) => write!(f, "builtin:{name}"),
-            PluginSource::File(path) => write!(f, "{}", path.display()),
-        }
-    }
-}
-
-/// One `[[policy]]` arm.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ArmConfig {
-    /// Unique name, shown in `X-Maitre-Arm`, logs and metrics.
-    pub name: String,
-    /// The plugin that decides for this arm.
-    pub plugin: PluginSource,
-    /// Share of traffic in an A/B test (0 drains the arm).
-    pub weight: u32,
-    /// The `[policy.config]` table, flattened to key/value strings for `init`.
-    pub config: Vec<(String, String)>,
-    /// 1-based line of the `[[policy]]` entry, to point errors at it.
-    pub line: usize,
-}
-
-/// How traffic is split between arms.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum AbMode {
-    /// Each request is assigned an arm by weight (sticky per client key); each
-    /// arm schedules its own share of the slots, proportional to its weight.
-    #[default]
-    Weighted,
-    /// All traffic goes to one arm at a time, switching every `window_seconds`
-    /// in proportion to the weights; the active arm owns every slot.
-    Switchback,
-}
-
-/// The `[ab]` table.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AbConfig {
-    /// Weighted split or switchback.
-    pub mode: AbMode,
-    /// Header whose value keeps one client in one arm (else the client address).
-    pub key_header: String,
-    /// Length of one switchback window.
-    pub window_seconds: f64,
-}
-
-/// Limits that protect the host; each has a unit and a reason.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Limits {
-    /// Requests that may wait at once, over all arms; beyond it: 503 + Retry-After.
-    pub max_waiting: usize,
-    /// Largest request body accepted (bytes); beyond it: 413. Ollama bodies with
-    /// images can be tens of MB.
-    pub max_body_bytes: usize,
-    /// Period of the scheduling tick (ms) that lets policies age waiting requests.
-    pub tick_ms: u64,
-    /// CPU budget of one plugin call (ms), enforced with wasmtime epochs.
-    pub plugin_call_ms: u64,
-    /// Memory cap of one plugin instance (MiB).
-    pub plugin_memory_mib: usize,
-    /// Most times one request may be pre-empted, so nothing livelocks.
-    pub max_preemptions: u32,
-    /// A plugin that leaves slots free while requests wait for this long (ms)
-    /// is ejected for its arm.
-    pub starvation_ms: u64,
-    /// Seconds the `Retry-After` header suggests on 503 answers.
-    pub retry_after_seconds: u64,
-    /// A client must send its request headers within this many seconds, so a
-    /// slow client cannot hold a socket forever.
-    pub header_read_timeout_seconds: u64,
-    /// A scheduled request's body must arrive within this many seconds (408).
-    pub body_read_timeout_seconds: u64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_waiting: 10_000,
-            max_body_bytes: 64 * 1024 * 1024,
-            tick_ms: 250,
-            plugin_call_ms: 50,
-            plugin_memory_mib: 64,
-            max_preemptions: 2,
-            starvation_ms: 2_000,
-            retry_after_seconds: 1,
-            header_read_timeout_seconds: 30,
-            body_read_timeout_seconds: 60,
-        }
-    }
-}
-
-/// The `[upstream]` table: the Ollama server maitre schedules for.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UpstreamConfig {
-    /// Base URL, e.g. `http://127.0.0.1:11434`.
-    pub url: http::Uri,
-    /// Parallel slots (= `OLLAMA_NUM_PARALLEL`).
-    pub slots: u32,
-    /// TCP connect timeout (ms): an unreachable upstream answers 502 quickly.
-    pub connect_timeout_ms: u64,
-    /// Longest wait for the upstream's response headers (s). Ollama sends them
-    /// only with the first token, after any model load, so this must be long.
-    pub first_byte_timeout_seconds: u64,
-}
-
-/// A validated policy file.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Config {
-    /// The file it came from (for messages and hot reload).
-    pub path: PathBuf,
-    /// Client listener.
-    pub listen: SocketAddr,
-    /// Admin listener (metrics, status, control).
-    pub admin_listen: Option<SocketAddr>,
-    /// Bearer token required by mutating admin endpoints.
-    pub admin_token: Option<String>,
-    /// Header carrying a tenant name, passed to plugins.
-    pub tenant_header: Option<String>,
-    /// The model server.
-    pub upstream: UpstreamConfig,
-    /// Host limits.
-    pub limits: Limits,
-    /// A/B settings.
-    pub ab: AbConfig,
-    /// The policy arms, at least one.
-    pub arms: Vec<ArmConfig>,
-}
-
-/// What is wrong with a policy file.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read policy file {path}: {error}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        error: std::io::Error,
-    },
-    /// A key is missing, misspelt or has a bad value.
-    #[error("{path}:{line}: {key}: {message}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line.
-        line: usize,
-        /// The key (with its table), e.g. `upstream.slots`.
-        key: String,
-        /// What is wrong and how to fix it.
-        message: String,
-    },
-}
+use super::{
+    AbConfig, AbMode, ArmConfig, Config, ConfigError, DEFAULT_LISTEN, DEFAULT_UPSTREAM, Limits,
+    PluginSource, UpstreamConfig,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -233,11 +69,6 @@ struct RawPolicy {
     weight: Option<Spanned<i64>>,
     config: Option<toml::Table>,
 }
-
-/// Default client listener: Ollama's port + 1, so clients set `OLLAMA_HOST=127.0.0.1:11435`.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:11435";
-/// Default upstream: a local Ollama.
-pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:11434";
 
 struct Ctx<'a> {
     path: &'a Path,
@@ -493,18 +324,24 @@ impl Config {
                     return Err(cx.err(
                         span,
                         &key("plugin"),
-                        "missing: give builtin:reserved-aging, builtin:fifo, builtin:preemptive or a path to a .wasm component",
+                        format!(
+                            "missing: give {} or a path to a .wasm component",
+                            builtins::names()
+                                .map(|n| format!("builtin:{n}"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
                     ));
                 }
                 Some(s) => match s.get_ref().strip_prefix("builtin:") {
                     Some(b) => {
-                        if !BUILTIN_PLUGINS.contains(&b) {
+                        if builtins::bytes(b).is_none() {
                             return Err(cx.err(
                                 s.span(),
                                 &key("plugin"),
                                 format!(
                                     "no built-in plugin {b:?}; built in are: {}",
-                                    BUILTIN_PLUGINS.join(", ")
+                                    builtins::names().collect::<Vec<_>>().join(", ")
                                 ),
                             ));
                         }
@@ -626,137 +463,5 @@ fn flatten(prefix: &str, table: &toml::Table, out: &mut Vec<(String, String)>) {
             toml::Value::String(s) => out.push((key, s.clone())),
             other => out.push((key, other.to_string())),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::parse(Path::new("dir/policy.toml"), text)
-    }
-
-    const GOOD: &str = r#"
-listen = "127.0.0.1:11435"
-admin_listen = "127.0.0.1:11436"
-
-[upstream]
-url = "http://127.0.0.1:11434"
-slots = 2
-
-[[policy]]
-name = "reserved-aging"
-plugin = "builtin:reserved-aging"
-weight = 100
-[policy.config]
-rt_reserved_slots = 1
-aging_threshold_seconds = 60
-aging_boost = 0.5
-"#;
-
-    #[test]
-    fn parses_the_documented_example() {
-        let c = parse(GOOD).unwrap();
-        assert_eq!(c.listen, "127.0.0.1:11435".parse().unwrap());
-        assert_eq!(c.upstream.slots, 2);
-        assert_eq!(c.arms.len(), 1);
-        assert_eq!(
-            c.arms[0].plugin,
-            PluginSource::Builtin("reserved-aging".into())
-        );
-        assert_eq!(
-            c.arms[0].config,
-            vec![
-                ("aging_boost".to_string(), "0.5".to_string()),
-                ("aging_threshold_seconds".to_string(), "60".to_string()),
-                ("rt_reserved_slots".to_string(), "1".to_string()),
-            ]
-        );
-    }
-
-    #[test]
-    fn relative_plugin_paths_resolve_against_the_file() {
-        let c = parse(&GOOD.replace("builtin:reserved-aging", "../plugins/x.wasm")).unwrap();
-        assert_eq!(
-            c.arms[0].plugin,
-            PluginSource::File(PathBuf::from("dir/../plugins/x.wasm"))
-        );
-    }
-
-    #[test]
-    fn bad_slots_names_file_line_and_key() {
-        let e = parse(&GOOD.replace("slots = 2", "slots = 0"))
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            e,
-            "dir/policy.toml:7: upstream.slots: must be a whole number from 1 to 4096, got 0"
-        );
-    }
-
-    #[test]
-    fn unknown_key_is_named() {
-        let e = parse(&GOOD.replace("slots = 2", "slot = 2"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.starts_with("dir/policy.toml:7: slot: unknown field `slot`"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn wrong_type_is_named() {
-        let e = parse(&GOOD.replace("slots = 2", "slots = \"two\""))
-            .unwrap_err()
-            .to_string();
-        assert!(e.starts_with("dir/policy.toml:7: slots: "), "{e}");
-    }
-
-    #[test]
-    fn unknown_builtin_lists_the_known_ones() {
-        let e = parse(&GOOD.replace("builtin:reserved-aging", "builtin:nope"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("policy[0].plugin") && e.contains("reserved-aging"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn bad_upstream_url() {
-        let e = parse(&GOOD.replace("http://127.0.0.1:11434", "https://x"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("upstream.url") && e.contains("plain http"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn missing_policy_is_explained() {
-        let e = parse("[upstream]\nslots = 1\n").unwrap_err().to_string();
-        assert!(e.contains("no [[policy]] table"), "{e}");
-    }
-
-    #[test]
-    fn duplicate_arm_names() {
-        let text =
-            format!("{GOOD}\n[[policy]]\nname = \"reserved-aging\"\nplugin = \"builtin:fifo\"\n");
-        let e = parse(&text).unwrap_err().to_string();
-        assert!(e.contains("duplicate arm name"), "{e}");
-    }
-
-    #[test]
-    fn more_weighted_arms_than_slots_is_refused() {
-        let text = GOOD.replace("slots = 2", "slots = 1")
-            + "\n[[policy]]\nname = \"b\"\nplugin = \"builtin:fifo\"\n";
-        let e = parse(&text).unwrap_err().to_string();
-        assert!(e.contains("switchback"), "{e}");
-        let ok = text.replace("[upstream]", "[ab]\nmode = \"switchback\"\n\n[upstream]");
-        assert_eq!(parse(&ok).unwrap().ab.mode, AbMode::Switchback);
     }
 }

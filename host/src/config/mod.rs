@@ -1,0 +1,188 @@
+//! The policy file: parsing, defaults and validation.
+//!
+//! Every error a user can see names the file, the line, the key and what to do,
+//! because a policy file is edited by hand while traffic flows (hot reload keeps
+//! the old policy when the new file is wrong, and shows this message).
+//!
+//! This module holds the types the rest of maitre uses; `parse.rs` reads the
+//! TOML into them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+mod parse;
+#[cfg(test)]
+mod tests;
+
+pub use parse::parse_upstream_url;
+
+/// Default client listener: Ollama's port + 1, so clients set `OLLAMA_HOST=127.0.0.1:11435`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:11435";
+/// Default upstream: a local Ollama.
+pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:11434";
+
+/// Where a plugin's WebAssembly comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginSource {
+    /// One of the plugins built into the `maitre` binary (`builtin:NAME`).
+    Builtin(String),
+    /// A `.wasm` component on disk (resolved against the policy file's folder).
+    File(PathBuf),
+}
+
+impl std::fmt::Display for PluginSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PluginSource::Builtin(name) => write!(f, "builtin:{name}"),
+            PluginSource::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// One `[[policy]]` arm.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArmConfig {
+    /// Unique name, shown in `X-Maitre-Arm`, logs and metrics.
+    pub name: String,
+    /// The plugin that decides for this arm.
+    pub plugin: PluginSource,
+    /// Share of traffic in an A/B test (0 drains the arm).
+    pub weight: u32,
+    /// The `[policy.config]` table, flattened to key/value strings for `init`.
+    pub config: Vec<(String, String)>,
+    /// 1-based line of the `[[policy]]` entry, to point errors at it.
+    pub line: usize,
+}
+
+/// How traffic is split between arms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AbMode {
+    /// Each request is assigned an arm by weight (sticky per client key); each
+    /// arm schedules its own share of the slots, proportional to its weight.
+    #[default]
+    Weighted,
+    /// All traffic goes to one arm at a time, switching every `window_seconds`
+    /// in proportion to the weights; the active arm owns every slot.
+    Switchback,
+}
+
+/// The `[ab]` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AbConfig {
+    /// Weighted split or switchback.
+    pub mode: AbMode,
+    /// Header whose value keeps one client in one arm (else the client address).
+    pub key_header: String,
+    /// Length of one switchback window.
+    pub window_seconds: f64,
+}
+
+/// Limits that protect the host; each has a unit and a reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Requests that may wait at once, over all arms; beyond it: 503 + Retry-After.
+    pub max_waiting: usize,
+    /// Largest request body accepted (bytes); beyond it: 413. Ollama bodies with
+    /// images can be tens of MB.
+    pub max_body_bytes: usize,
+    /// Period of the scheduling tick (ms) that lets policies age waiting requests.
+    pub tick_ms: u64,
+    /// CPU budget of one plugin call (ms), enforced with wasmtime epochs.
+    pub plugin_call_ms: u64,
+    /// Memory cap of one plugin instance (MiB).
+    pub plugin_memory_mib: usize,
+    /// Most times one request may be pre-empted, so nothing livelocks.
+    pub max_preemptions: u32,
+    /// A plugin that leaves slots free while requests wait for this long (ms)
+    /// is ejected for its arm.
+    pub starvation_ms: u64,
+    /// Seconds the `Retry-After` header suggests on 503 answers.
+    pub retry_after_seconds: u64,
+    /// A client must send its request headers within this many seconds, so a
+    /// slow client cannot hold a socket forever.
+    pub header_read_timeout_seconds: u64,
+    /// A scheduled request's body must arrive within this many seconds (408).
+    pub body_read_timeout_seconds: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_waiting: 10_000,
+            max_body_bytes: 64 * 1024 * 1024,
+            tick_ms: 250,
+            plugin_call_ms: 50,
+            plugin_memory_mib: 64,
+            max_preemptions: 2,
+            starvation_ms: 2_000,
+            retry_after_seconds: 1,
+            header_read_timeout_seconds: 30,
+            body_read_timeout_seconds: 60,
+        }
+    }
+}
+
+/// The `[upstream]` table: the Ollama server maitre schedules for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    /// Base URL, e.g. `http://127.0.0.1:11434`.
+    pub url: http::Uri,
+    /// Parallel slots (= `OLLAMA_NUM_PARALLEL`).
+    pub slots: u32,
+    /// TCP connect timeout (ms): an unreachable upstream answers 502 quickly.
+    pub connect_timeout_ms: u64,
+    /// Longest wait for the upstream's response headers (s). Ollama sends them
+    /// only with the first token, after any model load, so this must be long.
+    pub first_byte_timeout_seconds: u64,
+}
+
+/// A validated policy file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it came from (for messages and hot reload).
+    pub path: PathBuf,
+    /// Client listener.
+    pub listen: SocketAddr,
+    /// Admin listener (metrics, status, control).
+    pub admin_listen: Option<SocketAddr>,
+    /// Bearer token required by mutating admin endpoints.
+    pub admin_token: Option<String>,
+    /// Header carrying a tenant name, passed to plugins.
+    pub tenant_header: Option<String>,
+    /// The model server.
+    pub upstream: UpstreamConfig,
+    /// Host limits.
+    pub limits: Limits,
+    /// A/B settings.
+    pub ab: AbConfig,
+    /// The policy arms, at least one.
+    pub arms: Vec<ArmConfig>,
+}
+
+/// What is wrong with a policy file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read policy file {path}: {error}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// A key is missing, misspelt or has a bad value.
+    #[error("{path}:{line}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// The key (with its table), e.g. `upstream.slots`.
+        key: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}

@@ -1,0 +1,133 @@
+//! Unit tests of the policy-file reader: the documented example, and that
+//! each mistake names its file, line and key.
+
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(Path::new("dir/policy.toml"), text)
+}
+
+const GOOD: &str = r#"
+listen = "127.0.0.1:11435"
+admin_listen = "127.0.0.1:11436"
+
+[upstream]
+url = "http://127.0.0.1:11434"
+slots = 2
+
+[[policy]]
+name = "reserved-aging"
+plugin = "builtin:reserved-aging"
+weight = 100
+[policy.config]
+rt_reserved_slots = 1
+aging_threshold_seconds = 60
+aging_boost = 0.5
+"#;
+
+#[test]
+fn parses_the_documented_example() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.listen, "127.0.0.1:11435".parse().unwrap());
+    assert_eq!(c.upstream.slots, 2);
+    assert_eq!(c.arms.len(), 1);
+    assert_eq!(
+        c.arms[0].plugin,
+        PluginSource::Builtin("reserved-aging".into())
+    );
+    assert_eq!(
+        c.arms[0].config,
+        vec![
+            ("aging_boost".to_string(), "0.5".to_string()),
+            ("aging_threshold_seconds".to_string(), "60".to_string()),
+            ("rt_reserved_slots".to_string(), "1".to_string()),
+        ]
+    );
+}
+
+#[test]
+fn relative_plugin_paths_resolve_against_the_file() {
+    let c = parse(&GOOD.replace("builtin:reserved-aging", "../plugins/x.wasm")).unwrap();
+    assert_eq!(
+        c.arms[0].plugin,
+        PluginSource::File(PathBuf::from("dir/../plugins/x.wasm"))
+    );
+}
+
+#[test]
+fn bad_slots_names_file_line_and_key() {
+    let e = parse(&GOOD.replace("slots = 2", "slots = 0"))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "dir/policy.toml:7: upstream.slots: must be a whole number from 1 to 4096, got 0"
+    );
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let e = parse(&GOOD.replace("slots = 2", "slot = 2"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("dir/policy.toml:7: slot: unknown field `slot`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn wrong_type_is_named() {
+    let e = parse(&GOOD.replace("slots = 2", "slots = \"two\""))
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("dir/policy.toml:7: slots: "), "{e}");
+}
+
+#[test]
+fn unknown_builtin_lists_the_known_ones() {
+    let e = parse(&GOOD.replace("builtin:reserved-aging", "builtin:nope"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("policy[0].plugin"), "{e}");
+    for name in crate::builtins::names() {
+        assert!(e.contains(name), "{e}");
+    }
+}
+
+#[test]
+fn bad_upstream_url() {
+    let e = parse(&GOOD.replace("http://127.0.0.1:11434", "https://x"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("upstream.url") && e.contains("plain http"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_policy_is_explained() {
+    let e = parse("[upstream]\nslots = 1\n").unwrap_err().to_string();
+    assert!(e.contains("no [[policy]] table"), "{e}");
+}
+
+#[test]
+fn duplicate_arm_names() {
+    let text =
+        format!("{GOOD}\n[[policy]]\nname = \"reserved-aging\"\nplugin = \"builtin:fifo\"\n");
+    let e = parse(&text).unwrap_err().to_string();
+    assert!(e.contains("duplicate arm name"), "{e}");
+}
+
+#[test]
+fn more_weighted_arms_than_slots_is_refused() {
+    let text = GOOD.replace("slots = 2", "slots = 1")
+        + "\n[[policy]]\nname = \"b\"\nplugin = \"builtin:fifo\"\n";
+    let e = parse(&text).unwrap_err().to_string();
+    assert!(e.contains("switchback"), "{e}");
+    let ok = text.replace("[upstream]", "[ab]\nmode = \"switchback\"\n\n[upstream]");
+    assert_eq!(parse(&ok).unwrap().ab.mode, AbMode::Switchback);
+}
