@@ -30,6 +30,7 @@ use crate::proxy::LiveSettings;
 use crate::scheduler::{ArmSpec, slot_shares};
 
 mod watch;
+mod watched;
 pub use watch::{WatchGuard, watch};
 
 /// Quiet time after the last change to a watched file before reloading, so

@@ -1,43 +1,42 @@
-//! The file watcher behind hot reload: it watches the folders of the policy
-//! file and its plugin files and reloads once a change has settled.
+//! The file watcher behind hot reload: it reloads once the files a policy
+//! depends on (the policy file and the plugin files it names) have changed
+//! and then been quiet for [`DEBOUNCE`].
+//!
+//! Hand-written on `notify` rather than notify-debouncer-mini, which reported
+//! opens and reads as changes, so a reload's own reading of the files caused
+//! the next reload, forever. Only changes to the watched files start or
+//! restart the quiet time: a log file written next to the policy file every
+//! few milliseconds must not hold a reload back for ever. [`super::watched`]
+//! decides which events are such changes.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use notify::event::{AccessKind, AccessMode};
-use notify::{EventKind, RecursiveMode, Watcher};
+use notify::{Event, EventKind};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::time::Instant;
 
+use super::watched::{Watched, files_of};
 use super::{DEBOUNCE, load_config};
 use crate::Host;
-use crate::config::{Config, PluginSource};
+use crate::config::Config;
 
-/// Files a config depends on: the policy file and every plugin file.
-fn watched_files(cfg: &Config) -> BTreeSet<PathBuf> {
-    let mut files = BTreeSet::new();
-    files.insert(absolute(&cfg.path));
-    for a in &cfg.arms {
-        if let PluginSource::File(p) = &a.plugin {
-            files.insert(absolute(p));
-        }
-    }
-    files
-}
+/// At most this many queued events are taken as one batch, so a flood of
+/// events from a busy neighbour still lets the quiet time run out.
+const BATCH: usize = 1024;
 
 /// The files of the running config plus those the file names now, even if
 /// it failed to load: a plugin that is missing now must trigger a reload
 /// when it appears.
 fn files_to_watch(host: &Host) -> BTreeSet<PathBuf> {
     let running = host.config.load();
-    let mut files = watched_files(&running);
+    let mut files = files_of(&running);
     if let Ok(now) = Config::load(&running.path) {
-        files.extend(watched_files(&now));
+        files.extend(files_of(&now));
     }
     files
-}
-
-fn absolute(p: &Path) -> PathBuf {
-    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// A running file watcher; dropping it stops watching.
@@ -62,6 +61,19 @@ fn is_change(kind: &EventKind) -> bool {
     }
 }
 
+/// `first` and the events queued behind it (up to [`BATCH`]), so a burst
+/// costs one look at the files, not one per event.
+fn batch(first: Event, rx: &mut UnboundedReceiver<Event>) -> Vec<Event> {
+    let mut events = vec![first];
+    while events.len() < BATCH {
+        match rx.try_recv() {
+            Ok(e) => events.push(e),
+            Err(_) => break,
+        }
+    }
+    events
+}
+
 /// Watches the policy file and its plugin files; a change triggers a reload
 /// once the changed files have been quiet for [`DEBOUNCE`], so an editor's
 /// save or a file copy is one reload and a half-written file is not read.
@@ -71,11 +83,12 @@ pub fn watch(host: Arc<Host>) -> anyhow::Result<WatchGuard> {
     if let Ok(file) = load_config(&host.config.load().path) {
         *host.reloader.file_seen.lock().expect("not poisoned") = Some(file);
     }
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<PathBuf>>();
-    let mut watcher =
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    let watcher =
         notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-            Ok(event) if is_change(&event.kind) => {
-                let _ = tx.send(event.paths);
+            // A rescan means events were lost: look at everything again.
+            Ok(event) if is_change(&event.kind) || event.need_rescan() => {
+                let _ = tx.send(event);
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(
@@ -83,43 +96,41 @@ pub fn watch(host: Arc<Host>) -> anyhow::Result<WatchGuard> {
                 "file watcher error; hot reload may miss a change (POST /reload works)"
             ),
         })?;
-    // Watch folders, not files: editors save by writing a new file and
-    // renaming it over the old one, which a watch on the old inode misses.
-    let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
-    let mut sync_dirs = move |watcher: &mut notify::RecommendedWatcher,
-                              files: &BTreeSet<PathBuf>| {
-        for f in files {
-            if let Some(d) = f.parent()
-                && d.exists()
-                && dirs.insert(d.to_path_buf())
-                && let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive)
-            {
-                tracing::warn!(dir = %d.display(), error = %e, "cannot watch folder for hot reload");
-                dirs.remove(d);
-            }
-        }
-    };
-    let mut files = files_to_watch(&host);
-    sync_dirs(&mut watcher, &files);
+    let mut watched = Watched::new(watcher);
+    watched.set_files(files_to_watch(&host));
     let task = tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
-            let mut changed: BTreeSet<PathBuf> = first.iter().map(|p| absolute(p)).collect();
-            // Debounce: wait until no change came for DEBOUNCE.
-            loop {
-                match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
-                    Ok(Some(more)) => changed.extend(more.iter().map(|p| absolute(p))),
-                    Ok(None) => return,
-                    Err(_quiet) => break,
+        // Files changed since the last reload started reading them.
+        let mut changed: BTreeSet<PathBuf> = BTreeSet::new();
+        loop {
+            if changed.is_empty() {
+                let Some(first) = rx.recv().await else { return };
+                changed = watched.changed_by(&batch(first, &mut rx));
+                if changed.is_empty() {
+                    continue;
                 }
             }
-            let relevant: Vec<&PathBuf> = changed.iter().filter(|p| files.contains(*p)).collect();
-            if relevant.is_empty() {
-                continue;
+            // Debounce: wait until the watched files have been quiet for
+            // DEBOUNCE; other events neither count nor restart the wait.
+            let mut quiet_until = Instant::now() + DEBOUNCE;
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep_until(quiet_until) => break,
+                    more = rx.recv() => {
+                        let Some(first) = more else { return };
+                        let more = watched.changed_by(&batch(first, &mut rx));
+                        if !more.is_empty() {
+                            changed.extend(more);
+                            quiet_until = Instant::now() + DEBOUNCE;
+                        }
+                    }
+                }
             }
-            tracing::info!(changed = ?relevant, "policy or plugin file changed; reloading");
+            // Look once more before the reload reads the files, so a change
+            // made while it runs is told apart from what it read.
+            watched.recheck();
+            tracing::info!(changed = ?changed, "policy or plugin file changed; reloading");
             let _ = host.reloader.reload(&host, "file").await;
-            files = files_to_watch(&host);
-            sync_dirs(&mut watcher, &files);
+            changed = watched.set_files(files_to_watch(&host));
         }
     });
     Ok(WatchGuard { task })
