@@ -108,8 +108,14 @@ fn main() -> ExitCode {
 }
 
 fn init_logs(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MAITRE_LOG")
+    let spec = std::env::var("MAITRE_LOG").unwrap_or_else(|_| "info".into());
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&spec)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // notify warns about its own bookkeeping when a watched folder is deleted
+    // (a ConfigMap update deletes one every time); maitre logs what matters.
+    if !spec.contains("notify") {
+        filter = filter.add_directive("notify=error".parse().expect("a valid directive"));
+    }
     use std::io::IsTerminal;
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -2,11 +2,14 @@
 //! [`reload`] hot reload of the policy file and its plugin files (under load,
 //! and when the change is broken); [`ab`] the A/B split, its weights and
 //! `maitre ab`; [`admin`] the admin API (metrics parsed by the real Prometheus
-//! parsers, the bearer token). This file holds what they share.
+//! parsers, the bearer token); [`watch`] the reload watcher against busy
+//! neighbours, ConfigMap symlink swaps and remade plugin folders. This file
+//! holds what they share.
 
 mod ab;
 mod admin;
 mod reload;
+mod watch;
 
 use std::time::{Duration, Instant};
 
