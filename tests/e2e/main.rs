@@ -13,3 +13,4 @@ mod preemption;
 mod proxy;
 mod ready;
 mod scheduling;
+mod template;

@@ -9,7 +9,7 @@
 //! on a clean clone.
 
 #[path = "../../../host/build/plugin_cargo.rs"]
-mod plugin_cargo;
+pub mod plugin_cargo;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
