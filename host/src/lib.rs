@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod builtins;
 pub mod config;
+pub mod escape;
 pub mod metrics;
 pub mod plugin;
 pub mod policy;

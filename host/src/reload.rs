@@ -24,6 +24,7 @@ use tokio::sync::Mutex;
 
 use crate::Host;
 use crate::config::{AbMode, Config, ConfigError, PluginSource};
+use crate::escape::Escaped;
 use crate::metrics::{Metrics, ReloadLabels, ReloadResult};
 use crate::plugin::{Compiled, PluginError, PluginLimits, Runtime};
 use crate::proxy::LiveSettings;
@@ -366,7 +367,7 @@ impl Reloader {
                 tracing::error!(
                     trigger,
                     file = %old.path.display(),
-                    error = %msg,
+                    error = %Escaped(&msg),
                     "reload failed; the previous policy keeps serving"
                 );
                 self.count(ReloadResult::Failed);

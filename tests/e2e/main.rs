@@ -5,6 +5,7 @@
 
 mod common;
 
+mod admin_hardening;
 mod clients;
 mod faults;
 mod hostile;

@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::{BoxError, Outcome, Run, Ticket};
+use crate::escape::Escaped;
 
 /// The response body of a scheduled request: forwards upstream chunks as they
 /// come, times the first one, counts them, ends the request in the scheduler
@@ -124,7 +125,7 @@ impl Body for TrackedBody {
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
-                tracing::warn!(error = %e, "upstream connection lost mid-response");
+                tracing::warn!(error = %Escaped(&e), "upstream connection lost mid-response");
                 this.finish(Outcome::UpstreamError);
                 if this.ndjson {
                     let line = format!(

@@ -38,6 +38,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::config::{Config, Limits};
+use crate::escape::Escaped;
 use crate::metrics::Metrics;
 // The proxy's only door into the scheduler: the submodules use these items
 // through `super::`.
@@ -175,7 +176,7 @@ impl Proxy {
             detail = format!("{detail}: {s}");
             src = s.source();
         }
-        tracing::warn!(upstream = %self.base, error = %detail, "upstream unreachable");
+        tracing::warn!(upstream = %self.base, error = %Escaped(&detail), "upstream unreachable");
         Refusal::UpstreamUnreachable {
             upstream: self.base.clone(),
             detail,

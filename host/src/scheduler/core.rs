@@ -15,6 +15,7 @@ use super::decider::Fifo;
 use super::ticket::{RequestMeta, Run, Signal, SubmitError, Ticket, shutting_down};
 use super::{Msg, Setup};
 use crate::config::{AbConfig, Limits};
+use crate::escape::Escaped;
 use crate::metrics::{ArmKind, Metrics};
 use crate::plugin::PluginError;
 use crate::policy::{Action, Admission, Backend, Class, Request, Running, View, Waiting};
@@ -326,7 +327,7 @@ impl Core {
             sha256 = %arm.sha256,
             fault = e.kind(),
             during,
-            error = %e,
+            error = %Escaped(e),
             "policy plugin ejected; this arm is served by the built-in FIFO until a good plugin is loaded"
         );
         arm.last_error = Some(format!("ejected: {e}"));

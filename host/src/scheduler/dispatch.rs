@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use super::check::Invalid;
 use super::core::{Core, State};
 use super::ticket::{Grant, Outcome, Run, Signal};
+use crate::escape::Escaped;
 use crate::metrics::ArmLabel;
 use crate::policy::Rejection;
 
@@ -94,7 +95,7 @@ impl Core {
             id,
             arm = %arm.name,
             class = class.name(),
-            model = %model,
+            model = %Escaped(&model),
             tokens_thrown_away = tokens,
             cut_stream = streaming,
             "pre-empted"

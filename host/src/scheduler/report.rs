@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use super::core::Core;
 use super::ticket::{Outcome, RequestMeta};
 use crate::config::AbMode;
+use crate::escape::Escaped;
 use crate::metrics::{ArmClass, OutcomeLabels};
 use crate::policy::Class;
 
@@ -76,8 +77,8 @@ impl Core {
             target: "maitre::request",
             arm = %arm.name,
             class = class.name(),
-            path = %meta.path,
-            model = %meta.model,
+            path = %Escaped(&meta.path),
+            model = %Escaped(&meta.model),
             queue_ms = ms(queued),
             upstream_ttfb_ms = upstream_ttfb.map(ms),
             client_ttfb_ms = client_ttfb.map(ms),

@@ -10,13 +10,21 @@
 //!
 //! Mutating endpoints need `Authorization: Bearer <admin_token>` when a token
 //! is configured; maitre refuses to bind a non-loopback admin address without one.
+//! Requests from web pages on other sites (DNS rebinding, cross-site POSTs)
+//! are refused by [`guard`]. [`route`] decides what a request asks for
+//! without I/O (and is fuzzed); this module reads requests and carries out
+//! the plan.
+
+pub mod guard;
+pub mod route;
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, header};
+use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -25,6 +33,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use self::guard::Access;
+use self::route::{Plan, Refused};
+use crate::escape::Escaped;
 use crate::{Host, metrics};
 
 type AdminBody = Full<Bytes>;
@@ -43,10 +54,12 @@ pub async fn serve(listener: TcpListener, host: Arc<Host>, stop: CancellationTok
             _ = stop.cancelled() => return,
         };
         let host = host.clone();
+        // The address the client reached: the guard accepts it as a Host.
+        let local = stream.local_addr().ok();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let host = host.clone();
-                async move { Ok::<_, Infallible>(route(req, &host).await) }
+                async move { Ok::<_, Infallible>(handle(req, &host, local).await) }
             });
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -81,49 +94,45 @@ fn error(status: StatusCode, msg: &str) -> Response<AdminBody> {
     json(status, &serde_json::json!({ "error": msg }))
 }
 
-fn unauthorized() -> Response<AdminBody> {
-    let mut r = error(
-        StatusCode::UNAUTHORIZED,
-        "missing or wrong bearer token: send `Authorization: Bearer <admin_token>` (admin_token in the policy file or MAITRE_ADMIN_TOKEN)",
-    );
-    r.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        header::HeaderValue::from_static("Bearer realm=\"maitre admin\""),
-    );
-    r
+/// The answer to a refused request; a 401 says which scheme to use.
+fn refused(r: Refused) -> Response<AdminBody> {
+    let mut resp = error(r.status, &r.message);
+    if r.status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer realm=\"maitre admin\""),
+        );
+    }
+    resp
 }
 
-fn authorized(req: &Request<Incoming>, host: &Host) -> bool {
-    let cfg = host.config.load();
-    let Some(token) = cfg.admin_token.as_deref() else {
-        return true;
+/// Answers one admin request that arrived on `local`.
+async fn handle(
+    req: Request<Incoming>,
+    host: &Host,
+    local: Option<SocketAddr>,
+) -> Response<AdminBody> {
+    let (parts, body) = req.into_parts();
+    let plan = {
+        let cfg = host.config.load();
+        let access = Access {
+            token: cfg.admin_token.as_deref(),
+            local,
+        };
+        route::plan(&parts, &access)
     };
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    // Constant-time comparison: the token guards live control.
-    given.len() == token.len()
-        && given
-            .bytes()
-            .zip(token.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
-}
-
-async fn route(req: Request<Incoming>, host: &Host) -> Response<AdminBody> {
-    let path = req.uri().path().to_string();
-    let method = req.method().clone();
-    match (&method, path.as_str()) {
-        (&Method::GET, "/") => json(
+    let plan = match plan {
+        Ok(p) => p,
+        Err(r) => return refused(r),
+    };
+    match plan {
+        Plan::Index => json(
             StatusCode::OK,
             &serde_json::json!({"endpoints": ["GET /metrics", "GET /status", "GET /ab?window=SECONDS", "POST /reload", "PUT /policies/{name}/weight"]}),
         ),
-        (&Method::GET, "/metrics") => {
-            let openmetrics = req
-                .headers()
+        Plan::Metrics => {
+            let openmetrics = parts
+                .headers
                 .get_all(header::ACCEPT)
                 .iter()
                 .filter_map(|v| v.to_str().ok())
@@ -143,7 +152,7 @@ async fn route(req: Request<Incoming>, host: &Host) -> Response<AdminBody> {
             );
             r
         }
-        (&Method::GET, "/status") => match host.sched.status().await {
+        Plan::Status => match host.sched.status().await {
             Some(status) => json(
                 StatusCode::OK,
                 &StatusWithReload {
@@ -153,65 +162,42 @@ async fn route(req: Request<Incoming>, host: &Host) -> Response<AdminBody> {
             ),
             None => error(StatusCode::SERVICE_UNAVAILABLE, "scheduler stopped"),
         },
-        (&Method::GET, "/ab") => {
-            let window = req
-                .uri()
-                .query()
-                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("window=")))
-                .and_then(|w| w.parse::<f64>().ok())
-                .filter(|w| w.is_finite() && *w > 0.0)
-                .unwrap_or(600.0);
-            match host.sched.report(Duration::from_secs_f64(window)).await {
-                Some(r) => json(StatusCode::OK, &r),
-                None => error(StatusCode::SERVICE_UNAVAILABLE, "scheduler stopped"),
-            }
-        }
-        (&Method::POST, "/reload") => {
-            if !authorized(&req, host) {
-                return unauthorized();
-            }
-            match host.reloader.reload(host, "admin").await {
-                Ok(report) => json(StatusCode::OK, &report),
-                Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e),
-            }
-        }
-        (&Method::PUT, p) if p.starts_with("/policies/") && p.ends_with("/weight") => {
-            if !authorized(&req, host) {
-                return unauthorized();
-            }
-            let name = p["/policies/".len()..p.len() - "/weight".len()].to_string();
-            let body = match Limited::new(req.into_body(), 4096).collect().await {
+        Plan::Report { window } => match host.sched.report(window).await {
+            Some(r) => json(StatusCode::OK, &r),
+            None => error(StatusCode::SERVICE_UNAVAILABLE, "scheduler stopped"),
+        },
+        Plan::Reload => match host.reloader.reload(host, "admin").await {
+            Ok(report) => json(StatusCode::OK, &report),
+            Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e),
+        },
+        Plan::SetWeight { arm } => {
+            let body = match Limited::new(body, route::MAX_WEIGHT_BODY).collect().await {
                 Ok(b) => b.to_bytes(),
-                Err(_) => return error(StatusCode::BAD_REQUEST, "body too large"),
+                Err(_) => {
+                    return error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        &format!(
+                            "body too large: send {{\"weight\": N}}, at most {} bytes",
+                            route::MAX_WEIGHT_BODY
+                        ),
+                    );
+                }
             };
-            let weight = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| {
-                    v.get("weight")
-                        .and_then(|w| w.as_u64())
-                        .or_else(|| v.as_u64())
-                });
-            let Some(weight) = weight.filter(|w| *w <= 1_000_000) else {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "body must be {\"weight\": N} with N a whole number from 0 to 1000000",
-                );
+            let weight = match route::weight_from_body(&body) {
+                Ok(w) => w,
+                Err(r) => return refused(r),
             };
-            match host.sched.set_weight(&name, weight as u32).await {
+            match host.sched.set_weight(&arm, weight).await {
                 Ok(()) => {
-                    tracing::info!(arm = %name, weight, "arm weight changed");
+                    tracing::info!(arm = %Escaped(&arm), weight, "arm weight changed");
                     json(
                         StatusCode::OK,
-                        &serde_json::json!({"arm": name, "weight": weight}),
+                        &serde_json::json!({"arm": arm, "weight": weight}),
                     )
                 }
                 Err(e) if e.starts_with("no arm") => error(StatusCode::NOT_FOUND, &e),
                 Err(e) => error(StatusCode::CONFLICT, &e),
             }
         }
-        _ => error(
-            StatusCode::NOT_FOUND,
-            &format!("no admin endpoint {method} {path}; see GET /"),
-        ),
     }
 }
