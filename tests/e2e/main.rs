@@ -5,6 +5,7 @@
 
 mod common;
 
+mod bypass;
 mod clients;
 mod faults;
 mod hostile;
