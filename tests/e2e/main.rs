@@ -6,6 +6,7 @@
 mod common;
 
 mod admin_hardening;
+mod bypass;
 mod clients;
 mod faults;
 mod hostile;

@@ -1,8 +1,9 @@
 //! HTTP in and out: the Ollama-transparent proxy.
 //!
 //! Generation and embedding requests are scheduled: their body is read (up to
-//! `limits.max_body_bytes`), a few fields are extracted, and the request waits
-//! for the scheduler's go-ahead before it is sent upstream. Everything else is
+//! `limits.max_body_bytes`), a few fields are extracted the way Ollama reads
+//! them, and the request waits for the scheduler's go-ahead before it is sent
+//! upstream, whatever its body. Everything else is
 //! passed straight through, streamed both ways. Responses are never buffered:
 //! each upstream chunk is forwarded as it arrives.
 //!
@@ -48,7 +49,7 @@ pub use self::error_shape::error_response;
 pub use self::headers::strip_hop_by_hop;
 pub use self::live::LiveSettings;
 pub use self::refusal::Refusal;
-pub use crate::request::{BodyMeta, SCHEDULED_PATHS, extract_meta, is_scheduled};
+pub use crate::request::{BodyMeta, SCHEDULED_PATHS, extract_meta, scheduled_path};
 
 /// Boxed error for bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -103,11 +104,13 @@ impl Proxy {
         remote: SocketAddr,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let arrival = Instant::now();
-        let path = req.uri().path().to_string();
-        if is_scheduled(req.method(), &path) {
-            Ok(self.scheduled(req, remote, arrival, path).await)
+        // The path as Ollama's router will see it (percent-decoded): every
+        // POST to a scheduled path takes a slot, however it is spelled.
+        if let Some(path) = scheduled_path(req.method(), req.uri().path()) {
+            Ok(self.scheduled(req, remote, arrival, path.to_string()).await)
         } else {
             self.metrics.passthrough.inc();
+            let path = req.uri().path().to_string();
             Ok(self.passthrough(req, &path).await)
         }
     }

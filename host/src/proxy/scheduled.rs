@@ -62,12 +62,11 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, Refusal> {
         let (parts, body) = req.into_parts();
         let bytes = self.read_body(body).await?;
-        let Some(meta) = extract_meta(path, &bytes) else {
-            // Not something we can schedule (bad JSON, no model): Ollama
-            // answers it with its own error at once, without a slot.
-            self.metrics.passthrough.inc();
-            return self.forward(&parts, full(bytes)).await;
-        };
+        // Scheduled whatever the body: one maitre cannot read (bad JSON, no
+        // model) gets an empty model, and Ollama answers it with its own
+        // error when its turn comes. Passing it on without a slot would let
+        // a body Ollama reads differently skip the scheduler.
+        let meta = extract_meta(path, &bytes);
         let mut ticket = self
             .submit(&parts, path, meta, bytes.len(), remote, arrival)
             .await?;

@@ -27,6 +27,10 @@
 //! `X-Priority` are recorded in the log. Every response carries
 //! `X-Fake-Upstream: 1`. Models must start with "fake" (else 404).
 //!
+//! Requests are read as Ollama's Go server reads them: the path
+//! percent-decoded, body keys matched without case, the last of repeated
+//! keys winning, data after the JSON value ignored ([`go_json`]).
+//!
 //! Timing: a request waits FIFO for a slot, then `prompt_delay`, then each
 //! token takes `token_delay` (TTFT = prompt + one token); token `i` is due at
 //! a fixed offset from the slot grant ([`timing::Plan`]). Streaming answers
@@ -34,6 +38,7 @@
 
 mod event_log;
 mod generation;
+mod go_json;
 mod native;
 mod openai;
 mod routes;

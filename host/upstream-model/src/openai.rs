@@ -50,8 +50,9 @@ pub(crate) async fn completion(call: Call, model: &str, m: &Map<String, Value>) 
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let limit = util::pos_int(m.get("max_tokens"))
-        .or_else(|| util::pos_int(m.get("max_completion_tokens")));
+    // Ollama reads `max_tokens` only (openai.go); `max_completion_tokens`
+    // is ignored.
+    let limit = util::pos_int(m.get("max_tokens"));
     let (n, length) = token_count(&call, limit);
     let flavor = if chat {
         Flavor::OaChat

@@ -9,6 +9,7 @@ use http::header::{HOST, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use percent_encoding::percent_decode_str;
 use serde_json::{Value, json};
 
 use crate::state::{State, Tracker, full_name};
@@ -89,7 +90,10 @@ pub(crate) async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<B
 
 async fn dispatch(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let (parts, body) = req.into_parts();
-    let path = parts.uri.path();
+    // Go's net/http hands gin the percent-decoded path (`URL.Path`), so
+    // `/api/%67enerate` is `/api/generate` to Ollama.
+    let decoded = percent_decode_str(parts.uri.path()).decode_utf8_lossy();
+    let path: &str = &decoded;
     if st.cfg.control_routes
         && let Some(what) = path.strip_prefix("/_fake/")
     {

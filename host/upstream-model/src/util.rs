@@ -9,6 +9,7 @@ use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use serde_json::{Value, json};
 
+use crate::go_json;
 use crate::timing::Timing;
 
 /// The response body type of every handler.
@@ -100,13 +101,15 @@ pub(crate) fn known_model(model: &str) -> bool {
     model.starts_with("fake")
 }
 
-/// Parses a JSON request body the way Ollama reports problems with it.
+/// Parses a JSON request body the way Ollama reads it ([`go_json`]: keys
+/// without case, last repeated key wins, trailing data ignored) and reports
+/// problems with it the way Ollama does.
 pub(crate) fn parse_body(body: &[u8]) -> Result<serde_json::Map<String, Value>, String> {
     let first = body.iter().copied().find(|b| !b.is_ascii_whitespace());
     let Some(first) = first else {
         return Err("missing request body".into());
     };
-    match serde_json::from_slice::<Value>(body) {
+    match go_json::first_value(body) {
         Ok(Value::Object(m)) => Ok(m),
         Ok(other) => Err(format!(
             "json: cannot unmarshal {} into Go value of type api.Request",

@@ -601,3 +601,45 @@ async fn control_endpoints() {
     let v = json(get(a, "/_fake/log").await).await;
     assert_eq!(v, json!([]));
 }
+
+#[tokio::test]
+async fn requests_are_read_like_ollamas_go_server() {
+    let f = fake(cfg(2, 1, 2)).await;
+    // Keys without case, the last repeated key winning, trailing data
+    // ignored, and a percent-encoded path: all served like the plain request.
+    let cases = [
+        (
+            "/api/generate",
+            r#"{"Model":"fake","prompt":"x","STREAM":false}"#,
+        ),
+        (
+            "/api/generate",
+            r#"{"model":"nope","model":"fake","prompt":"x","stream":false}"#,
+        ),
+        (
+            "/api/generate",
+            r#"{"model":"fake","prompt":"x","stream":false} trailing {garbage"#,
+        ),
+        (
+            "/api/%67enerate",
+            r#"{"model":"fake","prompt":"x","stream":false}"#,
+        ),
+    ];
+    for (path, body) in cases {
+        let r = post(f.addr(), path, &[], body).await;
+        assert_eq!(r.status(), 200, "{path} {body}");
+        assert_eq!(json(r).await["done"], true, "{path} {body}");
+    }
+    let log = f.log();
+    let started: Vec<&LogEvent> = log
+        .iter()
+        .filter(|e| e.kind == EventKind::Started)
+        .collect();
+    assert_eq!(started.len(), cases.len());
+    assert!(
+        started
+            .iter()
+            .all(|e| e.model == "fake" && e.path == "/api/generate"),
+        "{started:?}"
+    );
+}
