@@ -13,6 +13,65 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use super::{BoxError, Outcome, Run, Ticket};
 use crate::escape::Escaped;
 
+/// How a streamed answer is framed, which decides how an error mid-stream is
+/// told to the client: a cut or a lost upstream must never look like a
+/// complete answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Framing {
+    /// Ollama's NDJSON: a last `{"error": "..."}` line, as Ollama writes one.
+    Ndjson,
+    /// OpenAI-style server-sent events: a last `data: {"error": {...}}`
+    /// event, which the official clients raise as an API error.
+    Sse,
+    /// Anything else: the body just ends (or fails).
+    Other,
+}
+
+impl Framing {
+    /// The framing of an answer with this `Content-Type`.
+    pub(super) fn of(content_type: Option<&str>) -> Framing {
+        match content_type {
+            Some(v) if v.starts_with("application/x-ndjson") => Framing::Ndjson,
+            Some(v) if v.starts_with("text/event-stream") => Framing::Sse,
+            _ => Framing::Other,
+        }
+    }
+
+    /// The last chunk that tells the client about an error, if this framing
+    /// has a way to say it; `code` names the cause for OpenAI clients.
+    fn error_chunk(self, message: &str, code: &str) -> Option<Bytes> {
+        match self {
+            Framing::Ndjson => Some(Bytes::from(format!(
+                "{}\n",
+                serde_json::json!({ "error": message })
+            ))),
+            Framing::Sse => Some(Bytes::from(format!(
+                "data: {}\n\n",
+                serde_json::json!({"error": {
+                    "message": message,
+                    "type": "server_error",
+                    "param": null,
+                    "code": code,
+                }})
+            ))),
+            Framing::Other => None,
+        }
+    }
+
+    /// Whether an upstream chunk is itself an error report.
+    fn is_error(self, chunk: &[u8]) -> bool {
+        match self {
+            Framing::Ndjson => chunk.starts_with(b"{\"error\""),
+            Framing::Sse => chunk.starts_with(b"data: {\"error\""),
+            Framing::Other => false,
+        }
+    }
+}
+
+/// What a client whose stream a policy cut is told.
+const CUT_MESSAGE: &str =
+    "maitre: this stream was pre-empted by the scheduling policy to serve a real-time request";
+
 /// The response body of a scheduled request: forwards upstream chunks as they
 /// come, times the first one, counts them, ends the request in the scheduler
 /// exactly once, and closes the upstream connection when dropped early.
@@ -24,20 +83,20 @@ pub(super) struct TrackedBody {
     run: Arc<Run>,
     ticket: Option<Ticket>,
     failed: bool,
-    ndjson: bool,
+    framing: Framing,
     done: bool,
 }
 
 impl TrackedBody {
     /// Relays `inner` for the dispatch `run`; `ticket` ends when the body does.
-    /// `failed` marks an upstream answer that is already an error; `ndjson`
-    /// says errors mid-stream can be told to the client as a last line.
+    /// `failed` marks an upstream answer that is already an error; `framing`
+    /// says how an error mid-stream is told to the client.
     pub(super) fn new(
         inner: Incoming,
         run: Arc<Run>,
         ticket: Ticket,
         failed: bool,
-        ndjson: bool,
+        framing: Framing,
     ) -> TrackedBody {
         TrackedBody {
             inner: Some(inner),
@@ -45,7 +104,7 @@ impl TrackedBody {
             run,
             ticket: Some(ticket),
             failed,
-            ndjson,
+            framing,
             done: false,
         }
     }
@@ -74,19 +133,11 @@ impl Body for TrackedBody {
         // the upstream's next chunk happens to arrive.
         if this.cut.as_mut().poll(cx).is_ready() && this.run.is_cut() {
             // A policy opted in to ending this stream: close the upstream
-            // connection, free the slot, and say so in Ollama's way.
+            // connection, free the slot, and say so in the stream's framing.
             this.inner = None;
             this.finish(Outcome::Cancelled);
-            let line = if this.ndjson {
-                Bytes::from_static(b"{\"error\":\"maitre: this stream was pre-empted by the scheduling policy to serve a real-time request\"}\n")
-            } else {
-                Bytes::new()
-            };
-            return Poll::Ready(if line.is_empty() {
-                None
-            } else {
-                Some(Ok(Frame::data(line)))
-            });
+            let chunk = this.framing.error_chunk(CUT_MESSAGE, "preempted");
+            return Poll::Ready(chunk.map(|c| Ok(Frame::data(c))));
         }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
@@ -99,7 +150,7 @@ impl Body for TrackedBody {
                 {
                     this.run.mark_client_first_byte();
                     this.run.add_token();
-                    if this.ndjson && d.starts_with(b"{\"error\"") {
+                    if this.framing.is_error(d) {
                         this.failed = true;
                     }
                 }
@@ -127,14 +178,10 @@ impl Body for TrackedBody {
             Poll::Ready(Some(Err(e))) => {
                 tracing::warn!(error = %Escaped(&e), "upstream connection lost mid-response");
                 this.finish(Outcome::UpstreamError);
-                if this.ndjson {
-                    let line = format!(
-                        "{}\n",
-                        serde_json::json!({"error": format!("maitre: upstream connection lost mid-stream: {e}")})
-                    );
-                    Poll::Ready(Some(Ok(Frame::data(Bytes::from(line)))))
-                } else {
-                    Poll::Ready(Some(Err(Box::new(e))))
+                let message = format!("maitre: upstream connection lost mid-stream: {e}");
+                match this.framing.error_chunk(&message, "upstream_lost") {
+                    Some(c) => Poll::Ready(Some(Ok(Frame::data(c)))),
+                    None => Poll::Ready(Some(Err(Box::new(e)))),
                 }
             }
         }
