@@ -81,3 +81,66 @@ async fn a_cut_v1_stream_ends_with_an_error_event_not_silently() {
     assert_eq!(error["code"], "preempted", "{body}");
     assert!(events.len() < 200, "{body}");
 }
+
+#[tokio::test]
+async fn a_weight_change_that_leaves_a_plugin_no_workable_share_is_refused() {
+    let fake = fake(2, 5).await;
+    let reserving = |name: &str, weight: u32| {
+        Arm::builtin(name, "reserved-aging")
+            .weight(weight)
+            .config("rt_reserved_slots", 1)
+    };
+    let m = start(
+        &PolicyFile::new(fake.url(), 2)
+            .admin_token("t0k3n")
+            .arm(reserving("alpha", 100))
+            .arm(reserving("beta", 0)),
+    );
+    let c = client();
+    let r = c
+        .put(format!("{}/policies/beta/weight", m.admin))
+        .bearer_auth("t0k3n")
+        .json(&serde_json::json!({"weight": 100}))
+        .send()
+        .await
+        .unwrap();
+    let code = r.status().as_u16();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(code, 409, "{body}");
+    let e = body["error"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("1 of 2 slot(s)") && e.contains("rt_reserved_slots"),
+        "the plugin's reason is given: {body}"
+    );
+    let status = |m: &Maitre| {
+        let url = format!("{}/status", m.admin);
+        let c = c.clone();
+        async move {
+            let s: serde_json::Value = c.get(url).send().await.unwrap().json().await.unwrap();
+            s
+        }
+    };
+    let s = status(&m).await;
+    let weights: Vec<u64> = s["arms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["weight"].as_u64().unwrap())
+        .collect();
+    assert_eq!(weights, [100, 0], "{s:#}");
+    // Batch work is served as before, and no plugin is ejected later.
+    for i in 0..4 {
+        let r = generate(&c, &m.url, &format!("b{i}"), Some("batch"), 2)
+            .header("x-maitre-key", format!("k{i}"))
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = status(&m).await;
+    for a in s["arms"].as_array().unwrap() {
+        assert_eq!(a["fallback"], false, "{s:#}");
+    }
+}
