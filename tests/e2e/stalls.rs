@@ -144,3 +144,57 @@ async fn a_weight_change_that_leaves_a_plugin_no_workable_share_is_refused() {
         assert_eq!(a["fallback"], false, "{s:#}");
     }
 }
+
+#[tokio::test]
+async fn a_stalled_batch_client_does_not_hold_back_a_realtime_request() {
+    use tokio::io::AsyncWriteExt;
+    // Tokens as fast as the upstream can make them: the stalled client's
+    // socket and maitre's buffers fill within moments.
+    let fake = fake(1, 0).await;
+    let m = start(&cutting(&fake.url(), 1));
+    let addr: std::net::SocketAddr = m.url.trim_start_matches("http://").parse().unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = sock.connect(addr).await.unwrap();
+    let body = serde_json::json!({"model": "fake", "prompt": "hi", "stream": true,
+        "options": {"num_predict": 100_000_000u64}})
+    .to_string();
+    let head = format!(
+        "POST /api/generate HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nX-Priority: batch\r\nX-Test-Tag: stalled\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    stalled.write_all(body.as_bytes()).await.unwrap();
+    // It never reads. Wait until it streams and the buffers are full.
+    let end = tokio::time::Instant::now() + T;
+    while seq_of(&fake.log(), "stalled", EventKind::Started).is_none() {
+        assert!(tokio::time::Instant::now() < end, "the batch never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let c = client();
+    let t = std::time::Instant::now();
+    let rt = generate(&c, &m.url, "rt", Some("realtime"), 2)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    let waited = t.elapsed();
+    let rt = rt.unwrap_or_else(|e| {
+        panic!(
+            "the real-time request was held back by the stalled stream: {e}\n{}",
+            m.logs().join("\n")
+        )
+    });
+    assert_eq!(rt.status(), 200);
+    eprintln!("real-time request answered {waited:?} after it was sent");
+    assert!(
+        waited < Duration::from_secs(1),
+        "the real-time request waited {waited:?}"
+    );
+    let log = fake.log();
+    assert!(
+        seq_of(&log, "stalled", EventKind::Cancelled) < seq_of(&log, "rt", EventKind::Started),
+        "the stalled stream's upstream was closed before the real-time request started"
+    );
+    drop(stalled);
+}

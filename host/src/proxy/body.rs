@@ -2,7 +2,7 @@
 //! upstream stream to the request's place in the scheduler.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -74,11 +74,14 @@ const CUT_MESSAGE: &str =
 
 /// The response body of a scheduled request: forwards upstream chunks as they
 /// come, times the first one, counts them, ends the request in the scheduler
-/// exactly once, and closes the upstream connection when dropped early.
+/// exactly once, and closes the upstream connection when dropped early, or
+/// as soon as a policy cuts the stream (from the scheduler's side: the client
+/// may not be reading).
 pub(super) struct TrackedBody {
     // Declared first so it is dropped (closing the upstream connection) before
-    // the ticket tells the scheduler the slot is free. `None` once cut.
-    inner: Option<Incoming>,
+    // the ticket tells the scheduler the slot is free. `None` once cut. Shared
+    // (weakly) with the cut's closer that the scheduler runs.
+    inner: Arc<Mutex<Option<Incoming>>>,
     cut: Pin<Box<WaitForCancellationFutureOwned>>,
     run: Arc<Run>,
     ticket: Option<Ticket>,
@@ -98,8 +101,20 @@ impl TrackedBody {
         failed: bool,
         framing: Framing,
     ) -> TrackedBody {
+        let inner = Arc::new(Mutex::new(Some(inner)));
+        let upstream = Arc::downgrade(&inner);
+        let close = move || {
+            if let Some(u) = upstream.upgrade() {
+                drop(lock(&u).take());
+            }
+        };
+        if !run.on_cut(Box::new(close)) {
+            // Cut before the relay began: the scheduler left the closing to
+            // this body, which ends at its first poll.
+            drop(lock(&inner).take());
+        }
         TrackedBody {
-            inner: Some(inner),
+            inner,
             cut: Box::pin(run.preempt.clone().cancelled_owned()),
             run,
             ticket: Some(ticket),
@@ -115,6 +130,21 @@ impl TrackedBody {
             t.finish(outcome);
         }
     }
+
+    /// A policy opted in to ending this stream: close the upstream connection
+    /// (unless the scheduler did), end the request, and say so in the
+    /// stream's framing.
+    fn end_cut(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        drop(lock(&self.inner).take());
+        self.finish(Outcome::Cancelled);
+        let chunk = self.framing.error_chunk(CUT_MESSAGE, "preempted");
+        Poll::Ready(chunk.map(|c| Ok(Frame::data(c))))
+    }
+}
+
+/// The upstream body, whatever a panic elsewhere left behind.
+fn lock(m: &Mutex<Option<Incoming>>) -> MutexGuard<'_, Option<Incoming>> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Body for TrackedBody {
@@ -132,14 +162,16 @@ impl Body for TrackedBody {
         // Polled every time so that a cut wakes this body at once, not when
         // the upstream's next chunk happens to arrive.
         if this.cut.as_mut().poll(cx).is_ready() && this.run.is_cut() {
-            // A policy opted in to ending this stream: close the upstream
-            // connection, free the slot, and say so in the stream's framing.
-            this.inner = None;
-            this.finish(Outcome::Cancelled);
-            let chunk = this.framing.error_chunk(CUT_MESSAGE, "preempted");
-            return Poll::Ready(chunk.map(|c| Ok(Frame::data(c))));
+            return this.end_cut();
         }
-        let Some(inner) = this.inner.as_mut() else {
+        let cell = this.inner.clone();
+        let mut guard = lock(&cell);
+        let Some(inner) = guard.as_mut() else {
+            drop(guard);
+            // Closed by the scheduler's cut since the check above.
+            if this.run.is_cut() {
+                return this.end_cut();
+            }
             return Poll::Ready(None);
         };
         match Pin::new(&mut *inner).poll_frame(cx) {
@@ -192,7 +224,7 @@ impl Body for TrackedBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
+        match &*lock(&self.inner) {
             Some(inner) if !self.done => inner.size_hint(),
             _ => SizeHint::with_exact(0),
         }

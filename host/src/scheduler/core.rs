@@ -34,6 +34,9 @@ pub(super) enum State {
     Running,
     /// Holding a slot that a pre-emption is taking back.
     Preempting,
+    /// Cut mid-stream, its upstream closed and its slot free; its client has
+    /// not read the end of its stream yet.
+    Cut,
 }
 
 impl State {
@@ -44,6 +47,7 @@ impl State {
             State::Handoff => "handoff",
             State::Running => "running",
             State::Preempting => "preempting",
+            State::Cut => "cut",
         }
     }
 }

@@ -6,6 +6,7 @@
 //!   Waiting --start, slot being pre-empted--> Handoff
 //!   Running --preempt--> Preempting --upstream let go--> (slot to the Handoff head)
 //!   Handoff --any slot of its arm frees--> Running
+//!   Running --preempt, cut stream, upstream closed at once--> Cut (slot free) --client done--> (ended)
 //!   Running/Preempting --requeue--> Waiting
 //! ```
 
@@ -101,6 +102,14 @@ impl Core {
             cut_stream = streaming,
             "pre-empted"
         );
+        if streaming && run.close_upstream() {
+            // The upstream connection is closed now, whether or not the
+            // client reads again: the slot is free for the next request.
+            self.release_slot(id, State::Preempting);
+            if let Some(e) = self.entries.get_mut(&id) {
+                e.state = State::Cut;
+            }
+        }
     }
 
     /// Gives a waiting (or handed-off) request its slot and tells its handler.
@@ -200,6 +209,7 @@ impl Core {
         match e.state {
             state @ (State::Running | State::Preempting) => self.release_slot(id, state),
             State::Waiting | State::Handoff => self.remove_waiting(id),
+            State::Cut => {}
         }
         self.end(id, outcome);
     }

@@ -110,3 +110,30 @@ async fn a_handoff_takes_any_slot_of_its_arm_that_frees() {
     let s = h.status().await;
     assert_eq!((s.slots_busy, s.waiting), (2, 0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_cut_stream_frees_its_slot_at_once_when_its_relay_can_close_the_upstream() {
+    let (d, _) = script(preempt_for_realtime);
+    let h = start(1, vec![arm("a", 100, d)], weighted(), Limits::default());
+    let mut batch = h.submit(Some("batch")).await;
+    let id = batch.id();
+    let g = granted(&mut batch).await;
+    assert!(g.run.mark_streaming());
+    let closed = Arc::new(AtomicUsize::new(0));
+    let c = closed.clone();
+    assert!(g.run.on_cut(Box::new(move || {
+        c.fetch_add(1, Ordering::Relaxed);
+    })));
+    // The batch client is not reading: its handler does nothing more.
+    let mut rt = h.submit(Some("realtime")).await;
+    granted(&mut rt).await;
+    assert_eq!(closed.load(Ordering::Relaxed), 1, "upstream closed first");
+    assert_eq!(h.state_of(batch.id()).await.unwrap().0, "cut");
+    let s = h.status().await;
+    assert_eq!((s.slots_busy, s.waiting), (1, 0));
+    // When its client reads the end at last, the request just ends.
+    batch.finish(Outcome::Cancelled);
+    assert!(h.state_of(id).await.is_none());
+    rt.finish(Outcome::Ok);
+    assert_eq!(h.status().await.slots_busy, 0);
+}
