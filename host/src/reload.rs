@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Mutex;
 
 use crate::Host;
-use crate::config::{AbMode, Config, ConfigError, PluginSource};
+use crate::config::{AbMode, ArmConfig, Config, ConfigError, PluginSource};
 use crate::escape::Escaped;
 use crate::metrics::{Metrics, ReloadLabels, ReloadResult};
 use crate::plugin::{Compiled, PluginError, PluginLimits, Runtime};
@@ -32,7 +32,9 @@ use crate::scheduler::{ArmSpec, slot_shares};
 
 mod watch;
 mod watched;
+mod weight;
 pub use watch::{WatchGuard, watch};
+pub use weight::WeightError;
 
 /// Quiet time after the last change to a watched file before reloading, so
 /// an editor's save (write, rename, chmod) or a file copy is one reload.
@@ -219,15 +221,13 @@ impl Reloader {
             let t = Instant::now();
             let (compiled, fresh) = self.compile(&arm.plugin).await.map_err(err)?;
             let compile_ms = ms(t.elapsed());
-            let mut config = arm.config.clone();
             // A weight-0 arm owns no slot yet; check its config against them all.
             let slots = if share == 0 {
                 cfg.upstream.slots
             } else {
                 share
             };
-            config.push(("maitre.slots".into(), slots.to_string()));
-            config.push(("maitre.arm".into(), arm.name.clone()));
+            let config = init_config(arm, slots);
             let t = Instant::now();
             let instance = Runtime::global()
                 .instantiate(&compiled, limits, &config)
@@ -394,6 +394,15 @@ impl Reloader {
             .get_or_create(&ReloadLabels { result })
             .inc();
     }
+}
+
+/// The key/value pairs an arm's `init` gets: its `[policy.config]` and what
+/// maitre tells every plugin (`maitre.slots`, its share; `maitre.arm`).
+fn init_config(arm: &ArmConfig, slots: u32) -> Vec<(String, String)> {
+    let mut config = arm.config.clone();
+    config.push(("maitre.slots".into(), slots.to_string()));
+    config.push(("maitre.arm".into(), arm.name.clone()));
+    config
 }
 
 fn ms(d: Duration) -> f64 {

@@ -15,4 +15,5 @@ mod preemption;
 mod proxy;
 mod ready;
 mod scheduling;
+mod stalls;
 mod template;

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use self::guard::Access;
 use self::route::{Plan, Refused};
 use crate::escape::Escaped;
+use crate::reload::WeightError;
 use crate::{Host, metrics};
 
 type AdminBody = Full<Bytes>;
@@ -187,7 +188,7 @@ async fn handle(
                 Ok(w) => w,
                 Err(r) => return refused(r),
             };
-            match host.sched.set_weight(&arm, weight).await {
+            match host.reloader.set_weight(host, &arm, weight).await {
                 Ok(()) => {
                     tracing::info!(arm = %Escaped(&arm), weight, "arm weight changed");
                     json(
@@ -195,8 +196,8 @@ async fn handle(
                         &serde_json::json!({"arm": arm, "weight": weight}),
                     )
                 }
-                Err(e) if e.starts_with("no arm") => error(StatusCode::NOT_FOUND, &e),
-                Err(e) => error(StatusCode::CONFLICT, &e),
+                Err(e @ WeightError::NoArm(_)) => error(StatusCode::NOT_FOUND, &e.to_string()),
+                Err(e @ WeightError::Refused(_)) => error(StatusCode::CONFLICT, &e.to_string()),
             }
         }
     }

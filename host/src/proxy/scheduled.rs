@@ -17,7 +17,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
-use super::body::TrackedBody;
+use super::body::{Framing, TrackedBody};
 use super::headers::{set_header, strip_hop_by_hop};
 use super::refusal::Refusal;
 use super::{
@@ -232,12 +232,12 @@ fn relay(resp: Response<Incoming>, grant: &Grant, ticket: Ticket) -> Response<Pr
         );
     }
     let failed = !p.status.is_success();
-    let ndjson = p
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/x-ndjson"));
-    let body = TrackedBody::new(body, grant.run.clone(), ticket, failed, ndjson);
+    let framing = Framing::of(
+        p.headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let body = TrackedBody::new(body, grant.run.clone(), ticket, failed, framing);
     Response::from_parts(p, body.boxed())
 }
 

@@ -20,6 +20,9 @@ use crate::metrics::{ArmKind, Metrics};
 use crate::plugin::PluginError;
 use crate::policy::{Action, Admission, Backend, Class, Request, Running, View, Waiting};
 
+/// Messages handled between two decisions at most.
+pub(super) const MAX_MESSAGES_PER_TURN: usize = 64;
+
 /// Where a request is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum State {
@@ -31,6 +34,9 @@ pub(super) enum State {
     Running,
     /// Holding a slot that a pre-emption is taking back.
     Preempting,
+    /// Cut mid-stream, its upstream closed and its slot free; its client has
+    /// not read the end of its stream yet.
+    Cut,
 }
 
 impl State {
@@ -41,6 +47,7 @@ impl State {
             State::Handoff => "handoff",
             State::Running => "running",
             State::Preempting => "preempting",
+            State::Cut => "cut",
         }
     }
 }
@@ -106,8 +113,11 @@ impl Core {
         core
     }
 
-    /// The task: handle every queued message, then decide once; tick for
-    /// aging, switchback windows and the watchdog.
+    /// The task: handle the queued messages, at most [`MAX_MESSAGES_PER_TURN`]
+    /// of them, then decide once; tick for aging, switchback windows and the
+    /// watchdog. The bound keeps dispatch going through a burst of arrivals:
+    /// each `admit` copies the arm's view, so admitting thousands before the
+    /// first decision would leave free slots idle meanwhile.
     pub(super) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         let mut tick = tokio::time::interval(Duration::from_millis(self.limits.tick_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -116,8 +126,10 @@ impl Core {
                 m = rx.recv() => {
                     let Some(m) = m else { break };
                     self.handle(m).await;
-                    // Take everything already queued before deciding once.
-                    while let Ok(m) = rx.try_recv() {
+                    // Take what is already queued, up to the bound, before
+                    // deciding once; the rest waits for the next turn.
+                    for _ in 1..MAX_MESSAGES_PER_TURN {
+                        let Ok(m) = rx.try_recv() else { break };
                         self.handle(m).await;
                     }
                 }

@@ -5,6 +5,8 @@
 //!   Waiting --start, free slot--> Running --finish/gone--> (ended)
 //!   Waiting --start, slot being pre-empted--> Handoff
 //!   Running --preempt--> Preempting --upstream let go--> (slot to the Handoff head)
+//!   Handoff --any slot of its arm frees--> Running
+//!   Running --preempt, cut stream, upstream closed at once--> Cut (slot free) --client done--> (ended)
 //!   Running/Preempting --requeue--> Waiting
 //! ```
 
@@ -100,6 +102,14 @@ impl Core {
             cut_stream = streaming,
             "pre-empted"
         );
+        if streaming && run.close_upstream() {
+            // The upstream connection is closed now, whether or not the
+            // client reads again: the slot is free for the next request.
+            self.release_slot(id, State::Preempting);
+            if let Some(e) = self.entries.get_mut(&id) {
+                e.state = State::Cut;
+            }
+        }
     }
 
     /// Gives a waiting (or handed-off) request its slot and tells its handler.
@@ -129,26 +139,30 @@ impl Core {
     }
 
     /// Releases the slot of a running (or pre-empting) request and hands it on
-    /// to a request waiting for a pre-empted slot, at once.
+    /// to a request waiting for a pre-empted slot, at once. Any slot of the
+    /// arm will do: a pre-empted request slow to let go of its slot must not
+    /// keep the request started in its place from one that frees meanwhile.
     fn release_slot(&mut self, id: u64, was: State) {
         let Some(e) = self.entries.get(&id) else {
             return;
         };
-        let arm = &mut self.arms[e.arm];
+        let a = e.arm;
+        let arm = &mut self.arms[a];
         arm.running.remove(&id);
         arm.busy = arm.busy.saturating_sub(1);
         self.busy = self.busy.saturating_sub(1);
         arm.dirty = true;
         if was == State::Preempting {
             arm.preempting = arm.preempting.saturating_sub(1);
-            if let Some(next) = arm.handoff.pop_front()
-                && let Some(n) = self.entries.get_mut(&next)
-            {
-                n.state = State::Waiting;
-                self.dispatch(next);
-            }
+            // This slot was promised to the head of the handoff line.
+            self.dispatch_handoff(a);
         }
         self.metrics.slots_busy.set(self.busy as i64);
+        for i in 0..self.arms.len() {
+            while !self.arms[i].handoff.is_empty() && self.free_slots(i) > 0 {
+                self.dispatch_handoff(i);
+            }
+        }
         // Arms share the upstream: a slot let go by one may be the one
         // another arm's waiting requests lacked (its share was free but the
         // upstream was full, e.g. after a weight change or a switchback turn).
@@ -156,6 +170,16 @@ impl Core {
             if !self.arms[i].waiting.is_empty() && self.free_slots(i) > 0 {
                 self.arms[i].dirty = true;
             }
+        }
+    }
+
+    /// Dispatches the head of an arm's handoff line, if any.
+    fn dispatch_handoff(&mut self, a: usize) {
+        if let Some(next) = self.arms[a].handoff.pop_front()
+            && let Some(n) = self.entries.get_mut(&next)
+        {
+            n.state = State::Waiting;
+            self.dispatch(next);
         }
     }
 
@@ -185,6 +209,7 @@ impl Core {
         match e.state {
             state @ (State::Running | State::Preempting) => self.release_slot(id, state),
             State::Waiting | State::Handoff => self.remove_waiting(id),
+            State::Cut => {}
         }
         self.end(id, outcome);
     }

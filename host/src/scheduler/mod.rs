@@ -38,6 +38,8 @@ pub mod ticket;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_load;
 
 use std::sync::Arc;
 use std::time::Duration;

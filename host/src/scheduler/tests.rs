@@ -34,7 +34,7 @@ impl Decider for Script {
     }
 }
 
-fn script(
+pub(super) fn script(
     f: impl FnMut(&View) -> Result<Vec<Action>, PluginError> + Send + 'static,
 ) -> (Box<dyn Decider>, Arc<Mutex<Vec<View>>>) {
     let views = Arc::new(Mutex::new(Vec::new()));
@@ -48,7 +48,7 @@ fn script(
 /// The preemptive rule in a few lines: start the best waiting requests on
 /// free slots; when a real-time request waits and no slot is free, pre-empt
 /// a pre-emptible batch request and start it in the same answer.
-fn preempt_for_realtime(v: &View) -> Result<Vec<Action>, PluginError> {
+pub(super) fn preempt_for_realtime(v: &View) -> Result<Vec<Action>, PluginError> {
     let mut waiting = v.waiting.clone();
     waiting.sort_by(|a, b| b.priority.total_cmp(&a.priority));
     let mut out: Vec<Action> = waiting
@@ -78,7 +78,7 @@ fn preempt_for_realtime(v: &View) -> Result<Vec<Action>, PluginError> {
     Ok(out)
 }
 
-fn arm(name: &str, weight: u32, decider: Box<dyn Decider>) -> ArmSpec {
+pub(super) fn arm(name: &str, weight: u32, decider: Box<dyn Decider>) -> ArmSpec {
     ArmSpec {
         name: name.into(),
         weight,
@@ -88,7 +88,7 @@ fn arm(name: &str, weight: u32, decider: Box<dyn Decider>) -> ArmSpec {
     }
 }
 
-fn weighted() -> AbConfig {
+pub(super) fn weighted() -> AbConfig {
     AbConfig {
         mode: AbMode::Weighted,
         key_header: "x-maitre-key".into(),
@@ -96,12 +96,12 @@ fn weighted() -> AbConfig {
     }
 }
 
-struct Harness {
-    sched: SchedulerHandle,
-    metrics: Arc<Metrics>,
+pub(super) struct Harness {
+    pub(super) sched: SchedulerHandle,
+    pub(super) metrics: Arc<Metrics>,
 }
 
-fn start(slots: u32, arms: Vec<ArmSpec>, ab: AbConfig, limits: Limits) -> Harness {
+pub(super) fn start(slots: u32, arms: Vec<ArmSpec>, ab: AbConfig, limits: Limits) -> Harness {
     let metrics = Arc::new(Metrics::new());
     let sched = spawn(
         Setup {
@@ -116,7 +116,7 @@ fn start(slots: u32, arms: Vec<ArmSpec>, ab: AbConfig, limits: Limits) -> Harnes
     Harness { sched, metrics }
 }
 
-fn meta(priority: Option<&str>, key: &str) -> RequestMeta {
+pub(super) fn meta(priority: Option<&str>, key: &str) -> RequestMeta {
     RequestMeta {
         path: "/api/generate".into(),
         model: "m".into(),
@@ -131,46 +131,46 @@ fn meta(priority: Option<&str>, key: &str) -> RequestMeta {
 }
 
 impl Harness {
-    async fn submit(&self, priority: Option<&str>) -> Ticket {
+    pub(super) async fn submit(&self, priority: Option<&str>) -> Ticket {
         self.submit_as(priority, "k").await
     }
-    async fn submit_as(&self, priority: Option<&str>, key: &str) -> Ticket {
+    pub(super) async fn submit_as(&self, priority: Option<&str>, key: &str) -> Ticket {
         self.sched
             .submit(meta(priority, key))
             .await
             .unwrap_or_else(|e| panic!("submit refused: {e:?}"))
     }
-    async fn status(&self) -> Status {
+    pub(super) async fn status(&self) -> Status {
         self.sched.status().await.expect("scheduler alive")
     }
     /// `(state, arm)` of request `id` in `/status`, if it is still known.
-    async fn state_of(&self, id: u64) -> Option<(String, String)> {
+    pub(super) async fn state_of(&self, id: u64) -> Option<(String, String)> {
         let s = self.status().await;
         s.requests
             .iter()
             .find(|r| r.id == id)
             .map(|r| (r.state.to_string(), r.arm.clone()))
     }
-    fn metric(&self, needle: &str) -> bool {
+    pub(super) fn metric(&self, needle: &str) -> bool {
         self.metrics.encode().lines().any(|l| l.contains(needle))
     }
 }
 
 /// The grant, if the request is started within `ms` (virtual) milliseconds.
-async fn granted_within(t: &mut Ticket, ms: u64) -> Option<Grant> {
+pub(super) async fn granted_within(t: &mut Ticket, ms: u64) -> Option<Grant> {
     timeout(Duration::from_millis(ms), t.wait_start())
         .await
         .ok()
         .map(|r| r.expect("started, not rejected"))
 }
 
-async fn granted(t: &mut Ticket) -> Grant {
+pub(super) async fn granted(t: &mut Ticket) -> Grant {
     granted_within(t, 50)
         .await
         .expect("request was not started")
 }
 
-async fn not_granted(t: &mut Ticket) {
+pub(super) async fn not_granted(t: &mut Ticket) {
     assert!(
         granted_within(t, 50).await.is_none(),
         "request {} started but should wait",

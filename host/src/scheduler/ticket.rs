@@ -4,7 +4,7 @@
 //! dispatch shared with the scheduler ([`Run`] and its phases).
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -86,6 +86,20 @@ pub struct Run {
     cut: AtomicBool,
     /// Cancelled when a policy pre-empts this dispatch.
     pub preempt: CancellationToken,
+    /// Closes the upstream connection of a stream, registered by its relay.
+    closer: Closer,
+}
+
+/// Closes a stream's upstream connection from the scheduler's side: a cut
+/// must not wait until the client reads again (a stalled client would keep
+/// the slot, and the request started in its place, waiting).
+#[derive(Default)]
+struct Closer(Mutex<Option<Box<dyn FnOnce() + Send>>>);
+
+impl std::fmt::Debug for Closer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Closer")
+    }
 }
 
 impl Run {
@@ -98,6 +112,38 @@ impl Run {
             phase: AtomicU8::new(PHASE_DISPATCHED),
             cut: AtomicBool::new(false),
             preempt: CancellationToken::new(),
+            closer: Closer::default(),
+        }
+    }
+    /// Registers how to close this stream's upstream connection at once when
+    /// a policy cuts it. False when it was cut already: the caller closes it.
+    #[must_use]
+    pub fn on_cut(&self, close: Box<dyn FnOnce() + Send>) -> bool {
+        let mut c = self.closer.0.lock().unwrap_or_else(PoisonError::into_inner);
+        // Checked under the lock that `close_upstream` takes after marking
+        // the cut: one of the two sides closes, never none.
+        if self.is_cut() {
+            return false;
+        }
+        *c = Some(close);
+        true
+    }
+    /// Closes the upstream connection of a cut stream, if its relay said how;
+    /// true when it is closed now (the slot is free).
+    pub(super) fn close_upstream(&self) -> bool {
+        debug_assert!(self.is_cut());
+        let close = self
+            .closer
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match close {
+            Some(close) => {
+                close();
+                true
+            }
+            None => false,
         }
     }
     /// Marks the upstream's first byte (response headers arrived).
