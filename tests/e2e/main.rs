@@ -13,5 +13,6 @@ mod live;
 mod preemption;
 mod proxy;
 mod ready;
+mod sandbox;
 mod scheduling;
 mod template;
