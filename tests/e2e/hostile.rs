@@ -14,13 +14,13 @@ use crate::common::hostile_plugins::hostile_plugin;
 use crate::common::*;
 use serde_json::Value;
 
-const T: Duration = Duration::from_secs(30);
+pub(crate) const T: Duration = Duration::from_secs(30);
 /// Requests per load.
-const N: usize = 30;
-const SLOTS: u32 = 2;
+pub(crate) const N: usize = 30;
+pub(crate) const SLOTS: u32 = 2;
 /// Short limits keep every case quick: a 20 ms CPU budget per call, a
 /// starvation watchdog at 300 ms checked every 50 ms.
-fn limits() -> Limits {
+pub(crate) fn limits() -> Limits {
     Limits {
         plugin_call_ms: Some(20),
         starvation_ms: Some(300),
@@ -33,7 +33,7 @@ fn limits() -> Limits {
 /// copy's absolute path. Each maitre gets a private copy: maitre
 /// watches its plugin's folder, and must not see other tests open the shared
 /// build output.
-fn wasm(crate_name: &str, dir: &Path) -> String {
+pub(crate) fn wasm(crate_name: &str, dir: &Path) -> String {
     let built = hostile_plugin(crate_name);
     let copy = dir.join(format!("{crate_name}.wasm"));
     std::fs::copy(&built, &copy).unwrap();
@@ -41,7 +41,12 @@ fn wasm(crate_name: &str, dir: &Path) -> String {
 }
 
 /// Starts maitre on a policy file and a private copy of `plugin` in a temp folder.
-fn start_plugin(upstream: &str, plugin: &str, config: toml::Table, limits: Limits) -> Maitre {
+pub(crate) fn start_plugin(
+    upstream: &str,
+    plugin: &str,
+    config: toml::Table,
+    limits: Limits,
+) -> Maitre {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("policy.toml");
     policy_with(upstream, &wasm(plugin, dir.path()), config, limits).write(&file);
@@ -49,7 +54,12 @@ fn start_plugin(upstream: &str, plugin: &str, config: toml::Table, limits: Limit
 }
 
 /// A one-arm policy file on [`SLOTS`] slots running the plugin file `plugin`.
-fn policy_with(upstream: &str, plugin: &str, config: toml::Table, limits: Limits) -> PolicyFile {
+pub(crate) fn policy_with(
+    upstream: &str,
+    plugin: &str,
+    config: toml::Table,
+    limits: Limits,
+) -> PolicyFile {
     PolicyFile::new(upstream, SLOTS)
         .limits(limits)
         .arm(Arm::new("main", plugin).configs(config))
@@ -87,15 +97,15 @@ fn mixed(c: &reqwest::Client, base: &str, i: usize) -> reqwest::RequestBuilder {
 
 /// How one request ended, as its client saw it.
 #[derive(Debug)]
-struct Answer {
-    status: u16,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
     /// A 200 whose last JSON object (the last NDJSON line of a stream) has `"done": true`.
-    done: bool,
-    body: String,
+    pub(crate) done: bool,
+    pub(crate) body: String,
 }
 
 /// Sends `n` mixed requests at once and collects every answer.
-async fn load(m: &Maitre, n: usize) -> Vec<Answer> {
+pub(crate) async fn load(m: &Maitre, n: usize) -> Vec<Answer> {
     let c = client();
     let tasks: Vec<_> = (0..n)
         .map(|i| {
@@ -126,7 +136,7 @@ async fn load(m: &Maitre, n: usize) -> Vec<Answer> {
 }
 
 /// The arm `main` in `/status`.
-async fn arm_status(m: &Maitre) -> Value {
+pub(crate) async fn arm_status(m: &Maitre) -> Value {
     let s: Value = client()
         .get(format!("{}/status", m.admin))
         .send()
@@ -139,17 +149,17 @@ async fn arm_status(m: &Maitre) -> Value {
 }
 
 /// What a case produced.
-struct Run {
-    m: Maitre,
-    fake: UpstreamModel,
-    answers: Vec<Answer>,
-    metrics: Scrape,
-    arm: Value,
+pub(crate) struct Run {
+    pub(crate) m: Maitre,
+    pub(crate) fake: UpstreamModel,
+    pub(crate) answers: Vec<Answer>,
+    pub(crate) metrics: Scrape,
+    pub(crate) arm: Value,
 }
 
 /// Starts maitre with `plugin` (a crate of the plugins workspace) and
 /// `config`, sends the load and collects what maitre and the fake saw.
-async fn run(plugin: &str, config: toml::Table, limits: Limits) -> Run {
+pub(crate) async fn run(plugin: &str, config: toml::Table, limits: Limits) -> Run {
     let fake = fake(SLOTS as usize, 5).await;
     let m = start_plugin(&fake.url(), plugin, config, limits);
     let answers = load(&m, N).await;
@@ -167,7 +177,7 @@ async fn run(plugin: &str, config: toml::Table, limits: Limits) -> Run {
 impl Run {
     /// Every request got a 200 with a final `done` object, reached the
     /// upstream exactly once, and the upstream never ran more than its slots.
-    fn assert_all_served(&self) {
+    pub(crate) fn assert_all_served(&self) {
         for (i, a) in self.answers.iter().enumerate() {
             assert!(
                 a.done,
@@ -199,7 +209,7 @@ impl Run {
 
     /// The plugin was ejected exactly once, for `kind`: counted, shown in
     /// `/status` with a `last_error` containing every one of `needles`, logged.
-    async fn assert_ejected(&self, kind: &str, needles: &[&str]) {
+    pub(crate) async fn assert_ejected(&self, kind: &str, needles: &[&str]) {
         let faults = |k: &str| {
             self.metrics.sum(
                 "maitre_plugin_faults_total",
@@ -240,7 +250,7 @@ impl Run {
     }
 
     /// The plugin is still serving: no fault, not in fallback.
-    fn assert_not_ejected(&self) {
+    pub(crate) fn assert_not_ejected(&self) {
         let all = self
             .metrics
             .sum("maitre_plugin_faults_total", &[("arm", "main")]);
@@ -272,7 +282,7 @@ impl Run {
     }
 
     /// One report line (printed with `MAITRE_HOSTILE_REPORT=1`).
-    fn report(&self, name: &str) {
+    pub(crate) fn report(&self, name: &str) {
         if std::env::var_os("MAITRE_HOSTILE_REPORT").is_none() {
             return;
         }
@@ -293,7 +303,7 @@ impl Run {
 }
 
 /// "stopped after N ms" in a timeout's `last_error`.
-fn stopped_after_ms(last_error: &str) -> u64 {
+pub(crate) fn stopped_after_ms(last_error: &str) -> u64 {
     let tail = last_error
         .split("stopped after ")
         .nth(1)

@@ -14,6 +14,7 @@ mod live;
 mod preemption;
 mod proxy;
 mod ready;
+mod sandbox;
 mod scheduling;
 mod stalls;
 mod template;

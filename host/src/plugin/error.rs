@@ -42,9 +42,14 @@ pub enum PluginError {
         /// The plugin's own message.
         reason: String,
     },
-    /// The call ran past its CPU budget.
-    #[error("plugin call ran past its {budget_ms} ms CPU budget and was stopped after {ran_ms} ms")]
+    /// The call ran past its time budget: its CPU ticks, or its wall-clock
+    /// deadline (time blocked in host calls, e.g. a sleep, counts too).
+    #[error(
+        "plugin {call} ran past its {budget_ms} ms CPU budget (or its wall-clock deadline) and was stopped after {ran_ms} ms; raise [limits] plugin_call_ms or make the plugin return sooner"
+    )]
     Timeout {
+        /// The call: `instantiate`, `init`, `admit` or `schedule`.
+        call: &'static str,
         /// The budget.
         budget_ms: u64,
         /// Wall-clock time from the call to its end (≥ the budget; more on a busy CPU).
@@ -55,6 +60,13 @@ pub enum PluginError {
     OutOfMemory {
         /// The cap.
         limit_mib: usize,
+    },
+    /// The plugin held more WASI resources (streams, pollables, ...) at once
+    /// than the sandbox allows.
+    #[error("plugin exceeded its cap of {limit} WASI resources held at once")]
+    Resources {
+        /// The cap.
+        limit: usize,
     },
     /// The plugin trapped (panic, unreachable, bad memory access, ...).
     #[error("plugin trapped: {0}")]
@@ -94,6 +106,7 @@ impl PluginError {
             PluginError::Init { .. } => "init",
             PluginError::Timeout { .. } => "timeout",
             PluginError::OutOfMemory { .. } => "memory",
+            PluginError::Resources { .. } => "resources",
             PluginError::Trap(_) => "trap",
             PluginError::Dead => "dead",
             PluginError::Starvation { .. } => "starvation",

@@ -1,11 +1,23 @@
 //! The WebAssembly plugin runtime: compiling, sandboxing and calling policy plugins.
 //!
-//! A plugin is untrusted code. Each instance runs with no filesystem, no network,
-//! no environment, a memory cap ([`PluginLimits::memory_bytes`]) and a CPU budget
-//! per call enforced with wasmtime epochs: one ticker thread advances the epoch
-//! every millisecond and a store may run [`PluginLimits::call_budget`] ticks per
-//! call before it traps. A trapped store is poisoned, so the instance is marked
-//! dead and the caller (the scheduler) falls back to FIFO for that arm.
+//! A plugin is untrusted code. Each instance runs with no filesystem, no network
+//! (socket creation is refused before any host descriptor exists), no
+//! environment, a memory cap ([`PluginLimits::memory_bytes`]), one memory, a
+//! bounded table and resource table ([`sandbox::RESOURCES`]), and a time budget
+//! per call, `init` included, enforced twice:
+//!
+//! - CPU: one ticker thread advances the wasmtime epoch every millisecond and a
+//!   store may run [`PluginLimits::call_budget`] ticks per call before it traps.
+//!   Ticks only count while guest code runs: time the guest spends blocked in
+//!   a host (WASI) call, e.g. `std::thread::sleep` or a `poll` on a clock, is
+//!   charged one tick when it returns, however long it took.
+//! - Wall clock: every call, `init` included, is abandoned once it has run
+//!   [`PluginLimits::wall_limit`] (the budget plus a small margin). The async
+//!   WASI bindings yield to tokio while the guest is blocked, so this deadline
+//!   fires there too.
+//!
+//! A trapped or abandoned store is poisoned, so the instance is marked dead
+//! and the caller (the scheduler) falls back to FIFO for that arm.
 //!
 //! Faults are classified from what happened, not from error wording: a call
 //! stopped by the epoch budget is a [`PluginError::Timeout`], a call during
@@ -26,12 +38,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store, StoreLimitsBuilder, Trap, UpdateDeadline};
-use wasmtime_wasi::WasiCtx;
+use wasmtime::component::{Component, Linker, ResourceTableError};
+use wasmtime::{Config, Engine, Store, Trap, UpdateDeadline};
 
 pub use error::PluginError;
-use sandbox::{Limiter, State, StderrTail};
+use sandbox::State;
 
 use crate::policy::{Action, Admission, Request, View};
 
@@ -41,10 +52,22 @@ pub const SUPPORTED: &[&str] = &[v0_1_0::PACKAGE];
 /// Sandbox limits of one plugin instance.
 #[derive(Debug, Clone, Copy)]
 pub struct PluginLimits {
-    /// Epoch ticks (≈ milliseconds) one call may run before it traps.
+    /// Time budget of one call, in milliseconds: epoch ticks (≈ ms of guest
+    /// CPU) before it traps, and the base of its wall-clock deadline
+    /// ([`PluginLimits::wall_limit`]).
     pub call_budget: u64,
     /// Largest linear memory, in bytes.
     pub memory_bytes: usize,
+}
+
+impl PluginLimits {
+    /// Wall-clock deadline of one call (`init` included): the budget plus
+    /// a quarter of it and 25 ms of slack for a busy host, so a plugin that
+    /// computes within its budget is never cut by scheduling jitter, while one
+    /// that waits (sleeps, polls a clock) is stopped soon after the budget.
+    pub fn wall_limit(&self) -> Duration {
+        Duration::from_millis(self.call_budget + self.call_budget / 4 + 25)
+    }
 }
 
 impl Default for PluginLimits {
@@ -131,26 +154,12 @@ impl Runtime {
         limits: PluginLimits,
         config: &[(String, String)],
     ) -> Result<Instance, PluginError> {
-        let stderr = StderrTail::default();
-        let state = State {
-            // No preopens, env, args or network; stdin and stdout empty.
-            wasi: WasiCtx::builder().stderr(stderr.clone()).build(),
-            table: ResourceTable::new(),
-            limits: Limiter {
-                inner: StoreLimitsBuilder::new()
-                    .memory_size(limits.memory_bytes)
-                    .instances(4)
-                    .tables(16)
-                    .memories(4)
-                    .trap_on_grow_failure(true)
-                    .build(),
-                memory_refused: false,
-            },
-            ticks_left: limits.call_budget,
-            stderr,
-        };
+        let state = State::new(&limits);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
+        // Handles the guest holds (WASI resources it was given, resources it
+        // creates itself), store-wide; the resource table caps the host side.
+        store.set_max_component_handles(sandbox::RESOURCES);
         // What the host copies out of the guest per call (lists, strings) is
         // bounded by the plugin's memory cap: strings in a returned list may
         // all point at the same guest bytes, so without a bound a plugin could
@@ -171,26 +180,31 @@ impl Runtime {
             limits,
             name: compiled.inner.name.clone(),
         };
+        // Instantiation runs the component's start code: same deadline as a call.
         let t = inst.arm_deadline();
+        let wall = limits.wall_limit();
         let bound = match &compiled.inner.pre {
-            Pre::V0_1_0(pre) => pre
-                .instantiate_async(&mut inst.store)
+            Pre::V0_1_0(pre) => tokio::time::timeout(wall, pre.instantiate_async(&mut inst.store))
                 .await
-                .map(Bound::V0_1_0),
-        }
-        .map_err(|e| inst.classify(e, t))?;
-        let t = inst.arm_deadline();
-        let call = match &bound {
-            Bound::V0_1_0(p) => v0_1_0::init(p, &mut inst.store, config).await,
+                .map(|r| r.map(Bound::V0_1_0)),
+        };
+        let bound = match bound {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => return Err(inst.classify(e, t, "instantiate")),
+            Err(_) => return Err(inst.abandon(t, "instantiate")),
         };
         inst.bound = Some(bound);
-        match call {
-            Ok(Ok(())) => Ok(inst),
-            Ok(Err(reason)) => Err(PluginError::Init {
+        let reason = inst
+            .call("init", async |b, store| match b {
+                Bound::V0_1_0(p) => v0_1_0::init(p, store, config).await,
+            })
+            .await?;
+        match reason {
+            Ok(()) => Ok(inst),
+            Err(reason) => Err(PluginError::Init {
                 source_name: compiled.inner.name.clone(),
                 reason,
             }),
-            Err(e) => Err(inst.classify(e, t)),
         }
     }
 }
@@ -250,22 +264,41 @@ impl Instance {
         Instant::now()
     }
 
-    fn timeout(&self, started: Instant) -> PluginError {
+    fn timeout(&self, started: Instant, call: &'static str) -> PluginError {
         PluginError::Timeout {
+            call,
             budget_ms: self.limits.call_budget,
             ran_ms: started.elapsed().as_millis() as u64,
         }
     }
 
+    /// A call that ran into its wall-clock deadline: the future was dropped
+    /// mid-call, so the store is unusable; mark the instance dead.
+    fn abandon(&mut self, started: Instant, call: &'static str) -> PluginError {
+        self.bound = None;
+        self.timeout(started, call)
+    }
+
     /// Turns a failed call into a [`PluginError`] and marks the instance dead.
-    fn classify(&mut self, e: wasmtime::Error, started: Instant) -> PluginError {
+    fn classify(
+        &mut self,
+        e: wasmtime::Error,
+        started: Instant,
+        call: &'static str,
+    ) -> PluginError {
         self.bound = None; // a trap poisons the store: never call it again
         if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-            return self.timeout(started);
+            return self.timeout(started, call);
         }
         if self.store.data().limits.memory_refused {
             return PluginError::OutOfMemory {
                 limit_mib: self.limits.memory_bytes >> 20,
+            };
+        }
+        if let Some(ResourceTableError::Full) = e.root_cause().downcast_ref::<ResourceTableError>()
+        {
+            return PluginError::Resources {
+                limit: sandbox::RESOURCES,
             };
         }
         // The trap itself ("wasm `unreachable` instruction executed"), not
@@ -282,28 +315,27 @@ impl Instance {
         PluginError::Trap(text)
     }
 
-    /// Runs one call under the tick budget, with an outer wall-clock backstop
-    /// for a budget that cannot fire (the call never yields).
+    /// Runs one call under the tick budget and the wall-clock deadline
+    /// ([`PluginLimits::wall_limit`]); the deadline stops what the ticks do
+    /// not see: time blocked in host calls (sleeps, clock waits).
     async fn call<T>(
         &mut self,
+        name: &'static str,
         f: impl AsyncFnOnce(&Bound, &mut Store<State>) -> wasmtime::Result<T>,
     ) -> Result<T, PluginError> {
         let t = self.arm_deadline();
         let bound = self.bound.as_ref().ok_or(PluginError::Dead)?;
-        let outer = Duration::from_millis(self.limits.call_budget * 4 + 100);
-        match tokio::time::timeout(outer, f(bound, &mut self.store)).await {
+        let wall = self.limits.wall_limit();
+        match tokio::time::timeout(wall, f(bound, &mut self.store)).await {
             Ok(Ok(a)) => Ok(a),
-            Ok(Err(e)) => Err(self.classify(e, t)),
-            Err(_) => {
-                self.bound = None;
-                Err(self.timeout(t))
-            }
+            Ok(Err(e)) => Err(self.classify(e, t, name)),
+            Err(_) => Err(self.abandon(t, name)),
         }
     }
 
     /// Asks the plugin to classify an arriving request.
     pub async fn admit(&mut self, req: &Request, view: &View) -> Result<Admission, PluginError> {
-        self.call(async |b, store| match b {
+        self.call("admit", async |b, store| match b {
             Bound::V0_1_0(p) => v0_1_0::admit(p, store, req, view).await,
         })
         .await
@@ -311,7 +343,7 @@ impl Instance {
 
     /// Asks the plugin what to do now.
     pub async fn schedule(&mut self, view: &View) -> Result<Vec<Action>, PluginError> {
-        self.call(async |b, store| match b {
+        self.call("schedule", async |b, store| match b {
             Bound::V0_1_0(p) => v0_1_0::schedule(p, store, view).await,
         })
         .await

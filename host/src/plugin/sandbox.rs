@@ -1,6 +1,7 @@
-//! A plugin's sandbox state: WASI with nothing granted, a memory limiter
-//! that records refusals, the per-call tick budget, and a bounded tail of
-//! the guest's stderr.
+//! A plugin's sandbox state: WASI with nothing granted (no sockets at all),
+//! a resource table and store limits sized for one policy component, a
+//! memory limiter that records refusals, the per-call tick budget, and a
+//! bounded tail of the guest's stderr.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -8,10 +9,26 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use wasmtime::component::ResourceTable;
-use wasmtime::{ResourceLimiter, StoreLimits};
+use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+/// WASI resources (streams, pollables, ...) a plugin may hold at once. Each
+/// lives in host memory outside the plugin's memory cap, and the table keeps
+/// them across calls, so without a cap a plugin that never drops them grows
+/// the host without bound (wasmtime's default is a million). A policy needs
+/// a handful: its stdio streams and a pollable while it sleeps.
+pub(crate) const RESOURCES: usize = 1024;
+/// Elements of one wasm table. A Rust plugin's function table holds a few
+/// hundred; wasmtime's default is unbounded, and each element is host memory.
+pub(crate) const TABLE_ELEMENTS: usize = 20_000;
+/// Core instances, tables and memories of one store: what a Rust
+/// `wasm32-wasip2` policy component needs (its module plus the small
+/// adapter modules `wasm-component-ld` adds), one linear memory.
+pub(crate) const INSTANCES: usize = 8;
+pub(crate) const TABLES: usize = 8;
+pub(crate) const MEMORIES: usize = 1;
 
 /// The data of a plugin's store.
 pub(crate) struct State {
@@ -21,6 +38,47 @@ pub(crate) struct State {
     /// Epoch ticks left in the current call.
     pub(crate) ticks_left: u64,
     pub(crate) stderr: StderrTail,
+}
+
+impl State {
+    /// A fresh sandbox for one instance under `limits`.
+    pub(crate) fn new(limits: &super::PluginLimits) -> State {
+        let stderr = StderrTail::default();
+        // No preopens, env or args; stdin and stdout empty. Sockets are
+        // refused at creation, before any host descriptor exists: no TCP,
+        // no UDP, no name lookup, and no address passes the check.
+        let wasi = WasiCtx::builder()
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .socket_addr_check(|_, _| Box::pin(async { false }))
+            .build();
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(RESOURCES);
+        State {
+            wasi,
+            table,
+            limits: Limiter {
+                inner: store_limits(limits.memory_bytes),
+                memory_refused: false,
+            },
+            ticks_left: limits.call_budget,
+            stderr,
+        }
+    }
+}
+
+/// The store limits of one plugin instance.
+pub(crate) fn store_limits(memory_bytes: usize) -> StoreLimits {
+    StoreLimitsBuilder::new()
+        .memory_size(memory_bytes)
+        .table_elements(TABLE_ELEMENTS)
+        .instances(INSTANCES)
+        .tables(TABLES)
+        .memories(MEMORIES)
+        .trap_on_grow_failure(true)
+        .build()
 }
 
 /// [`StoreLimits`] that also records whether it refused a memory growth, so an
@@ -174,6 +232,57 @@ impl WasiView for State {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plugin::PluginLimits;
+    use wasmtime::{Engine, Instance, Module, Store};
+
+    /// A store with a plugin's sandbox and limiter, for raw core modules.
+    fn store(engine: &Engine) -> Store<State> {
+        let mut store = Store::new(engine, State::new(&PluginLimits::default()));
+        store.limiter(|s| &mut s.limits);
+        store
+    }
+
+    /// `(module (table 1 funcref) (func (export "grow") (param i32) (result i32)
+    /// (table.grow 0 (ref.null func) (local.get 0))))`, hand-encoded (no `wat`
+    /// feature in this build).
+    const TABLE_GROW: &[u8] = &[
+        0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // magic, version
+        0x01, 0x06, 0x01, 0x60, 0x01, 0x7f, 0x01, 0x7f, // type: (i32) -> i32
+        0x03, 0x02, 0x01, 0x00, // func 0: type 0
+        0x04, 0x04, 0x01, 0x70, 0x00, 0x01, // table: funcref, min 1, no max
+        0x07, 0x08, 0x01, 0x04, b'g', b'r', b'o', b'w', 0x00, 0x00, // export "grow"
+        0x0a, 0x0b, 0x01, 0x09, 0x00, 0xd0, 0x70, 0x20, 0x00, 0xfc, 0x0f, 0x00, 0x0b, // body
+    ];
+
+    /// `(module (memory 1) (memory 1))`: two memories (multi-memory).
+    const TWO_MEMORIES: &[u8] = &[
+        0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // magic, version
+        0x05, 0x05, 0x02, 0x00, 0x01, 0x00, 0x01, // memory: two of 1 page
+    ];
+
+    #[test]
+    fn a_table_cannot_grow_past_its_element_cap() {
+        let engine = Engine::default();
+        let module = Module::new(&engine, TABLE_GROW).unwrap();
+        let mut store = store(&engine);
+        let inst = Instance::new(&mut store, &module, &[]).unwrap();
+        let grow = inst.get_typed_func::<i32, i32>(&mut store, "grow").unwrap();
+        // Small growth is fine: the old size comes back.
+        assert_eq!(grow.call(&mut store, 10).unwrap(), 1);
+        // Past the cap the limiter refuses, and refusing traps.
+        let n = i32::try_from(TABLE_ELEMENTS).unwrap();
+        let err = grow.call(&mut store, n).unwrap_err();
+        assert!(format!("{err:?}").contains("table"), "{err:?}");
+    }
+
+    #[test]
+    fn a_second_memory_is_refused() {
+        let engine = Engine::default();
+        let module = Module::new(&engine, TWO_MEMORIES).unwrap();
+        let mut store = store(&engine);
+        let err = Instance::new(&mut store, &module, &[]).unwrap_err();
+        assert!(format!("{err:?}").contains("memor"), "{err:?}");
+    }
 
     #[test]
     fn stderr_tail_keeps_the_last_bytes_on_one_clean_line() {
