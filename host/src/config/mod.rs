@@ -90,7 +90,9 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Period of the scheduling tick (ms) that lets policies age waiting requests.
     pub tick_ms: u64,
-    /// CPU budget of one plugin call (ms), enforced with wasmtime epochs.
+    /// CPU budget of one plugin call (ms), enforced with wasmtime epochs;
+    /// every call (`init` included) also has a wall-clock deadline of
+    /// 1.25 × this + 25 ms, so time blocked in WASI counts too.
     pub plugin_call_ms: u64,
     /// Memory cap of one plugin instance (MiB).
     pub plugin_memory_mib: usize,
@@ -99,7 +101,8 @@ pub struct Limits {
     /// A plugin that leaves slots free while requests wait for this long (ms)
     /// is ejected for its arm.
     pub starvation_ms: u64,
-    /// Seconds the `Retry-After` header suggests on 503 answers.
+    /// Seconds the `Retry-After` header suggests on every 503 and 429 maitre
+    /// answers itself.
     pub retry_after_seconds: u64,
     /// A client must send its request headers within this many seconds, so a
     /// slow client cannot hold a socket forever.
