@@ -95,7 +95,12 @@ async fn main() {
                         .unwrap_or(false);
                     (s, ok)
                 }
-                Err(_) => (0, false),
+                Err(e) => {
+                    // Status 0: no answer; say why once, so a failure explains itself.
+                    static SAID: std::sync::Once = std::sync::Once::new();
+                    SAID.call_once(|| eprintln!("first client error: {e:?}"));
+                    (0, false)
+                }
             }
         }));
     }
