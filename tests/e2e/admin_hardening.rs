@@ -185,14 +185,7 @@ async fn foreign_host_and_origin_are_refused() {
     )
     .await;
     assert_eq!(code, 403);
-    let s: serde_json::Value = client()
-        .get(format!("{}/status", m.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s = m.status().await;
     assert!(s["last_reload"].is_null(), "a refused POST reloaded: {s:#}");
     // No Origin (curl, scripts) or a loopback page's Origin may change maitre.
     for headers in [

@@ -137,15 +137,7 @@ pub(crate) async fn load(m: &Maitre, n: usize) -> Vec<Answer> {
 
 /// The arm `main` in `/status`.
 pub(crate) async fn arm_status(m: &Maitre) -> Value {
-    let s: Value = client()
-        .get(format!("{}/status", m.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    s["arms"][0].clone()
+    m.status().await["arms"][0].clone()
 }
 
 /// What a case produced.

@@ -321,14 +321,7 @@ async fn queue_full_is_503_with_retry_after() {
     // Until "w" is queued, a third request might still be admitted; wait for it.
     let status_has_waiting = async {
         for _ in 0..200 {
-            let s: serde_json::Value = c
-                .get(format!("{}/status", m.admin))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let s = m.status().await;
             if s["waiting"] == 1 {
                 return true;
             }

@@ -112,15 +112,7 @@ async fn a_weight_change_that_leaves_a_plugin_no_workable_share_is_refused() {
         e.contains("1 of 2 slot(s)") && e.contains("rt_reserved_slots"),
         "the plugin's reason is given: {body}"
     );
-    let status = |m: &Maitre| {
-        let url = format!("{}/status", m.admin);
-        let c = c.clone();
-        async move {
-            let s: serde_json::Value = c.get(url).send().await.unwrap().json().await.unwrap();
-            s
-        }
-    };
-    let s = status(&m).await;
+    let s = m.status().await;
     let weights: Vec<u64> = s["arms"]
         .as_array()
         .unwrap()
@@ -139,7 +131,7 @@ async fn a_weight_change_that_leaves_a_plugin_no_workable_share_is_refused() {
         assert_eq!(r.status(), 200);
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let s = status(&m).await;
+    let s = m.status().await;
     for a in s["arms"].as_array().unwrap() {
         assert_eq!(a["fallback"], false, "{s:#}");
     }

@@ -69,13 +69,6 @@ async fn the_custom_plugin_template_loads_and_decides() {
     let order = start_order(&fake.log());
     assert_eq!(order, ["first", "short", "long"], "start order");
     assert!(fake.log().iter().all(|e| e.tag.as_deref() != Some("huge")));
-    let s: serde_json::Value = c
-        .get(format!("{}/status", m.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s = m.status().await;
     assert_eq!(s["arms"][0]["fallback"], false, "{s}");
 }

@@ -34,14 +34,8 @@ fn plugin_bytes(name: &str) -> Vec<u8> {
     std::fs::read(built_plugin_path(name)).expect("built plugin")
 }
 
-async fn get_json(url: &str) -> Value {
-    let r = client().get(url).send().await.expect("GET");
-    assert!(r.status().is_success(), "{url}: {}", r.status());
-    r.json().await.expect("JSON")
-}
-
 async fn status(m: &Maitre) -> Value {
-    get_json(&format!("{}/status", m.admin)).await
+    m.status().await
 }
 
 /// Polls `/status` until `pred` holds; panics with the last status otherwise.

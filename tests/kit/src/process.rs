@@ -228,6 +228,19 @@ pub fn read_ready(path: &Path) -> Option<Ready> {
 }
 
 impl Maitre {
+    /// `GET /status` on the admin listener, as JSON (panics on a non-2xx
+    /// answer, naming the status).
+    pub async fn status(&self) -> serde_json::Value {
+        let url = format!("{}/status", self.admin);
+        let r = crate::http::client()
+            .get(&url)
+            .send()
+            .await
+            .expect("GET /status");
+        assert!(r.status().is_success(), "{url}: {}", r.status());
+        r.json().await.expect("/status is JSON")
+    }
+
     /// Everything maitre logged so far.
     pub fn logs(&self) -> Vec<String> {
         self.logs.lock().unwrap().clone()
