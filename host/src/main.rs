@@ -20,36 +20,40 @@ struct Cli {
     cmd: Cmd,
 }
 
+// `maitre serve`'s options (the variant's doc comment is its help).
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Policy file (see examples/policy.toml).
+    #[arg(long, short)]
+    policy: PathBuf,
+    /// Client listener, overriding `listen`.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Upstream Ollama URL, overriding `[upstream] url`.
+    #[arg(long)]
+    upstream: Option<String>,
+    /// Admin listener, overriding `admin_listen`.
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    /// Start the project's model of Ollama (model "fake") on a free
+    /// loopback port and use it as the upstream: see maitre work without
+    /// installing Ollama.
+    #[arg(long)]
+    demo: bool,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+    /// Once the plugins are loaded and the listeners bound, write
+    /// `{"listen":"ADDR","admin":"ADDR"}` to this file (atomically); it is
+    /// removed again on a graceful stop. For supervisors and tests.
+    #[arg(long, value_name = "PATH")]
+    ready_file: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve Ollama clients, scheduling their requests with the file's policy.
-    Serve {
-        /// Policy file (see examples/policy.toml).
-        #[arg(long, short)]
-        policy: PathBuf,
-        /// Client listener, overriding `listen`.
-        #[arg(long)]
-        listen: Option<SocketAddr>,
-        /// Upstream Ollama URL, overriding `[upstream] url`.
-        #[arg(long)]
-        upstream: Option<String>,
-        /// Admin listener, overriding `admin_listen`.
-        #[arg(long)]
-        admin_listen: Option<SocketAddr>,
-        /// Start the project's model of Ollama (model "fake") on a free
-        /// loopback port and use it as the upstream: see maitre work without
-        /// installing Ollama.
-        #[arg(long)]
-        demo: bool,
-        /// Log as JSON lines instead of text.
-        #[arg(long)]
-        log_json: bool,
-        /// Once the plugins are loaded and the listeners bound, write
-        /// `{"listen":"ADDR","admin":"ADDR"}` to this file (atomically); it is
-        /// removed again on a graceful stop. For supervisors and tests.
-        #[arg(long, value_name = "PATH")]
-        ready_file: Option<PathBuf>,
-    },
+    Serve(ServeArgs),
     /// Validate a policy file and load its plugins; exits non-zero on any error.
     Check {
         /// Policy file.
@@ -74,26 +78,7 @@ fn main() -> ExitCode {
         .expect("tokio runtime");
     let r = rt.block_on(async move {
         match cli.cmd {
-            Cmd::Serve {
-                policy,
-                listen,
-                upstream,
-                admin_listen,
-                demo,
-                log_json,
-                ready_file,
-            } => {
-                serve(
-                    policy,
-                    listen,
-                    upstream,
-                    admin_listen,
-                    demo,
-                    log_json,
-                    ready_file,
-                )
-                .await
-            }
+            Cmd::Serve(args) => serve(args).await,
             Cmd::Check { file } => check(file).await,
             Cmd::Ab { admin, window } => ab(&admin, window).await,
         }
@@ -133,15 +118,16 @@ fn load(policy: &std::path::Path) -> anyhow::Result<Config> {
     Ok(maitre::reload::load_config(policy)?)
 }
 
-async fn serve(
-    policy: PathBuf,
-    listen: Option<SocketAddr>,
-    upstream: Option<String>,
-    admin_listen: Option<SocketAddr>,
-    demo: bool,
-    log_json: bool,
-    ready_file: Option<PathBuf>,
-) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let ServeArgs {
+        policy,
+        listen,
+        upstream,
+        admin_listen,
+        demo,
+        log_json,
+        ready_file,
+    } = args;
     init_logs(log_json);
     // A file left by an earlier run must not announce this one early.
     if let Some(path) = &ready_file {
