@@ -272,15 +272,7 @@ async fn preemption_stops_at_the_bound_and_spares_streams_unless_cut() {
                 cut_streaming: false,
             });
         }
-        out.extend(
-            v.waiting
-                .iter()
-                .take(v.free_slots as usize)
-                .map(|w| Action::Start {
-                    id: w.id,
-                    backend: None,
-                }),
-        );
+        out.extend(Fifo::actions(v));
         Ok(out)
     });
     let h = start(1, vec![arm("a", 100, d)], weighted(), limits);
