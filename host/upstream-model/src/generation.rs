@@ -1,6 +1,7 @@
 //! Token generation shared by the native and OpenAI endpoints: slot, prompt
 //! delay, per-token delay, failure injection, and the wire format of every
-//! chunk.
+//! chunk. What each token says (thinking, a tool call, text) comes from the
+//! request's [`Script`].
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -12,6 +13,7 @@ use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use serde_json::{Value, json};
 
+use crate::content::{Asks, Piece, Script};
 use crate::state::Tracker;
 use crate::timing::{Next, Plan};
 use crate::util::{self, Body, Pacer, Shape};
@@ -49,6 +51,11 @@ pub(crate) struct Gen {
     pub include_usage: bool,
     pub shape: Shape,
     pub keep_alive: Option<Value>,
+    script: Script,
+    /// A `/v1` chat stream names the role in its first chunk only.
+    role_sent: bool,
+    /// A tool call went out (`finish_reason: "tool_calls"` on `/v1`).
+    called: bool,
     id: String,
     created: u64,
     load_dur: Duration,
@@ -61,17 +68,41 @@ pub(crate) struct Gen {
 }
 
 enum Step {
-    Token(String),
+    Token(Piece),
     Fail,
     Done,
+}
+
+/// A whole answer, gathered from its pieces.
+#[derive(Default)]
+pub(crate) struct Whole {
+    thinking: String,
+    text: String,
+    calls: Vec<usize>,
+}
+
+impl Whole {
+    fn add(&mut self, p: Piece) {
+        match p {
+            Piece::Thinking(t) => self.thinking.push_str(&t),
+            Piece::Text(t) => self.text.push_str(&t),
+            Piece::Call(k) => self.calls.push(k),
+        }
+    }
+
+    fn of(p: &Piece) -> Whole {
+        let mut w = Whole::default();
+        w.add(p.clone());
+        w
+    }
 }
 
 /// What [`Gen::run`] ended with.
 pub(crate) enum Outcome {
     /// A streaming response, first frame ready.
     Stream(Gen),
-    /// The complete (non-streamed) text.
-    Text(Gen, String),
+    /// The complete (non-streamed) answer.
+    Text(Gen, Whole),
     /// Failed before any byte was written: answer with a 500.
     Failed,
 }
@@ -88,6 +119,7 @@ impl Gen {
         include_usage: bool,
         shape: Shape,
         keep_alive: Option<Value>,
+        asks: Asks,
     ) -> Self {
         let id = match flavor {
             Flavor::OaChat => format!("chatcmpl-{}", tracker.req()),
@@ -108,6 +140,9 @@ impl Gen {
             include_usage,
             shape,
             keep_alive,
+            script: Script::new(asks, n),
+            role_sent: false,
+            called: false,
             id,
             created: util::unix_secs(),
             load_dur: Duration::ZERO,
@@ -146,10 +181,10 @@ impl Gen {
                 None => Outcome::Failed,
             }
         } else {
-            let mut text = String::new();
+            let mut whole = Whole::default();
             loop {
                 match self.step().await {
-                    Step::Token(t) => text.push_str(&t),
+                    Step::Token(p) => whole.add(p),
                     Step::Fail => {
                         self.tracker.fail();
                         return Outcome::Failed;
@@ -158,7 +193,7 @@ impl Gen {
                         self.ended = true;
                         self.tracker.finish();
                         self.unload_if_asked();
-                        return Outcome::Text(self, text);
+                        return Outcome::Text(self, whole);
                     }
                 }
             }
@@ -176,7 +211,7 @@ impl Gen {
         if i == 0 {
             self.tracker.first_token();
         }
-        Step::Token(format!("tok{i} "))
+        Step::Token(self.script.piece(i))
     }
 
     fn unload_if_asked(&self) {
@@ -194,7 +229,7 @@ impl Gen {
             return None;
         }
         match self.step().await {
-            Step::Token(t) => Some(self.token_frame(&t)),
+            Step::Token(p) => Some(self.token_frame(&p)),
             Step::Fail => {
                 self.ended = true;
                 self.tracker.fail();
@@ -212,6 +247,14 @@ impl Gen {
 
     fn done_reason(&self) -> &'static str {
         if self.length { "length" } else { "stop" }
+    }
+
+    /// `/v1`'s finish reason: a stop after a tool call is `tool_calls`.
+    fn finish_reason(&self, called: bool) -> &'static str {
+        match self.done_reason() {
+            "stop" if called => "tool_calls",
+            r => r,
+        }
     }
 
     /// The `done:true` metrics (nanoseconds).
@@ -240,41 +283,88 @@ impl Gen {
         })
     }
 
-    /// A native chunk (generate or chat) without the trailing newline.
-    fn native_chunk(&self, text: &str, done: bool) -> serde_json::Map<String, Value> {
+    /// A native object (generate or chat) saying `w`: a chunk, or with
+    /// `done` and the metrics the whole answer. Empty thinking and no tool
+    /// calls are left out, as Go's `omitempty` does.
+    fn native_chunk(&self, w: &Whole, done: bool) -> serde_json::Map<String, Value> {
         let mut m = serde_json::Map::new();
         m.insert("model".into(), self.model.clone().into());
         m.insert("created_at".into(), util::now_rfc3339().into());
         if self.flavor == Flavor::Chat {
-            m.insert(
-                "message".into(),
-                json!({ "role": "assistant", "content": text }),
-            );
+            let mut msg = json!({ "role": "assistant", "content": w.text });
+            if !w.thinking.is_empty() {
+                msg["thinking"] = w.thinking.clone().into();
+            }
+            if !w.calls.is_empty() {
+                let calls: Vec<Value> = w
+                    .calls
+                    .iter()
+                    .map(|k| self.script.native_call(*k))
+                    .collect();
+                msg["tool_calls"] = calls.into();
+            }
+            m.insert("message".into(), msg);
         } else {
-            m.insert("response".into(), text.into());
+            m.insert("response".into(), w.text.clone().into());
+            if !w.thinking.is_empty() {
+                m.insert("thinking".into(), w.thinking.clone().into());
+            }
         }
         m.insert("done".into(), done.into());
         m
     }
 
-    fn oa_chunk(&self, text: &str, finish: Option<&str>) -> Value {
+    /// A `/v1` message (`delta` false) or delta saying `w`, as Ollama's
+    /// `openai.Message` / `openai.Delta` write it.
+    fn oa_message(&self, w: &Whole, role: bool) -> Value {
+        let mut msg = json!({ "content": w.text });
+        if role {
+            msg["role"] = "assistant".into();
+        }
+        if !w.thinking.is_empty() {
+            msg["reasoning"] = w.thinking.clone().into();
+        }
+        if !w.calls.is_empty() {
+            let calls: Vec<Value> = w
+                .calls
+                .iter()
+                .map(|k| self.script.openai_call(*k))
+                .collect();
+            msg["tool_calls"] = calls.into();
+        }
+        msg
+    }
+
+    /// A `/v1` chunk saying `w`; `finish` makes it the finish chunk, whose
+    /// chat delta is empty.
+    fn oa_chunk(&mut self, w: &Whole, finish: Option<&str>) -> Value {
         let choice = if self.flavor == Flavor::OaChat {
-            json!({
-                "index": 0,
-                "delta": { "role": "assistant", "content": text },
-                "finish_reason": finish,
-            })
+            let delta = if finish.is_some() {
+                json!({})
+            } else {
+                let d = self.oa_message(w, !self.role_sent);
+                self.role_sent = true;
+                self.called |= !w.calls.is_empty();
+                d
+            };
+            json!({ "index": 0, "delta": delta, "finish_reason": finish })
         } else {
-            json!({ "text": text, "index": 0, "logprobs": null, "finish_reason": finish })
+            json!({ "text": w.text, "index": 0, "finish_reason": finish })
         };
-        json!({
+        let mut c = json!({
             "id": self.id,
             "object": self.chunk_object(),
             "created": self.created,
             "model": self.model,
             "system_fingerprint": "fp_ollama",
             "choices": [choice],
-        })
+        });
+        if self.flavor == Flavor::OaCompletion && self.include_usage {
+            // Ollama's completions stream puts an all-zero usage on every
+            // chunk when asked for usage; the real one comes last.
+            c["usage"] = json!({ "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0 });
+        }
+        c
     }
 
     fn chunk_object(&self) -> &'static str {
@@ -285,22 +375,22 @@ impl Gen {
         }
     }
 
-    fn token_frame(&self, text: &str) -> Bytes {
+    fn token_frame(&mut self, p: &Piece) -> Bytes {
+        let w = Whole::of(p);
         if self.flavor.openai() {
-            sse(&self.oa_chunk(text, None))
+            sse(&self.oa_chunk(&w, None))
         } else {
-            line(&Value::Object(self.native_chunk(text, false)))
+            line(&Value::Object(self.native_chunk(&w, false)))
         }
     }
 
     /// Mid-stream failure: Ollama sends `{"error":...}` and ends without
     /// `done`. Through `/v1` that line decodes as an empty chunk and the
     /// stream ends without `[DONE]`.
-    fn error_frame(&self) -> Bytes {
+    fn error_frame(&mut self) -> Bytes {
         if self.flavor.openai() {
-            let mut empty = self.oa_chunk("", None);
+            let mut empty = self.oa_chunk(&Whole::default(), None);
             empty["model"] = "".into();
-            empty["choices"][0]["delta"]["role"] = "".into();
             sse(&empty)
         } else {
             line(&json!({ "error": util::FAKE_FAILURE }))
@@ -309,7 +399,8 @@ impl Gen {
 
     fn final_frames(&mut self) {
         if self.flavor.openai() {
-            let finish = self.oa_chunk("", Some(self.done_reason()));
+            let reason = self.finish_reason(self.called);
+            let finish = self.oa_chunk(&Whole::default(), Some(reason));
             self.pending.push_back(sse(&finish));
             if self.include_usage {
                 let usage = json!({
@@ -326,17 +417,17 @@ impl Gen {
             self.pending
                 .push_back(Bytes::from_static(b"data: [DONE]\n\n"));
         } else {
-            let mut m = self.native_chunk("", true);
+            let mut m = self.native_chunk(&Whole::default(), true);
             self.metrics(&mut m);
             self.pending.push_back(line(&Value::Object(m)));
         }
     }
 
     /// The single JSON object of a non-streamed answer.
-    pub fn full_object(&self, text: &str) -> Value {
+    pub fn full_object(&self, w: &Whole) -> Value {
         match self.flavor {
             Flavor::Generate | Flavor::Chat => {
-                let mut m = self.native_chunk(text, true);
+                let mut m = self.native_chunk(w, true);
                 self.metrics(&mut m);
                 Value::Object(m)
             }
@@ -348,8 +439,8 @@ impl Gen {
                 "system_fingerprint": "fp_ollama",
                 "choices": [{
                     "index": 0,
-                    "message": { "role": "assistant", "content": text },
-                    "finish_reason": self.done_reason(),
+                    "message": self.oa_message(w, true),
+                    "finish_reason": self.finish_reason(!w.calls.is_empty()),
                 }],
                 "usage": self.usage(),
             }),
@@ -360,9 +451,8 @@ impl Gen {
                 "model": self.model,
                 "system_fingerprint": "fp_ollama",
                 "choices": [{
-                    "text": text,
+                    "text": w.text,
                     "index": 0,
-                    "logprobs": null,
                     "finish_reason": self.done_reason(),
                 }],
                 "usage": self.usage(),
@@ -400,11 +490,33 @@ impl Gen {
 }
 
 /// Runs a generation to its HTTP response.
+///
+/// With [`crate::ModelConfig::ignore_disconnect_non_streaming`], a
+/// non-streamed generation runs in a task of its own, which a client that
+/// goes away does not stop (llama-server's habit): it holds its slot to the
+/// end, logged as `Orphaned` meanwhile. Streamed ones stop at once either way.
 pub(crate) async fn respond(g: Gen, stream: bool) -> Response<Body> {
+    let openai = g.flavor.openai();
+    if stream || !g.tracker.state().cfg.ignore_disconnect_non_streaming {
+        return answer(g, stream).await;
+    }
+    let orphaning = g.tracker.orphaning();
+    let r = tokio::spawn(answer(g, false)).await;
+    orphaning.attended();
+    match r {
+        Ok(r) => r,
+        Err(_) if openai => {
+            util::openai_error(StatusCode::INTERNAL_SERVER_ERROR, util::FAKE_FAILURE)
+        }
+        Err(_) => util::ollama_error(StatusCode::INTERNAL_SERVER_ERROR, util::FAKE_FAILURE),
+    }
+}
+
+async fn answer(g: Gen, stream: bool) -> Response<Body> {
     let openai = g.flavor.openai();
     match g.run(stream).await {
         Outcome::Stream(g) => g.into_response(),
-        Outcome::Text(g, text) => util::json_response(StatusCode::OK, &g.full_object(&text)),
+        Outcome::Text(g, whole) => util::json_response(StatusCode::OK, &g.full_object(&whole)),
         Outcome::Failed if openai => {
             util::openai_error(StatusCode::INTERNAL_SERVER_ERROR, util::FAKE_FAILURE)
         }

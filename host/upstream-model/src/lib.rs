@@ -7,7 +7,9 @@
 //! front of them ([`slots`]), a prompt time and a per-token time
 //! ([`timing`]), no response headers before the first token, NDJSON / SSE
 //! streams flushed per token, Ollama's error shapes, the loopback Host check,
-//! and immediate cancellation when the client goes away. What it sees goes
+//! and immediate cancellation when the client goes away (or, like
+//! llama-server, none for non-streaming requests:
+//! [`ModelConfig::ignore_disconnect_non_streaming`]). What it sees goes
 //! to a bounded event log ([`ModelConfig::log_capacity`]) that tests can
 //! query in-process ([`UpstreamModel::log`]) or over HTTP (`GET /_fake/log`).
 //!
@@ -19,6 +21,11 @@
 //! | `POST /v1/embeddings` | yes | OpenAI list of embeddings (`encoding_format: "base64"` honoured) |
 //! | `GET\|HEAD /`, `/api/version`, `/api/tags`; `GET /api/ps`, `/v1/models`, `/v1/models/{m}`; `POST /api/show`, `/api/pull` | no | as Ollama |
 //! | `GET /_fake/log`, `/_fake/stats`; `POST /_fake/reset`; any `/_fake/echo` | no | control (no Host check, not logged); 404 unless [`ModelConfig::control_routes`] |
+//!
+//! Answers say `tok0 tok1 …`; a request asking for thinking (`think`,
+//! `reasoning_effort`) thinks for half its tokens first, one offering tools
+//! calls up to two of them, and one asking for a `format` answers a JSON
+//! object, streamed or not, in Ollama's shapes (module `content`).
 //!
 //! Per-request headers: `X-Fake-Token-Ms`, `X-Fake-Prompt-Ms`,
 //! `X-Fake-Tokens` (token count; pull: progress lines), `X-Fake-Fail-After: N`
@@ -36,6 +43,7 @@
 //! a fixed offset from the slot grant ([`timing::Plan`]). Streaming answers
 //! send no headers until the first token is ready, like Ollama.
 
+mod content;
 mod event_log;
 mod generation;
 mod go_json;
@@ -91,6 +99,12 @@ pub struct ModelConfig {
     pub control_routes: bool,
     /// Events the log keeps (the most recent ones); 0 switches it off.
     pub log_capacity: usize,
+    /// llama-server's habit: a non-streaming generation whose client goes
+    /// away runs on to its end, holding its slot (logged as
+    /// [`EventKind::Orphaned`], counted in [`Stats::orphans`]). Streaming
+    /// ones stop at once, as always. Off, every generation stops when its
+    /// client goes away, like Ollama.
+    pub ignore_disconnect_non_streaming: bool,
 }
 
 impl ModelConfig {
@@ -118,6 +132,7 @@ impl Default for ModelConfig {
             embedding_dims: 8,
             control_routes: true,
             log_capacity: DEFAULT_LOG_CAPACITY,
+            ignore_disconnect_non_streaming: false,
         }
     }
 }

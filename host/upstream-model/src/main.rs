@@ -40,6 +40,10 @@ struct Args {
     /// Events the log behind /_fake/log keeps (the most recent); 0 = no log.
     #[arg(long, default_value_t = upstream_model::DEFAULT_LOG_CAPACITY)]
     log_capacity: usize,
+    /// Like llama-server: a non-streaming generation whose client goes away
+    /// runs on to its end, holding its slot (streaming ones still stop).
+    #[arg(long)]
+    ignore_disconnect_non_streaming: bool,
 }
 
 #[tokio::main]
@@ -53,6 +57,7 @@ async fn main() -> anyhow::Result<()> {
         check_host: !args.no_host_check,
         control_routes: !args.no_control_routes,
         log_capacity: args.log_capacity,
+        ignore_disconnect_non_streaming: args.ignore_disconnect_non_streaming,
         ..ModelConfig::default()
     };
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -10,6 +10,7 @@ use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use serde_json::{Map, Value, json};
 
+use crate::content::Asks;
 use crate::generation::{self, Flavor, Gen};
 use crate::routes::{Call, details};
 use crate::state::Tracker;
@@ -98,6 +99,7 @@ pub(crate) async fn generate(
         false,
         call.shape,
         keep_alive,
+        Asks::native(m, chat),
     );
     generation::respond(g, stream).await
 }

@@ -3,6 +3,7 @@
 use http::Response;
 use serde_json::{Map, Value, json};
 
+use crate::content::Asks;
 use crate::generation::{self, Flavor, Gen};
 use crate::native::{model_error, token_count};
 use crate::routes::{Call, Route};
@@ -69,6 +70,7 @@ pub(crate) async fn completion(call: Call, model: &str, m: &Map<String, Value>) 
         include_usage,
         call.shape,
         None,
+        Asks::openai(m, chat),
     );
     generation::respond(g, stream).await
 }

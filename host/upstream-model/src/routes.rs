@@ -198,7 +198,14 @@ impl Call {
             (Ok(m), _) => util::str_field(m, "model").to_string(),
             (Err(_), _) => String::new(),
         };
-        self.tracker.received(&model);
+        // Whether it asks for a stream, with the endpoint's default (only
+        // recorded in the log: each handler reads `stream` itself).
+        let stream = match (&parsed, self.route) {
+            (Ok(m), Route::Generate | Route::Chat | Route::Pull) => util::stream_flag(m, true),
+            (Ok(m), Route::OaChat | Route::OaCompletions) => util::stream_flag(m, false),
+            _ => false,
+        };
+        self.tracker.received(&model, stream);
         if let Some(status) = self.shape.status {
             let due = match self.shape.status_times {
                 None => true,

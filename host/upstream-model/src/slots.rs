@@ -15,6 +15,7 @@ pub struct SlotQueue<W> {
     slots: usize,
     active: usize,
     max_active: usize,
+    max_in_flight: usize,
     queue: VecDeque<W>,
 }
 
@@ -25,6 +26,7 @@ impl<W> SlotQueue<W> {
             slots,
             active: 0,
             max_active: 0,
+            max_in_flight: 0,
             queue: VecDeque::new(),
         }
     }
@@ -34,13 +36,15 @@ impl<W> SlotQueue<W> {
     /// joins the back of the queue and is handed a slot by a later
     /// [`SlotQueue::release`].
     pub fn request(&mut self, w: W) -> bool {
-        if self.active < self.slots && self.queue.is_empty() {
+        let granted = if self.active < self.slots && self.queue.is_empty() {
             self.grant();
             true
         } else {
             self.queue.push_back(w);
             false
-        }
+        };
+        self.max_in_flight = self.max_in_flight.max(self.in_flight());
+        granted
     }
 
     /// A holder gives its slot back. Returns the waiter that holds it now,
@@ -92,9 +96,25 @@ impl<W> SlotQueue<W> {
         self.max_active
     }
 
-    /// Starts `max_active` again from the slots held now.
+    /// Generations in flight: holding a slot or queued for one. A proxy
+    /// that never sends more than `slots` at once keeps this at or under
+    /// `slots`; a generation its client left but that goes on (see
+    /// `ModelConfig::ignore_disconnect_non_streaming`) still counts.
+    pub fn in_flight(&self) -> usize {
+        self.active + self.queue.len()
+    }
+
+    /// The highest [`SlotQueue::in_flight`] since the start or the last
+    /// [`SlotQueue::reset_max`].
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+
+    /// Starts `max_active` and `max_in_flight` again from what is held and
+    /// queued now.
     pub fn reset_max(&mut self) {
         self.max_active = self.active;
+        self.max_in_flight = self.in_flight();
     }
 }
 
@@ -110,6 +130,7 @@ mod tests {
         assert!(!q.request(3));
         assert!(!q.request(4));
         assert_eq!((q.active(), q.waiting(), q.max_active()), (2, 2, 2));
+        assert_eq!((q.in_flight(), q.max_in_flight()), (4, 4));
     }
 
     #[test]
@@ -160,8 +181,10 @@ mod tests {
         assert_eq!(q.release(), None);
         assert_eq!(q.release(), None);
         assert_eq!(q.max_active(), 3);
+        assert_eq!(q.max_in_flight(), 3);
         q.reset_max();
         assert_eq!(q.max_active(), 1);
+        assert_eq!(q.max_in_flight(), 1);
         assert_eq!(q.slots(), 3);
     }
 

@@ -3,7 +3,7 @@
 //! `Cancelled` event.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -34,6 +34,12 @@ pub enum EventKind {
     /// The client went away (connection closed or response dropped) before
     /// the request completed. Logged at the moment of the drop.
     Cancelled,
+    /// The client went away, but the generation goes on to its end and
+    /// keeps its slot meanwhile (a non-streaming request with
+    /// [`ModelConfig::ignore_disconnect_non_streaming`], like llama-server):
+    /// a zombie. `Finished` (or `Failed`) follows when it ends; `tokens` is 0
+    /// here (the generation's count is not known to the handler that left).
+    Orphaned,
 }
 
 /// One entry of the model's event log.
@@ -56,6 +62,10 @@ pub struct LogEvent {
     pub tag: Option<String>,
     /// Value of the `X-Priority` request header, as received.
     pub priority: Option<String>,
+    /// Whether the request asked for a streamed answer (with the
+    /// endpoint's default applied); false for endpoints that never stream.
+    #[serde(default)]
+    pub stream: bool,
     /// Tokens produced so far (pull: progress lines sent so far).
     pub tokens: u64,
 }
@@ -71,6 +81,17 @@ pub struct Stats {
     pub waiting: usize,
     /// Configured number of slots.
     pub slots: usize,
+    /// Generations in flight now: holding a slot or queued for one, zombies
+    /// (see [`EventKind::Orphaned`]) included.
+    #[serde(default)]
+    pub in_flight: usize,
+    /// The highest `in_flight` since the start or the last reset: a proxy
+    /// that never overruns the upstream keeps it at or under `slots`.
+    #[serde(default)]
+    pub max_in_flight: usize,
+    /// Generations going on now whose client has left (zombies).
+    #[serde(default)]
+    pub orphans: usize,
 }
 
 /// Who a request is, as copied into each of its log events.
@@ -80,7 +101,18 @@ struct ReqInfo {
     model: String,
     tag: Option<String>,
     priority: Option<String>,
+    stream: bool,
+    /// [`LIFE_ATTENDED`], [`LIFE_ORPHANED`] or [`LIFE_ENDED`]; changed only
+    /// under the state's lock, so the log and the orphan count agree.
+    life: AtomicU8,
 }
+
+/// A request whose client is still there.
+const LIFE_ATTENDED: u8 = 0;
+/// A request whose client left while its generation goes on.
+const LIFE_ORPHANED: u8 = 1;
+/// A request that ended.
+const LIFE_ENDED: u8 = 2;
 
 /// A request waiting for a slot; the slot is handed over through `tx`.
 struct Waiter {
@@ -95,6 +127,8 @@ struct Waiter {
 struct Inner {
     log: EventLog,
     slots: SlotQueue<Waiter>,
+    /// Generations going on whose client left.
+    orphans: usize,
 }
 
 impl Inner {
@@ -109,6 +143,7 @@ impl Inner {
             model: info.model.clone(),
             tag: info.tag.clone(),
             priority: info.priority.clone(),
+            stream: info.stream,
             tokens,
         });
     }
@@ -148,6 +183,7 @@ impl State {
             inner: Mutex::new(Inner {
                 log: EventLog::new(cfg.log_capacity),
                 slots: SlotQueue::new(cfg.slots),
+                orphans: 0,
             }),
             cfg,
             start: Instant::now(),
@@ -193,6 +229,9 @@ impl State {
             active: g.slots.active(),
             waiting: g.slots.waiting(),
             slots: g.slots.slots(),
+            in_flight: g.slots.in_flight(),
+            max_in_flight: g.slots.max_in_flight(),
+            orphans: g.orphans,
         }
     }
 
@@ -300,6 +339,8 @@ impl Tracker {
                 model: String::new(),
                 tag,
                 priority,
+                stream: false,
+                life: AtomicU8::new(LIFE_ATTENDED),
             }),
             tokens: 0,
             received: false,
@@ -323,12 +364,14 @@ impl Tracker {
             .with(|g| g.push(start, kind, &self.info, self.tokens));
     }
 
-    /// Logs `Received` (once), now that the model is known.
-    pub fn received(&mut self, model: &str) {
+    /// Logs `Received` (once), now that the model and whether the request
+    /// asked for a stream are known.
+    pub fn received(&mut self, model: &str, stream: bool) {
         if !self.received {
             self.received = true;
             if let Some(info) = Arc::get_mut(&mut self.info) {
                 info.model = model.to_string();
+                info.stream = stream;
             }
             self.event(EventKind::Received);
         }
@@ -380,6 +423,9 @@ impl Tracker {
         let start = self.state.start;
         let (info, tokens, slot) = (&self.info, self.tokens, self.slot);
         self.state.with(|g| {
+            if info.life.swap(LIFE_ENDED, Ordering::Relaxed) == LIFE_ORPHANED {
+                g.orphans = g.orphans.saturating_sub(1);
+            }
             g.push(start, kind, info, tokens);
             match slot {
                 Slot::Held => g.release(start),
@@ -399,8 +445,57 @@ impl Tracker {
         self.end(EventKind::Finished);
     }
 
+    /// A guard for the handler of a generation that goes on without its
+    /// client: dropped before [`Orphaning::attended`], it logs `Orphaned`
+    /// and counts the request as a zombie until it ends.
+    pub fn orphaning(&self) -> Orphaning {
+        Orphaning {
+            state: self.state.clone(),
+            info: self.info.clone(),
+            attended: false,
+        }
+    }
+
     pub fn fail(&mut self) {
         self.end(EventKind::Failed);
+    }
+}
+
+/// See [`Tracker::orphaning`].
+pub(crate) struct Orphaning {
+    state: Arc<State>,
+    info: Arc<ReqInfo>,
+    attended: bool,
+}
+
+impl Orphaning {
+    /// The client got its answer: nothing to log.
+    pub fn attended(mut self) {
+        self.attended = true;
+    }
+}
+
+impl Drop for Orphaning {
+    fn drop(&mut self) {
+        if self.attended {
+            return;
+        }
+        let (start, info) = (self.state.start, &self.info);
+        self.state.with(|g| {
+            let orphaned = info
+                .life
+                .compare_exchange(
+                    LIFE_ATTENDED,
+                    LIFE_ORPHANED,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok();
+            if orphaned {
+                g.orphans += 1;
+                g.push(start, EventKind::Orphaned, info, 0);
+            }
+        });
     }
 }
 

@@ -592,7 +592,7 @@ async fn control_endpoints() {
     let v = json(get(a, "/_fake/stats").await).await;
     assert_eq!(
         v,
-        json!({"max_concurrent":1,"active":0,"waiting":0,"slots":2})
+        json!({"max_concurrent":1,"active":0,"waiting":0,"slots":2,"in_flight":0,"max_in_flight":1,"orphans":0})
     );
     let r = post(a, "/_fake/reset", &[], "").await;
     assert_eq!(r.status(), 200);

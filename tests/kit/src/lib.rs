@@ -25,4 +25,6 @@ pub use http::{client, generate, python};
 pub use policy::{Ab, Arm, Limits, PolicyFile};
 pub use process::{Exited, Maitre, Ready, Serve};
 pub use prom::Scrape;
-pub use upstream::{EventKind, LogEvent, ModelConfig, UpstreamModel, fake, seq_of, start_order};
+pub use upstream::{
+    EventKind, LogEvent, ModelConfig, UpstreamModel, fake, llama_like, seq_of, start_order,
+};

@@ -31,3 +31,17 @@ pub fn start_order(log: &[LogEvent]) -> Vec<String> {
         .filter_map(|e| e.tag.clone())
         .collect()
 }
+
+/// Starts the upstream model in its llama-server-like mode
+/// ([`ModelConfig::ignore_disconnect_non_streaming`]): a non-streaming
+/// generation whose client leaves runs on to its end, holding its slot.
+pub async fn llama_like(slots: usize, token_ms: u64) -> UpstreamModel {
+    UpstreamModel::start(ModelConfig {
+        slots,
+        token_delay: Duration::from_millis(token_ms),
+        ignore_disconnect_non_streaming: true,
+        ..ModelConfig::default()
+    })
+    .await
+    .expect("start the upstream model")
+}
