@@ -170,7 +170,7 @@ enum Field {
 /// `encoding/json`: equal under Unicode simple case folding, like
 /// `bytes.EqualFold`. Besides ASCII letters, four letters fold onto ASCII
 /// ones: KELVIN SIGN, LONG S, and dotted and dotless I.
-fn go_key_matches(key: &[u8], name: &str) -> bool {
+pub fn go_key_matches(key: &[u8], name: &str) -> bool {
     // A key that is not UTF-8 (a lone surrogate escape) folds to no name.
     let Ok(key) = std::str::from_utf8(key) else {
         return false;
@@ -187,7 +187,7 @@ fn go_key_matches(key: &[u8], name: &str) -> bool {
 
 /// The body as Go's decoder sees its strings: each byte of an invalid UTF-8
 /// sequence becomes U+FFFD (outside strings it is a syntax error either way).
-fn go_lossy(body: &[u8]) -> Cow<'_, str> {
+pub fn go_lossy(body: &[u8]) -> Cow<'_, str> {
     if let Ok(s) = std::str::from_utf8(body) {
         return Cow::Borrowed(s);
     }

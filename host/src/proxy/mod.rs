@@ -4,21 +4,29 @@
 //! `limits.max_body_bytes`), a few fields are extracted the way Ollama reads
 //! them, and the request waits for the scheduler's go-ahead before it is sent
 //! upstream, whatever its body. Everything else is
-//! passed straight through, streamed both ways. Responses are never buffered:
-//! each upstream chunk is forwarded as it arrives.
+//! passed straight through, streamed both ways. Streamed responses are never
+//! buffered: each upstream chunk is forwarded as it arrives. Generations are
+//! always streamed from the upstream; for a client that asked for no stream,
+//! maitre reads the stream whole and answers with the non-streamed answer
+//! the upstream would have given.
 //!
 //! One job per file: this one holds [`Proxy`], the entry point and the
 //! passthrough; `scheduled` the scheduled path in phases; `body` the relayed
-//! response body; `refusal` every answer maitre gives itself and its mapping
-//! to HTTP; `error_shape` the Ollama/OpenAI error shape; `headers` the header
-//! hygiene; `live` the settings hot reload swaps.
+//! response body; `rewrite` the body that asks the upstream for a stream;
+//! `whole` and `aggregate` the non-streamed answer folded from the stream;
+//! `refusal` every answer maitre gives itself and its mapping to HTTP;
+//! `error_shape` the Ollama/OpenAI error shape; `headers` the header hygiene;
+//! `live` the settings hot reload swaps.
 
+mod aggregate;
 mod body;
 mod error_shape;
 mod headers;
 mod live;
 mod refusal;
+mod rewrite;
 mod scheduled;
+mod whole;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -85,6 +85,14 @@ pub enum Refusal {
         /// The connection error with its causes.
         detail: String,
     },
+    /// The stream maitre was folding into a non-streamed answer broke off:
+    /// the connection was lost, or the stream ended without its end marker
+    /// (502).
+    #[error("maitre: the upstream's answer broke off before its end ({detail})")]
+    UpstreamBrokeOff {
+        /// What went wrong.
+        detail: String,
+    },
 }
 
 impl Refusal {
@@ -100,7 +108,9 @@ impl Refusal {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
             }
             Refusal::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Refusal::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            Refusal::UpstreamUnreachable { .. } | Refusal::UpstreamBrokeOff { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
         }
     }
 
@@ -175,6 +185,14 @@ mod tests {
                 Refusal::UpstreamUnreachable {
                     upstream: "http://127.0.0.1:1".into(),
                     detail: "connection refused".into(),
+                },
+                502,
+                false,
+                None,
+            ),
+            (
+                Refusal::UpstreamBrokeOff {
+                    detail: "connection reset".into(),
                 },
                 502,
                 false,

@@ -4,6 +4,11 @@
 //! Each phase that can fail returns a [`Refusal`]; [`Proxy::scheduled`] turns
 //! it into the one HTTP answer. Pre-emption and upstream-busy answers loop back
 //! to waiting for a slot, as long as nothing has reached the client.
+//!
+//! The upstream always streams: a client that asked for no stream has its
+//! body rewritten to ask for one (`rewrite`), and its answer is read whole
+//! while the request is still pre-emptible and folded into the non-streamed
+//! answer (`whole`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -11,7 +16,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use bytes::Bytes;
-use http::header::{self, HeaderName};
+use http::header::{self, HeaderMap, HeaderName};
 use http::request::Parts;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -20,6 +25,8 @@ use hyper::body::Incoming;
 use super::body::{Framing, TrackedBody};
 use super::headers::{set_header, strip_hop_by_hop};
 use super::refusal::Refusal;
+use super::rewrite::ask_for_stream;
+use super::whole::{self, Whole};
 use super::{
     BodyMeta, Grant, Outcome, Proxy, ProxyBody, RequestMeta, Run, SubmitError, Ticket, extract_meta,
 };
@@ -67,13 +74,18 @@ impl Proxy {
         // error when its turn comes. Passing it on without a slot would let
         // a body Ollama reads differently skip the scheduler.
         let meta = extract_meta(path, &bytes);
+        // The upstream streams, whatever the client asked for.
+        let (upstream_body, fold) = match ask_for_stream(path, &bytes, meta.stream) {
+            Some(s) => (s.body, Some(s.api)),
+            None => (bytes.clone(), None),
+        };
         let mut ticket = self
             .submit(&parts, path, meta, bytes.len(), remote, arrival)
             .await?;
         let mut busy_retries = 0u32;
         loop {
             let grant = wait_for_slot(&mut ticket).await?;
-            let resp = match self.dispatch(&parts, &bytes, &grant.run).await {
+            let resp = match self.dispatch(&parts, &upstream_body, &grant.run).await {
                 Ok(Sent::Answered(resp)) => resp,
                 Ok(Sent::Preempted) => {
                     ticket.requeue_after_preempt();
@@ -91,6 +103,23 @@ impl Proxy {
                 tokio::time::sleep(Duration::from_millis(50 * busy_retries as u64)).await;
                 ticket.requeue_after_busy();
                 continue;
+            }
+            if let Some(api) = fold.filter(|api| whole::folds(&resp, *api)) {
+                let (parts, folded) = match whole::read(resp, api, &grant.run).await {
+                    Whole::Folded(parts, folded) => (parts, folded),
+                    Whole::Preempted => {
+                        // The stream was dropped, closing its connection.
+                        ticket.requeue_after_preempt();
+                        continue;
+                    }
+                    Whole::Lost(detail) => return Err(whole::broke_off(ticket, detail)),
+                };
+                if !grant.run.mark_streaming() {
+                    // Pre-empted as the stream ended: requeue, as before.
+                    ticket.requeue_after_preempt();
+                    continue;
+                }
+                return whole::respond(parts, folded, api, &grant, ticket);
             }
             if !grant.run.mark_streaming() {
                 // Pre-empted between the upstream's answer and now: nothing
@@ -179,7 +208,10 @@ impl Proxy {
     /// Phase 4: sends the request upstream and waits for the answer's head,
     /// unless the policy pre-empts it first.
     async fn dispatch(&self, parts: &Parts, bytes: &Bytes, run: &Run) -> Result<Sent, Refusal> {
-        let up = self.upstream_request(parts, full(bytes.clone()));
+        let mut up = self.upstream_request(parts, full(bytes.clone()));
+        // The body may have been rewritten: hyper sets the length of the one
+        // sent.
+        up.headers_mut().remove(header::CONTENT_LENGTH);
         let sent = tokio::select! {
             biased;
             _ = run.preempt.cancelled() => None,
@@ -218,19 +250,7 @@ async fn wait_for_slot(ticket: &mut Ticket) -> Result<Grant, Refusal> {
 fn relay(resp: Response<Incoming>, grant: &Grant, ticket: Ticket) -> Response<ProxyBody> {
     let (mut p, body) = resp.into_parts();
     p.headers = strip_hop_by_hop(&p.headers);
-    set_header(&mut p.headers, "x-maitre-arm", &grant.arm);
-    set_header(
-        &mut p.headers,
-        "x-maitre-queue-ms",
-        &format!("{:.3}", grant.queue_wait.as_secs_f64() * 1000.0),
-    );
-    if grant.preemptions > 0 {
-        set_header(
-            &mut p.headers,
-            "x-maitre-preempted",
-            &grant.preemptions.to_string(),
-        );
-    }
+    maitre_headers(&mut p.headers, grant);
     let failed = !p.status.is_success();
     let framing = Framing::of(
         p.headers
@@ -239,6 +259,20 @@ fn relay(resp: Response<Incoming>, grant: &Grant, ticket: Ticket) -> Response<Pr
     );
     let body = TrackedBody::new(body, grant.run.clone(), ticket, failed, framing);
     Response::from_parts(p, body.boxed())
+}
+
+/// maitre's headers on an answer: the arm, the time queued, and how often
+/// the request was pre-empted (when it was).
+pub(super) fn maitre_headers(h: &mut HeaderMap, grant: &Grant) {
+    set_header(h, "x-maitre-arm", &grant.arm);
+    set_header(
+        h,
+        "x-maitre-queue-ms",
+        &format!("{:.3}", grant.queue_wait.as_secs_f64() * 1000.0),
+    );
+    if grant.preemptions > 0 {
+        set_header(h, "x-maitre-preempted", &grant.preemptions.to_string());
+    }
 }
 
 /// A body already in memory, as a [`ProxyBody`].
