@@ -6,6 +6,7 @@
 mod common;
 
 mod admin_hardening;
+mod aggregate;
 mod bypass;
 mod clients;
 mod faults;
@@ -17,4 +18,5 @@ mod ready;
 mod sandbox;
 mod scheduling;
 mod stalls;
+mod streaming;
 mod template;

@@ -5,6 +5,7 @@ Run by the Rust e2e test `clients::official_python_clients_work_through_maitre`
 MAITRE_URL. Exits non-zero on any failure.
 """
 
+import json
 import os
 import sys
 
@@ -36,6 +37,21 @@ assert g.done and g.response.strip(), g
 gs = list(client.generate(model="fake", prompt="hi", stream=True, options={"num_predict": 3}))
 assert len(gs) == 4 and gs[-1].done, gs
 
+# chat, not streamed, with thinking and tool calls: maitre asks the upstream
+# for a stream and folds it into the answer the client expects
+tools = [{"type": "function", "function": {"name": "get_weather", "description": "weather",
+                                            "parameters": {"type": "object", "properties": {}}}}]
+tc = client.chat(model="fake", messages=[{"role": "user", "content": "weather?"}], tools=tools,
+                 think=True, options={"num_predict": 6})
+assert tc.done and tc.eval_count == 6, tc
+assert tc.message.thinking == "think0 think1 think2 ", tc
+assert [t.function.name for t in tc.message.tool_calls] == ["get_weather"], tc
+assert tc.message.tool_calls[0].function.arguments == {"alpha": "tok", "zeta": 0}, tc
+
+# generate, not streamed, in format json
+gj = client.generate(model="fake", prompt="hi", format="json", options={"num_predict": 3})
+assert json.loads(gj.response) == {"t0": 0, "t1": 1, "t2": 2}, gj
+
 # embed
 e = client.embed(model="fake", input=["a", "b"])
 assert len(e.embeddings) == 2, e
@@ -59,6 +75,25 @@ assert any(c.choices and c.choices[0].finish_reason in ("stop", "length") for c 
 full = oa.chat.completions.create(model="fake", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
 assert full.choices[0].message.content.strip(), full
 assert full.usage.completion_tokens == 3, full.usage
+
+# not streamed, with reasoning and a tool call
+oa_tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+called = oa.chat.completions.create(model="fake", messages=[{"role": "user", "content": "weather?"}],
+                                    tools=oa_tools, reasoning_effort="low",
+                                    extra_headers={"X-Fake-Tokens": "3"})
+choice = called.choices[0]
+assert choice.finish_reason == "tool_calls", called
+assert choice.message.tool_calls[0].function.name == "get_weather", called
+assert json.loads(choice.message.tool_calls[0].function.arguments) == {"alpha": "tok", "zeta": 0}, called
+assert choice.message.content == "tok2 ", called
+assert getattr(choice.message, "reasoning", None) == "think0 ", called
+assert called.usage.completion_tokens == 3, called.usage
+
+# completions, not streamed
+comp = oa.completions.create(model="fake", prompt="hi", max_tokens=3)
+assert comp.choices[0].text == "tok0 tok1 tok2 ", comp
+assert comp.choices[0].finish_reason == "length", comp
+assert comp.usage.completion_tokens == 3, comp.usage
 
 print("python clients ok:", len(parts), "chat chunks,", len(chunks), "openai chunks")
 sys.exit(0)

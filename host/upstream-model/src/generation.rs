@@ -516,6 +516,9 @@ async fn answer(g: Gen, stream: bool) -> Response<Body> {
     let openai = g.flavor.openai();
     match g.run(stream).await {
         Outcome::Stream(g) => g.into_response(),
+        Outcome::Text(g, whole) if openai => {
+            util::oa_json_response(StatusCode::OK, &g.full_object(&whole))
+        }
         Outcome::Text(g, whole) => util::json_response(StatusCode::OK, &g.full_object(&whole)),
         Outcome::Failed if openai => {
             util::openai_error(StatusCode::INTERNAL_SERVER_ERROR, util::FAKE_FAILURE)

@@ -166,7 +166,11 @@ impl Call {
     /// Ends a request that needs no slot with a JSON answer.
     pub fn ok(mut self, v: &Value) -> Response<Body> {
         self.tracker.finish();
-        util::json_response(StatusCode::OK, v)
+        if self.route.openai() {
+            util::oa_json_response(StatusCode::OK, v)
+        } else {
+            util::json_response(StatusCode::OK, v)
+        }
     }
 
     async fn run(mut self, body: &Bytes) -> Response<Body> {

@@ -17,6 +17,8 @@ use crate::timing::Timing;
 pub(crate) type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
 pub(crate) const JSON: &str = "application/json; charset=utf-8";
+/// What Ollama's `/v1` writers set on a JSON answer (no charset).
+pub(crate) const OA_JSON: &str = "application/json";
 pub(crate) const NDJSON: &str = "application/x-ndjson";
 pub(crate) const SSE: &str = "text/event-stream";
 pub(crate) const TEXT: &str = "text/plain; charset=utf-8";
@@ -56,6 +58,14 @@ pub(crate) fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
     response(status, JSON, serde_json::to_vec(v).unwrap_or_default())
 }
 
+/// A JSON answer on `/v1`, as Ollama's OpenAI middleware writes it: its own
+/// `Content-Type` and `json.Encoder`'s trailing newline.
+pub(crate) fn oa_json_response(status: StatusCode, v: &Value) -> Response<Body> {
+    let mut b = serde_json::to_vec(v).unwrap_or_default();
+    b.push(b'\n');
+    response(status, OA_JSON, b)
+}
+
 /// Ollama's native error: a status and `{"error": msg}`.
 pub(crate) fn ollama_error(status: StatusCode, msg: &str) -> Response<Body> {
     if status == StatusCode::FORBIDDEN {
@@ -74,7 +84,7 @@ pub(crate) fn openai_error(status: StatusCode, msg: &str) -> Response<Body> {
         404 => "not_found_error",
         _ => "api_error",
     };
-    json_response(
+    oa_json_response(
         status,
         &json!({ "error": { "message": msg, "type": kind, "param": null, "code": null } }),
     )
