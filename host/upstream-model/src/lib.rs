@@ -47,6 +47,7 @@ mod content;
 mod event_log;
 mod generation;
 mod go_json;
+mod late_notice;
 mod native;
 mod openai;
 mod routes;
@@ -105,6 +106,13 @@ pub struct ModelConfig {
     /// ones stop at once, as always. Off, every generation stops when its
     /// client goes away, like Ollama.
     pub ignore_disconnect_non_streaming: bool,
+    /// How long the model takes to notice that a client went away (its end
+    /// of file or a reset); meanwhile the generation goes on, holding its
+    /// slot, and the connection stays open. Zero: at once, like Ollama.
+    /// llama-server notices a streaming client's departure within tens of
+    /// ms; a proxy that frees the slot before the upstream lets go of the
+    /// connection overruns such an engine.
+    pub disconnect_notice: Duration,
 }
 
 impl ModelConfig {
@@ -133,6 +141,7 @@ impl Default for ModelConfig {
             control_routes: true,
             log_capacity: DEFAULT_LOG_CAPACITY,
             ignore_disconnect_non_streaming: false,
+            disconnect_notice: Duration::ZERO,
         }
     }
 }
@@ -245,14 +254,19 @@ async fn serve(listener: TcpListener, state: Arc<state::State>) {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
                     let st = state.clone();
+                    let notice = state.cfg.disconnect_notice;
                     conns.spawn(async move {
                         let svc = service_fn(move |req| {
                             let st = st.clone();
                             async move { Ok::<_, Infallible>(routes::handle(st, req).await) }
                         });
-                        let _ = http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), svc)
-                            .await;
+                        let http = http1::Builder::new();
+                        if notice.is_zero() {
+                            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                        } else {
+                            let io = TokioIo::new(late_notice::LateNotice::new(stream, notice));
+                            let _ = http.serve_connection(io, svc).await;
+                        }
                     });
                 }
                 // Out of file descriptors and the like: back off, keep serving.

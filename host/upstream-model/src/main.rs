@@ -44,6 +44,10 @@ struct Args {
     /// runs on to its end, holding its slot (streaming ones still stop).
     #[arg(long)]
     ignore_disconnect_non_streaming: bool,
+    /// Milliseconds the model takes to notice that a client went away; the
+    /// generation goes on meanwhile (llama-server: tens of ms).
+    #[arg(long, default_value_t = 0)]
+    disconnect_notice_ms: u64,
 }
 
 #[tokio::main]
@@ -58,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
         control_routes: !args.no_control_routes,
         log_capacity: args.log_capacity,
         ignore_disconnect_non_streaming: args.ignore_disconnect_non_streaming,
+        disconnect_notice: Duration::from_millis(args.disconnect_notice_ms),
         ..ModelConfig::default()
     };
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -154,3 +154,32 @@ async fn the_stats_endpoint_counts_in_flight_generations() {
     assert_eq!(v["in_flight"], 0, "{v}");
     assert_eq!(v["max_concurrent"], 1, "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_notice_keeps_generating_and_the_connection_open_for_a_while() {
+    let f = fake(ModelConfig {
+        disconnect_notice: Duration::from_millis(300),
+        ..cfg(1, 20, 5)
+    })
+    .await;
+    let mut s = raw_post(
+        f.addr(),
+        "/api/generate",
+        "X-Test-Tag: leaver\r\nX-Fake-Tokens: 100\r\n",
+        r#"{"model":"fake","prompt":"x"}"#,
+    )
+    .await;
+    read_until(&mut s, "tok1 ").await;
+    let t0 = std::time::Instant::now();
+    drop(s);
+    let c = f
+        .wait_for("leaver", EventKind::Cancelled, 5 * SECOND)
+        .await
+        .expect("cancelled in the end");
+    let noticed = t0.elapsed();
+    assert!(
+        noticed >= Duration::from_millis(250) && noticed < Duration::from_millis(1500),
+        "noticed after {noticed:?}"
+    );
+    assert!(c.tokens >= 10, "it generated on meanwhile: {c:?}");
+}
