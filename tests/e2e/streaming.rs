@@ -179,3 +179,110 @@ async fn a_preempted_non_streaming_request_stops_a_llama_like_upstream() {
         "{metrics}"
     );
 }
+
+/// A llama-like upstream that notices a client's departure only `notice`
+/// later, generating on meanwhile.
+async fn slow_to_let_go(notice: Duration) -> UpstreamModel {
+    UpstreamModel::start(ModelConfig {
+        slots: 2,
+        token_delay: Duration::from_millis(20),
+        ignore_disconnect_non_streaming: true,
+        disconnect_notice: notice,
+        ..ModelConfig::default()
+    })
+    .await
+    .expect("start the upstream model")
+}
+
+/// Two batch requests hold both slots, a real-time one pre-empts one of
+/// them; returns the upstream's log once every answer is in.
+async fn preempt_one_of_two(fake: &UpstreamModel, streaming: bool) -> Vec<LogEvent> {
+    let m = start(
+        &PolicyFile::new(fake.url(), 2)
+            .arm(
+                Arm::builtin("main", "preemptive")
+                    .config("preempt_streaming", streaming)
+                    .config("default_class", "batch")
+                    .config("max_preemptions", 2),
+            )
+            .limits(Limits {
+                max_preemptions: Some(2),
+                ..Limits::default()
+            }),
+    );
+    let c = client();
+    let batch = |tag: &str| {
+        c.post(format!("{}/api/generate", m.url))
+            .header("x-test-tag", tag)
+            .header("x-priority", "batch")
+            .json(
+                &serde_json::json!({"model": "fake", "prompt": "hi", "stream": streaming,
+                "options": {"num_predict": 50}}),
+            )
+            .send()
+    };
+    let b1 = tokio::spawn(batch("b1"));
+    fake.wait_for("b1", EventKind::FirstToken, T).await.unwrap();
+    let b2 = tokio::spawn(batch("b2"));
+    fake.wait_for("b2", EventKind::FirstToken, T).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let rt = generate(&c, &m.url, "rt", Some("realtime"), 3)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rt.status(), 200);
+    let rt: serde_json::Value = rt.json().await.unwrap();
+    assert_eq!(rt["eval_count"], 3);
+    for b in [b1, b2] {
+        let r = b.await.unwrap().unwrap();
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await.unwrap();
+    }
+    assert!(
+        m.wait_log(T, |l| l.contains("pre-empted")).await,
+        "{:#?}",
+        m.logs()
+    );
+    fake.log()
+}
+
+/// The victim's cancel at the upstream, and the real-time request's start.
+fn cancel_then_start(log: &[LogEvent]) -> (LogEvent, LogEvent) {
+    let cancelled = log
+        .iter()
+        .find(|e| e.kind == EventKind::Cancelled)
+        .unwrap_or_else(|| panic!("nothing was stopped upstream: {log:#?}"))
+        .clone();
+    let rt = log
+        .iter()
+        .find(|e| e.kind == EventKind::Started && e.tag.as_deref() == Some("rt"))
+        .unwrap()
+        .clone();
+    (cancelled, rt)
+}
+
+#[tokio::test]
+async fn a_preempted_slot_is_free_only_once_a_slow_upstream_lets_go() {
+    let fake = slow_to_let_go(Duration::from_millis(300)).await;
+    let log = preempt_one_of_two(&fake, false).await;
+    let (cancelled, rt) = cancel_then_start(&log);
+    assert!(
+        rt.seq > cancelled.seq,
+        "the real-time request started before the victim let go: {log:#?}"
+    );
+    let stats = fake.stats();
+    assert!(
+        stats.max_in_flight <= 2,
+        "{} generations in flight at the upstream on 2 slots: {log:#?}",
+        stats.max_in_flight
+    );
+}
+
+#[tokio::test]
+async fn a_cut_stream_frees_its_slot_only_once_a_slow_upstream_lets_go() {
+    let fake = slow_to_let_go(Duration::from_millis(300)).await;
+    let log = preempt_one_of_two(&fake, true).await;
+    let (cancelled, rt) = cancel_then_start(&log);
+    assert!(rt.seq > cancelled.seq, "{log:#?}");
+    assert!(fake.stats().max_in_flight <= 2, "{log:#?}");
+}

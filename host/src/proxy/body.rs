@@ -10,6 +10,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
+use super::link::Link;
 use super::{BoxError, Outcome, Run, Ticket};
 use crate::escape::Escaped;
 
@@ -100,6 +101,7 @@ impl TrackedBody {
         ticket: Ticket,
         failed: bool,
         framing: Framing,
+        link: Arc<Link>,
     ) -> TrackedBody {
         let inner = Arc::new(Mutex::new(Some(inner)));
         let upstream = Arc::downgrade(&inner);
@@ -107,6 +109,7 @@ impl TrackedBody {
             if let Some(u) = upstream.upgrade() {
                 drop(lock(&u).take());
             }
+            link.abandon()
         };
         if !run.on_cut(Box::new(close)) {
             // Cut before the relay began: the scheduler left the closing to

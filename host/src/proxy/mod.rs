@@ -14,7 +14,9 @@
 //! passthrough; `scheduled` the scheduled path in phases; `body` the relayed
 //! response body; `rewrite` the body that asks the upstream for a stream;
 //! `whole` and `aggregate` the non-streamed answer folded from the stream;
-//! `refusal` every answer maitre gives itself and its mapping to HTTP;
+//! `link` the upstream connections, which maitre can give up on and knows
+//! when the upstream has let go of; `refusal` every answer maitre gives
+//! itself and its mapping to HTTP;
 //! `error_shape` the Ollama/OpenAI error shape; `headers` the header hygiene;
 //! `live` the settings hot reload swaps.
 
@@ -22,6 +24,7 @@ mod aggregate;
 mod body;
 mod error_shape;
 mod headers;
+mod link;
 mod live;
 mod refusal;
 mod rewrite;
@@ -67,7 +70,7 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 /// The proxy's shared state.
 pub struct Proxy {
     sched: SchedulerHandle,
-    client: Client<HttpConnector, ProxyBody>,
+    client: Client<link::Connector, ProxyBody>,
     base: String,
     host: HeaderValue,
     limits: Limits,
@@ -85,7 +88,7 @@ impl Proxy {
         conn.set_connect_timeout(Some(Duration::from_millis(cfg.upstream.connect_timeout_ms)));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
-            .build(conn);
+            .build(link::Connector(conn));
         let url = &cfg.upstream.url;
         let authority = url
             .authority()

@@ -22,8 +22,11 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
+use std::sync::Arc;
+
 use super::body::{Framing, TrackedBody};
 use super::headers::{set_header, strip_hop_by_hop};
+use super::link::Link;
 use super::refusal::Refusal;
 use super::rewrite::ask_for_stream;
 use super::whole::{self, Whole};
@@ -36,8 +39,8 @@ const MAX_BUSY_RETRIES: u32 = 3;
 
 /// What became of one dispatch upstream.
 enum Sent {
-    /// The upstream answered (its head, at least).
-    Answered(Response<Incoming>),
+    /// The upstream answered (its head, at least), on this connection.
+    Answered(Response<Incoming>, Arc<Link>),
     /// The policy pre-empted the request before the upstream answered; the
     /// upstream request was dropped, closing its connection.
     Preempted,
@@ -85,8 +88,11 @@ impl Proxy {
         let mut busy_retries = 0u32;
         loop {
             let grant = wait_for_slot(&mut ticket).await?;
-            let resp = match self.dispatch(&parts, &upstream_body, &grant.run).await {
-                Ok(Sent::Answered(resp)) => resp,
+            let sent = self
+                .dispatch(&parts, &upstream_body, &grant.run, &mut ticket)
+                .await;
+            let (resp, link) = match sent {
+                Ok(Sent::Answered(resp, link)) => (resp, link),
                 Ok(Sent::Preempted) => {
                     ticket.requeue_after_preempt();
                     continue;
@@ -128,7 +134,7 @@ impl Proxy {
                 ticket.requeue_after_preempt();
                 continue;
             }
-            return Ok(relay(resp, &grant, ticket));
+            return Ok(relay(resp, &grant, ticket, link));
         }
     }
 
@@ -206,12 +212,23 @@ impl Proxy {
     }
 
     /// Phase 4: sends the request upstream and waits for the answer's head,
-    /// unless the policy pre-empts it first.
-    async fn dispatch(&self, parts: &Parts, bytes: &Bytes, run: &Run) -> Result<Sent, Refusal> {
+    /// unless the policy pre-empts it first. From now on, unless the request
+    /// completes, `ticket` frees its slot only once the upstream has let go
+    /// of its connection.
+    async fn dispatch(
+        &self,
+        parts: &Parts,
+        bytes: &Bytes,
+        run: &Run,
+        ticket: &mut Ticket,
+    ) -> Result<Sent, Refusal> {
         let mut up = self.upstream_request(parts, full(bytes.clone()));
         // The body may have been rewritten: hyper sets the length of the one
         // sent.
         up.headers_mut().remove(header::CONTENT_LENGTH);
+        let link = Link::capture(&mut up);
+        let abandon = link.clone();
+        ticket.dispatched(Box::new(move || abandon.abandon()));
         let sent = tokio::select! {
             biased;
             _ = run.preempt.cancelled() => None,
@@ -227,7 +244,7 @@ impl Proxy {
             Some(Ok(Err(e))) => Err(self.unreachable(&e)),
             Some(Ok(Ok(resp))) => {
                 run.mark_upstream_first_byte();
-                Ok(Sent::Answered(resp))
+                Ok(Sent::Answered(resp, link))
             }
         }
     }
@@ -247,7 +264,12 @@ async fn wait_for_slot(ticket: &mut Ticket) -> Result<Grant, Refusal> {
 
 /// Phase 5: the upstream's answer with maitre's headers, its body relayed
 /// chunk by chunk; `ticket` ends when the body does.
-fn relay(resp: Response<Incoming>, grant: &Grant, ticket: Ticket) -> Response<ProxyBody> {
+fn relay(
+    resp: Response<Incoming>,
+    grant: &Grant,
+    ticket: Ticket,
+    link: Arc<Link>,
+) -> Response<ProxyBody> {
     let (mut p, body) = resp.into_parts();
     p.headers = strip_hop_by_hop(&p.headers);
     maitre_headers(&mut p.headers, grant);
@@ -257,7 +279,7 @@ fn relay(resp: Response<Incoming>, grant: &Grant, ticket: Ticket) -> Response<Pr
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok()),
     );
-    let body = TrackedBody::new(body, grant.run.clone(), ticket, failed, framing);
+    let body = TrackedBody::new(body, grant.run.clone(), ticket, failed, framing, link);
     Response::from_parts(p, body.boxed())
 }
 

@@ -81,7 +81,7 @@ pub(super) struct Core {
     next_id: u64,
     pub(super) limits: Limits,
     pub(super) metrics: Arc<Metrics>,
-    self_tx: mpsc::UnboundedSender<Msg>,
+    pub(super) self_tx: mpsc::UnboundedSender<Msg>,
     pub(super) draining: bool,
     pub(super) reload_error: Option<String>,
     upstream_name: Arc<str>,
@@ -157,6 +157,7 @@ impl Core {
             Msg::Gone { id } => self.gone(id),
             Msg::Finished { id, outcome } => self.finished(id, outcome),
             Msg::Requeue { id, busy } => self.requeue(id, busy),
+            Msg::LetGo { id } => self.let_go(id),
             Msg::Status { reply } => {
                 let _ = reply.send(self.status());
             }
@@ -275,6 +276,7 @@ impl Core {
             rx: srx,
             tx: self.self_tx.clone(),
             ended: false,
+            abandon: None,
         })
     }
 

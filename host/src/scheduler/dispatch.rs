@@ -6,7 +6,7 @@
 //!   Waiting --start, slot being pre-empted--> Handoff
 //!   Running --preempt--> Preempting --upstream let go--> (slot to the Handoff head)
 //!   Handoff --any slot of its arm frees--> Running
-//!   Running --preempt, cut stream, upstream closed at once--> Cut (slot free) --client done--> (ended)
+//!   Running --preempt, cut stream, upstream closed--> Preempting --upstream let go--> Cut (slot free) --client done--> (ended)
 //!   Running/Preempting --requeue--> Waiting
 //! ```
 
@@ -102,9 +102,29 @@ impl Core {
             cut_stream = streaming,
             "pre-empted"
         );
-        if streaming && run.close_upstream() {
-            // The upstream connection is closed now, whether or not the
-            // client reads again: the slot is free for the next request.
+        if streaming && let Some(let_go) = run.close_upstream() {
+            // The upstream connection is closing now, whether or not the
+            // client reads again: the slot is free for the next request once
+            // the upstream lets go of it.
+            match let_go.filter(|l| !l.is_set()) {
+                None => self.let_go(id),
+                Some(l) => {
+                    let tx = self.self_tx.clone();
+                    super::letgo::after(Some(l), move || {
+                        let _ = tx.send(super::Msg::LetGo { id });
+                    });
+                }
+            }
+        }
+    }
+
+    /// The upstream connection of a cut stream is let go: its slot is free,
+    /// and the request waits only for its client to read the end.
+    pub(super) fn let_go(&mut self, id: u64) {
+        let cut = self.entries.get(&id).is_some_and(|e| {
+            e.state == State::Preempting && e.run.as_ref().is_some_and(|r| r.is_cut())
+        });
+        if cut {
             self.release_slot(id, State::Preempting);
             if let Some(e) = self.entries.get_mut(&id) {
                 e.state = State::Cut;

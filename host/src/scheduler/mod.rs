@@ -23,6 +23,7 @@
 //! - [`arms`]: installing arms, slot shares, switchback, A/B key hashing;
 //! - [`check`]: the answer check and its typed [`Invalid`] kinds;
 //! - [`decider`]: the seam between the state machine and a policy;
+//! - [`letgo`]: when an abandoned upstream connection is closed at both ends;
 //! - [`report`]: `/status` and the A/B report.
 //!
 //! Time is tokio's clock ([`tokio::time::Instant`]), so the state machine
@@ -33,6 +34,7 @@ pub mod check;
 mod core;
 pub mod decider;
 mod dispatch;
+pub mod letgo;
 pub mod report;
 pub mod ticket;
 
@@ -49,6 +51,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use arms::{ArmSpec, ab_key_hash, slot_shares};
 pub use check::Invalid;
 pub use decider::{Decider, Fifo};
+pub use letgo::{LET_GO_TIMEOUT, LetGo};
 pub use report::{AbReport, AbRow, ArmStatus, RequestStatus, Status, percentile};
 pub use ticket::{Grant, Outcome, RequestMeta, Run, SubmitError, Ticket};
 
@@ -71,6 +74,10 @@ pub(crate) enum Msg {
     Requeue {
         id: u64,
         busy: bool,
+    },
+    /// The upstream connection of a cut stream is let go: its slot is free.
+    LetGo {
+        id: u64,
     },
     Status {
         reply: oneshot::Sender<Status>,

@@ -123,6 +123,7 @@ async fn a_cut_stream_frees_its_slot_at_once_when_its_relay_can_close_the_upstre
     let c = closed.clone();
     assert!(g.run.on_cut(Box::new(move || {
         c.fetch_add(1, Ordering::Relaxed);
+        None
     })));
     // The batch client is not reading: its handler does nothing more.
     let mut rt = h.submit(Some("realtime")).await;
@@ -136,4 +137,49 @@ async fn a_cut_stream_frees_its_slot_at_once_when_its_relay_can_close_the_upstre
     assert!(h.state_of(id).await.is_none());
     rt.finish(Outcome::Ok);
     assert_eq!(h.status().await.slots_busy, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cut_stream_frees_its_slot_only_once_the_upstream_lets_go() {
+    let (d, _) = script(preempt_for_realtime);
+    let h = start(1, vec![arm("a", 100, d)], weighted(), Limits::default());
+    let mut batch = h.submit(Some("batch")).await;
+    let g = granted(&mut batch).await;
+    assert!(g.run.mark_streaming());
+    let let_go = LetGo::new();
+    let l = let_go.clone();
+    assert!(g.run.on_cut(Box::new(move || Some(l))));
+    let mut rt = h.submit(Some("realtime")).await;
+    // The upstream has not let go yet: the slot is still the batch's.
+    not_granted(&mut rt).await;
+    assert_eq!(h.state_of(batch.id()).await.unwrap().0, "preempting");
+    let_go.set();
+    granted(&mut rt).await;
+    assert_eq!(h.state_of(batch.id()).await.unwrap().0, "cut");
+    batch.finish(Outcome::Cancelled);
+    rt.finish(Outcome::Ok);
+    assert_eq!(h.status().await.slots_busy, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_requeue_after_a_preemption_waits_for_the_upstream_to_let_go() {
+    let (d, _) = script(preempt_for_realtime);
+    let h = start(1, vec![arm("a", 100, d)], weighted(), Limits::default());
+    let mut batch = h.submit(Some("batch")).await;
+    granted(&mut batch).await;
+    let let_go = LetGo::new();
+    let l = let_go.clone();
+    batch.dispatched(Box::new(move || Some(l)));
+    let mut rt = h.submit(Some("realtime")).await;
+    // The policy pre-empted the batch request; its handler gives up the
+    // upstream connection and requeues it, but the slot waits for the upstream.
+    assert_eq!(h.state_of(batch.id()).await.unwrap().0, "preempting");
+    batch.requeue_after_preempt();
+    not_granted(&mut rt).await;
+    assert_eq!(h.status().await.slots_busy, 1);
+    let_go.set();
+    granted(&mut rt).await;
+    assert_eq!(h.state_of(batch.id()).await.unwrap().0, "waiting");
+    rt.finish(Outcome::Ok);
+    granted(&mut batch).await;
 }

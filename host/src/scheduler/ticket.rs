@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Msg;
+use super::letgo::{self, LetGo};
 use crate::policy::Rejection;
 
 /// What the proxy knows about a request when it asks for a slot.
@@ -90,11 +91,15 @@ pub struct Run {
     closer: Closer,
 }
 
+/// Closes a stream's upstream connection and says when it is let go (`None`:
+/// closed already, or nothing to wait for).
+pub type Close = Box<dyn FnOnce() -> Option<LetGo> + Send>;
+
 /// Closes a stream's upstream connection from the scheduler's side: a cut
 /// must not wait until the client reads again (a stalled client would keep
 /// the slot, and the request started in its place, waiting).
 #[derive(Default)]
-struct Closer(Mutex<Option<Box<dyn FnOnce() + Send>>>);
+struct Closer(Mutex<Option<Close>>);
 
 impl std::fmt::Debug for Closer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -118,7 +123,7 @@ impl Run {
     /// Registers how to close this stream's upstream connection at once when
     /// a policy cuts it. False when it was cut already: the caller closes it.
     #[must_use]
-    pub fn on_cut(&self, close: Box<dyn FnOnce() + Send>) -> bool {
+    pub fn on_cut(&self, close: Close) -> bool {
         let mut c = self.closer.0.lock().unwrap_or_else(PoisonError::into_inner);
         // Checked under the lock that `close_upstream` takes after marking
         // the cut: one of the two sides closes, never none.
@@ -128,9 +133,10 @@ impl Run {
         *c = Some(close);
         true
     }
-    /// Closes the upstream connection of a cut stream, if its relay said how;
-    /// true when it is closed now (the slot is free).
-    pub(super) fn close_upstream(&self) -> bool {
+    /// Closes the upstream connection of a cut stream, if its relay said how:
+    /// `None` when it did not (the relay closes it and ends the request),
+    /// else when the connection is let go (`Some(None)`: now).
+    pub(super) fn close_upstream(&self) -> Option<Option<LetGo>> {
         debug_assert!(self.is_cut());
         let close = self
             .closer
@@ -138,13 +144,7 @@ impl Run {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        match close {
-            Some(close) => {
-                close();
-                true
-            }
-            None => false,
-        }
+        close.map(|close| close())
     }
     /// Marks the upstream's first byte (response headers arrived).
     pub fn mark_upstream_first_byte(&self) {
@@ -256,14 +256,24 @@ pub(super) fn shutting_down() -> Rejection {
     }
 }
 
+/// Gives up the upstream connection of the current dispatch (it will not be
+/// reused) and says when it is let go; `None` when there is none.
+pub type Abandon = Box<dyn FnOnce() -> Option<LetGo> + Send + Sync>;
+
 /// A request's place in the scheduler, held by its HTTP handler. Dropping it
 /// before [`Ticket::finish`] means the client went away.
+///
+/// A request whose upstream connection is given up on (pre-empted, cut,
+/// failed, or its client gone) keeps its slot until that connection is let
+/// go ([`LetGo`]): the message that frees the slot is sent only then.
 pub struct Ticket {
     pub(super) id: u64,
     pub(super) arm: Arc<str>,
     pub(super) rx: mpsc::UnboundedReceiver<Signal>,
     pub(super) tx: mpsc::UnboundedSender<Msg>,
     pub(super) ended: bool,
+    /// How to give up the current dispatch's upstream connection.
+    pub(super) abandon: Option<Abandon>,
 }
 
 impl Ticket {
@@ -291,38 +301,59 @@ impl Ticket {
         }
     }
 
-    /// The upstream request of a pre-empted dispatch has been aborted: put the
-    /// request back in the queue.
-    pub fn requeue_after_preempt(&mut self) {
-        let _ = self.tx.send(Msg::Requeue {
-            id: self.id,
-            busy: false,
+    /// The current dispatch was sent upstream: `abandon` gives up its
+    /// connection if the request does not complete normally.
+    pub fn dispatched(&mut self, abandon: Abandon) {
+        self.abandon = Some(abandon);
+    }
+
+    /// Sends `msg` once the current dispatch's upstream connection, given
+    /// up on now, is let go.
+    fn after_let_go(&mut self, msg: Msg) {
+        let let_go = self.abandon.take().and_then(|abandon| abandon());
+        let tx = self.tx.clone();
+        letgo::after(let_go, move || {
+            let _ = tx.send(msg);
         });
+    }
+
+    /// The upstream request of a pre-empted dispatch has been aborted: put the
+    /// request back in the queue (once its connection is let go).
+    pub fn requeue_after_preempt(&mut self) {
+        let id = self.id;
+        self.after_let_go(Msg::Requeue { id, busy: false });
     }
 
     /// The upstream answered 503 busy before any byte reached the client: put
-    /// the request back in the queue.
+    /// the request back in the queue (once its connection is let go).
     pub fn requeue_after_busy(&mut self) {
-        let _ = self.tx.send(Msg::Requeue {
-            id: self.id,
-            busy: true,
-        });
+        let id = self.id;
+        self.after_let_go(Msg::Requeue { id, busy: true });
     }
 
-    /// The request ended; `outcome` is logged and counted.
+    /// The request ended; `outcome` is logged and counted. Unless it ended
+    /// well, its upstream connection is given up on and its slot freed once
+    /// that connection is let go.
     pub fn finish(mut self, outcome: Outcome) {
         self.ended = true;
-        let _ = self.tx.send(Msg::Finished {
+        let msg = Msg::Finished {
             id: self.id,
             outcome,
-        });
+        };
+        if outcome == Outcome::Ok {
+            self.abandon = None;
+            let _ = self.tx.send(msg);
+        } else {
+            self.after_let_go(msg);
+        }
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
         if !self.ended {
-            let _ = self.tx.send(Msg::Gone { id: self.id });
+            let id = self.id;
+            self.after_let_go(Msg::Gone { id });
         }
     }
 }
