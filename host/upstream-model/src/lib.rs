@@ -30,7 +30,9 @@
 //! Per-request headers: `X-Fake-Token-Ms`, `X-Fake-Prompt-Ms`,
 //! `X-Fake-Tokens` (token count; pull: progress lines), `X-Fake-Fail-After: N`
 //! (error after N tokens; 0 = HTTP 500 before any byte), `X-Fake-Status: S`
-//! (answer S at once with Ollama's body for it). `X-Test-Tag` and
+//! (answer S at once with Ollama's body for it), `X-Fake-Hang-Up-Reused`
+//! (close the connection without an answer if the request is not its
+//! first: a kept-alive connection dying just as it is reused). `X-Test-Tag` and
 //! `X-Priority` are recorded in the log. Every response carries
 //! `X-Fake-Upstream: 1`. Models must start with "fake" (else 404).
 //!
@@ -56,10 +58,10 @@ mod state;
 pub mod timing;
 mod util;
 
-use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper::server::conn::http1;
@@ -256,9 +258,11 @@ async fn serve(listener: TcpListener, state: Arc<state::State>) {
                     let st = state.clone();
                     let notice = state.cfg.disconnect_notice;
                     conns.spawn(async move {
+                        let served = AtomicU64::new(0);
                         let svc = service_fn(move |req| {
                             let st = st.clone();
-                            async move { Ok::<_, Infallible>(routes::handle(st, req).await) }
+                            let reused = served.fetch_add(1, Ordering::Relaxed) > 0;
+                            routes::serve(st, req, reused)
                         });
                         let http = http1::Builder::new();
                         if notice.is_zero() {

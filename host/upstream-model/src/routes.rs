@@ -78,7 +78,47 @@ impl Route {
     }
 }
 
-/// The service function: every response carries `X-Fake-Upstream: 1`.
+/// The model hung up on a request without answering (`X-Fake-Hang-Up-Reused`).
+#[derive(Debug)]
+pub(crate) struct HangUp;
+
+impl std::fmt::Display for HangUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("hung up on a request on a kept-alive connection")
+    }
+}
+
+impl std::error::Error for HangUp {}
+
+/// The service function of one connection; `reused` says whether the
+/// request is not the connection's first. `X-Fake-Hang-Up-Reused` on a
+/// request that reuses a kept-alive connection closes the connection
+/// without an answer: the race in which a server times out an idle
+/// connection just as its client sends a request on it (the client sees
+/// "connection closed before message completed"). The request is logged as
+/// `Received` then `Failed`.
+pub(crate) async fn serve(
+    st: Arc<State>,
+    req: Request<Incoming>,
+    reused: bool,
+) -> Result<Response<Body>, HangUp> {
+    if reused && req.headers().contains_key("x-fake-hang-up-reused") {
+        let h = req.headers();
+        let path = percent_decode_str(req.uri().path()).decode_utf8_lossy();
+        let mut t = Tracker::new(
+            st.clone(),
+            &path,
+            util::header_string(h, "x-test-tag"),
+            util::header_string(h, "x-priority"),
+        );
+        t.received("", false);
+        t.fail();
+        return Err(HangUp);
+    }
+    Ok(handle(st, req).await)
+}
+
+/// Every response carries `X-Fake-Upstream: 1`.
 pub(crate) async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let mut resp = dispatch(st, req).await;
     resp.headers_mut().insert(

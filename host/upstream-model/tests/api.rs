@@ -641,3 +641,35 @@ async fn requests_are_read_like_ollamas_go_server() {
         "{started:?}"
     );
 }
+
+#[tokio::test]
+async fn hang_up_reused_closes_a_kept_alive_connection_without_an_answer() {
+    use http_body_util::Full;
+    use hyper_util::rt::TokioIo;
+
+    let f = fake(cfg(1, 1, 2)).await;
+    let stream = tokio::net::TcpStream::connect(f.addr()).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = || {
+        http::Request::post("/api/generate")
+            .header("host", f.addr().to_string())
+            .header("x-fake-hang-up-reused", "1")
+            .header("x-test-tag", "t")
+            .body(Full::new(bytes::Bytes::from_static(
+                br#"{"model":"fake","prompt":"x","stream":false}"#,
+            )))
+            .unwrap()
+    };
+    // The first request on a connection is answered.
+    let r = tx.send_request(req()).await.unwrap();
+    assert_eq!(json(r).await["eval_count"], 2);
+    // The next one on the same connection is hung up on.
+    tx.ready().await.unwrap();
+    let e = tx.send_request(req()).await.unwrap_err();
+    assert!(e.is_incomplete_message(), "{e:?}");
+    let kinds: Vec<EventKind> = f.log().iter().map(|e| e.kind).collect();
+    assert_eq!(kinds.last(), Some(&EventKind::Failed), "{kinds:?}");
+}
