@@ -124,11 +124,14 @@ pub struct Metrics {
     /// Pre-emptions by arm.
     pub preemptions: Family<ArmLabel, Counter>,
     /// Tokens thrown away by pre-emption, as seen by maitre: response chunks
-    /// already received. A non-streaming request's upstream sends nothing
-    /// before it is done, so its lost work is not visible here (it is 0).
+    /// already received (the upstream always streams, so non-streaming
+    /// requests count too).
     pub preempted_tokens: Family<ArmLabel, Counter>,
     /// Upstream answers of 503 (busy) that maitre requeued.
     pub upstream_busy_retries: Counter,
+    /// Requests whose upstream connection failed before anything reached
+    /// the client, requeued.
+    pub upstream_lost_retries: Counter,
 }
 
 impl Metrics {
@@ -154,6 +157,7 @@ impl Metrics {
             preemptions: Family::default(),
             preempted_tokens: Family::default(),
             upstream_busy_retries: Counter::default(),
+            upstream_lost_retries: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -212,13 +216,18 @@ impl Metrics {
         registry.register("preemptions", "Requests pre-empted", m.preemptions.clone());
         registry.register(
             "preempted_tokens",
-            "Response chunks (tokens) of pre-empted requests thrown away; 0 for non-streaming requests, whose upstream sends nothing before the end",
+            "Response chunks (tokens) of pre-empted requests thrown away (the upstream always streams, so non-streaming requests count too)",
             m.preempted_tokens.clone(),
         );
         registry.register(
             "upstream_busy_retries",
             "Upstream 503 answers that were requeued",
             m.upstream_busy_retries.clone(),
+        );
+        registry.register(
+            "upstream_lost_retries",
+            "Requests whose upstream connection failed before anything reached the client, requeued",
+            m.upstream_lost_retries.clone(),
         );
         // Both reload results exist from the start, so a dashboard sees 0
         // failures rather than no series at all.

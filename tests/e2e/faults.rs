@@ -326,3 +326,93 @@ async fn sigterm_finishes_running_answers_waiting_and_exits() {
     );
     assert!(seq_of(&fake.log(), "waiting", EventKind::Received).is_none());
 }
+
+fn kinds_of(log: &[LogEvent], tag: &str) -> Vec<EventKind> {
+    log.iter()
+        .filter(|e| e.tag.as_deref() == Some(tag))
+        .map(|e| e.kind)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_kept_alive_connection_the_upstream_hangs_up_on_is_retried_transparently() {
+    let fake = fake(1, 5).await;
+    let m = start(&PolicyFile::new(fake.url(), 1).arm(Arm::builtin("main", "fifo")));
+    let c = client();
+    // The first request leaves a kept-alive connection in maitre's pool.
+    let r = generate(&c, &m.url, "first", None, 2).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await.unwrap();
+    // The upstream closes it just as maitre sends the next request on it.
+    for stream in [false, true] {
+        let tag = format!("reused-{stream}");
+        let r = c
+            .post(format!("{}/api/generate", m.url))
+            .header("x-test-tag", &tag)
+            .header("x-fake-hang-up-reused", "1")
+            .json(
+                &serde_json::json!({"model": "fake", "prompt": "x", "stream": stream,
+                "options": {"num_predict": 3}}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{tag}");
+        let text = r.text().await.unwrap();
+        let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(last["eval_count"], 3, "{tag}: {text}");
+        let log = fake.log();
+        let kinds = kinds_of(&log, &tag);
+        assert_eq!(
+            kinds[..2],
+            [EventKind::Received, EventKind::Failed],
+            "{tag}: the upstream did not hang up first: {log:#?}"
+        );
+        assert_eq!(kinds.last(), Some(&EventKind::Finished), "{log:#?}");
+    }
+    let metrics = Scrape::get(&m.admin).await;
+    assert_eq!(
+        metrics.get_exact("maitre_upstream_lost_retries_total", &[]),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert!(
+        m.wait_log(T, |l| l.contains("request requeued")
+            && l.contains("connection closed before message completed"))
+            .await,
+        "{:#?}",
+        m.logs()
+    );
+}
+
+#[tokio::test]
+async fn a_stream_lost_while_folding_is_retried_twice_then_fails() {
+    let fake = fake(1, 5).await;
+    let m = start(&PolicyFile::new(fake.url(), 1).arm(Arm::builtin("main", "fifo")));
+    let r = client()
+        .post(format!("{}/api/generate", m.url))
+        .header("x-test-tag", "lost")
+        .header("x-fake-drop-after", "2")
+        .json(
+            &serde_json::json!({"model": "fake", "prompt": "x", "stream": false,
+            "options": {"num_predict": 10}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(v["error"].as_str().unwrap().contains("broke off"), "{v}");
+    let log = fake.log();
+    let started = kinds_of(&log, "lost")
+        .iter()
+        .filter(|k| **k == EventKind::Started)
+        .count();
+    assert_eq!(started, 3, "one attempt and two retries: {log:#?}");
+    let metrics = Scrape::get(&m.admin).await;
+    assert_eq!(
+        metrics.get_exact("maitre_upstream_lost_retries_total", &[]),
+        Some(2.0),
+        "{metrics}"
+    );
+}

@@ -67,6 +67,17 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type of every response maitre sends.
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
+/// An error with its causes, `a: b: c` (the first one alone rarely says why).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s = format!("{s}: {c}");
+        src = c.source();
+    }
+    s
+}
+
 /// The proxy's shared state.
 pub struct Proxy {
     sched: SchedulerHandle,
@@ -184,12 +195,7 @@ impl Proxy {
     /// The refusal for an upstream that cannot be reached, logged with the
     /// whole chain of causes (the first one alone rarely says why).
     fn unreachable(&self, e: &hyper_util::client::legacy::Error) -> Refusal {
-        let mut detail = e.to_string();
-        let mut src = std::error::Error::source(e);
-        while let Some(s) = src {
-            detail = format!("{detail}: {s}");
-            src = s.source();
-        }
+        let detail = error_chain(e);
         tracing::warn!(upstream = %self.base, error = %Escaped(&detail), "upstream unreachable");
         Refusal::UpstreamUnreachable {
             upstream: self.base.clone(),

@@ -33,9 +33,15 @@ use super::whole::{self, Whole};
 use super::{
     BodyMeta, Grant, Outcome, Proxy, ProxyBody, RequestMeta, Run, SubmitError, Ticket, extract_meta,
 };
+use crate::escape::Escaped;
 
 /// Upstream 503 answers retried through maitre's queue before passing one on.
 const MAX_BUSY_RETRIES: u32 = 3;
+
+/// Upstream connections that failed before anything reached the client (a
+/// kept-alive connection the upstream had closed, a stream lost while being
+/// folded), retried through maitre's queue before the request fails.
+const MAX_LOST_RETRIES: u32 = 2;
 
 /// What became of one dispatch upstream.
 enum Sent {
@@ -44,6 +50,9 @@ enum Sent {
     /// The policy pre-empted the request before the upstream answered; the
     /// upstream request was dropped, closing its connection.
     Preempted,
+    /// The connection failed after it was made, before an answer (e.g.
+    /// "connection closed before message completed" on a kept-alive one).
+    Lost(hyper_util::client::legacy::Error),
 }
 
 impl Proxy {
@@ -86,6 +95,7 @@ impl Proxy {
             .submit(&parts, path, meta, bytes.len(), remote, arrival)
             .await?;
         let mut busy_retries = 0u32;
+        let mut lost_retries = 0u32;
         loop {
             let grant = wait_for_slot(&mut ticket).await?;
             let sent = self
@@ -96,6 +106,15 @@ impl Proxy {
                 Ok(Sent::Preempted) => {
                     ticket.requeue_after_preempt();
                     continue;
+                }
+                Ok(Sent::Lost(e)) if lost_retries < MAX_LOST_RETRIES => {
+                    lost_retries += 1;
+                    self.retry_lost(&mut ticket, &super::error_chain(&e), lost_retries);
+                    continue;
+                }
+                Ok(Sent::Lost(e)) => {
+                    ticket.finish(Outcome::UpstreamError);
+                    return Err(self.unreachable(&e));
                 }
                 Err(refusal) => {
                     ticket.finish(Outcome::UpstreamError);
@@ -118,6 +137,11 @@ impl Proxy {
                         ticket.requeue_after_preempt();
                         continue;
                     }
+                    Whole::Lost(detail) if lost_retries < MAX_LOST_RETRIES => {
+                        lost_retries += 1;
+                        self.retry_lost(&mut ticket, &detail, lost_retries);
+                        continue;
+                    }
                     Whole::Lost(detail) => return Err(whole::broke_off(ticket, detail)),
                 };
                 if !grant.run.mark_streaming() {
@@ -136,6 +160,20 @@ impl Proxy {
             }
             return Ok(relay(resp, &grant, ticket, link));
         }
+    }
+
+    /// Puts a request whose upstream connection failed before anything
+    /// reached its client back in the queue, logged; the client does not
+    /// notice.
+    fn retry_lost(&self, ticket: &mut Ticket, detail: &str, retry: u32) {
+        tracing::warn!(
+            upstream = %self.base,
+            error = %Escaped(detail),
+            retry,
+            max_retries = MAX_LOST_RETRIES,
+            "upstream connection failed before anything reached the client; request requeued"
+        );
+        ticket.requeue_after_lost();
     }
 
     /// Phase 1: the whole body, within `limits.max_body_bytes` and
@@ -241,6 +279,8 @@ impl Proxy {
             Some(Err(_elapsed)) => Err(Refusal::UpstreamTimeout {
                 seconds: self.first_byte_timeout.as_secs(),
             }),
+            // Connected, then lost: worth another try on another connection.
+            Some(Ok(Err(e))) if !e.is_connect() => Ok(Sent::Lost(e)),
             Some(Ok(Err(e))) => Err(self.unreachable(&e)),
             Some(Ok(Ok(resp))) => {
                 run.mark_upstream_first_byte();

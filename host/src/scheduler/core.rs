@@ -156,7 +156,7 @@ impl Core {
             }
             Msg::Gone { id } => self.gone(id),
             Msg::Finished { id, outcome } => self.finished(id, outcome),
-            Msg::Requeue { id, busy } => self.requeue(id, busy),
+            Msg::Requeue { id, why } => self.requeue(id, why),
             Msg::LetGo { id } => self.let_go(id),
             Msg::Status { reply } => {
                 let _ = reply.send(self.status());

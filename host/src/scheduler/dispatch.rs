@@ -235,9 +235,10 @@ impl Core {
     }
 
     /// Puts a dispatched request back in its queue: after a transparent
-    /// pre-emption, or after an upstream 503 (`busy`). A request whose arm
-    /// lost its slots goes to a serving arm, so it is never stranded.
-    pub(super) fn requeue(&mut self, id: u64, busy: bool) {
+    /// pre-emption, an upstream 503 or a lost upstream connection. A request
+    /// whose arm lost its slots goes to a serving arm, so it is never
+    /// stranded.
+    pub(super) fn requeue(&mut self, id: u64, why: super::Requeued) {
         let Some(e) = self.entries.get(&id) else {
             return;
         };
@@ -254,11 +255,15 @@ impl Core {
         {
             e.first_upstream_ttfb = run.upstream_ttfb();
         }
-        if busy {
-            e.busy_retries += 1;
-            self.metrics.upstream_busy_retries.inc();
-        } else {
-            e.preemptions += 1;
+        match why {
+            super::Requeued::Preempted => e.preemptions += 1,
+            super::Requeued::Busy => {
+                e.busy_retries += 1;
+                self.metrics.upstream_busy_retries.inc();
+            }
+            super::Requeued::Lost => {
+                self.metrics.upstream_lost_retries.inc();
+            }
         }
         e.state = State::Waiting;
         e.enqueued_at = Instant::now();

@@ -73,7 +73,7 @@ pub(crate) enum Msg {
     },
     Requeue {
         id: u64,
-        busy: bool,
+        why: Requeued,
     },
     /// The upstream connection of a cut stream is let go: its slot is free.
     LetGo {
@@ -102,6 +102,17 @@ pub(crate) enum Msg {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
+}
+
+/// Why a dispatched request went back to its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Requeued {
+    /// A policy pre-empted it before anything reached its client.
+    Preempted,
+    /// The upstream answered 503 (its own queue is full).
+    Busy,
+    /// The upstream connection failed before anything reached the client.
+    Lost,
 }
 
 /// Cheap, cloneable handle to the scheduler task.

@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Msg;
 use super::letgo::{self, LetGo};
+use super::{Msg, Requeued};
 use crate::policy::Rejection;
 
 /// What the proxy knows about a request when it asks for a slot.
@@ -321,14 +321,31 @@ impl Ticket {
     /// request back in the queue (once its connection is let go).
     pub fn requeue_after_preempt(&mut self) {
         let id = self.id;
-        self.after_let_go(Msg::Requeue { id, busy: false });
+        self.after_let_go(Msg::Requeue {
+            id,
+            why: Requeued::Preempted,
+        });
     }
 
     /// The upstream answered 503 busy before any byte reached the client: put
     /// the request back in the queue (once its connection is let go).
     pub fn requeue_after_busy(&mut self) {
         let id = self.id;
-        self.after_let_go(Msg::Requeue { id, busy: true });
+        self.after_let_go(Msg::Requeue {
+            id,
+            why: Requeued::Busy,
+        });
+    }
+
+    /// The upstream connection failed before any byte reached the client (a
+    /// kept-alive connection the upstream had closed, a stream lost while
+    /// maitre was folding it): put the request back in the queue.
+    pub fn requeue_after_lost(&mut self) {
+        let id = self.id;
+        self.after_let_go(Msg::Requeue {
+            id,
+            why: Requeued::Lost,
+        });
     }
 
     /// The request ended; `outcome` is logged and counted. Unless it ended

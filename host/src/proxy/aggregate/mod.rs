@@ -164,24 +164,13 @@ where
                     r.feed(&data);
                 }
             }
-            Err(e) => return Err(chain(&e)),
+            Err(e) => return Err(super::error_chain(&e)),
         }
         if let Some(d) = r.decided.take() {
             return Ok(d);
         }
     }
     Ok(r.end())
-}
-
-/// An error with its causes, `a: b: c`.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s = format!("{s}: {c}");
-        src = c.source();
-    }
-    s
 }
 
 #[cfg(test)]
