@@ -30,6 +30,10 @@ async fn binary_prints_its_address_and_serves() {
                 "--tokens",
                 "3",
                 "--no-host-check",
+                // llama-server's habits (their effect is tested in-process).
+                "--ignore-disconnect-non-streaming",
+                "--disconnect-notice-ms",
+                "0",
             ])
             .stdout(Stdio::piped())
             .spawn()
