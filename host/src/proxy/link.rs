@@ -219,24 +219,47 @@ async fn let_go_of(mut tcp: TcpStream, let_go: LetGo) {
 }
 
 /// One request's view of the upstream connection hyper's pool gives it.
-pub(crate) struct Link(CaptureConnection);
+pub(crate) struct Link {
+    capture: CaptureConnection,
+    /// The connection's bytes written when the answer's head came (the
+    /// request was sent whole by then), or [`ALIVE`] before.
+    answered_at: AtomicU64,
+}
 
 impl Link {
     /// Captures the connection `req` will be sent on.
     pub(crate) fn capture<B>(req: &mut Request<B>) -> Arc<Link> {
-        Arc::new(Link(capture_connection(req)))
+        Arc::new(Link {
+            capture: capture_connection(req),
+            answered_at: AtomicU64::new(ALIVE),
+        })
+    }
+
+    /// The answer's head came: from now on, a request written on the same
+    /// connection is another one, which giving up this one must not touch.
+    pub(crate) fn answered<B>(&self, resp: &http::Response<B>) {
+        if let Some(up) = resp.extensions().get::<Upstream>() {
+            let written = up.shared.written.load(Ordering::Acquire);
+            self.answered_at.store(written, Ordering::Release);
+        }
     }
 
     /// Gives up the request's connection: never reused, closed now. Returns
     /// when the upstream has let go of it; `None` when the request never got
-    /// a connection.
+    /// a connection, or when its exchange was over and the connection
+    /// already carries another request.
     pub(crate) fn abandon(&self) -> Option<LetGo> {
-        let meta = self.0.connection_metadata();
+        let meta = self.capture.connection_metadata();
         let c = meta.as_ref()?;
-        c.poison();
         let mut ext = http::Extensions::new();
         c.get_extras(&mut ext);
-        ext.get::<Upstream>().map(Upstream::abandon)
+        let up = ext.get::<Upstream>()?;
+        let at = self.answered_at.load(Ordering::Acquire);
+        if at != ALIVE && up.shared.written.load(Ordering::Acquire) > at {
+            return None;
+        }
+        c.poison();
+        Some(up.abandon())
     }
 }
 
@@ -271,6 +294,66 @@ mod tests {
             .await
             .unwrap();
         assert!(let_go.is_set());
+    }
+
+    /// A server that answers every request on one kept-alive connection.
+    async fn keep_alive_server() -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while let Ok(n) = s.read(&mut chunk).await
+                && n > 0
+            {
+                buf.extend_from_slice(&chunk[..n]);
+                while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    buf.drain(..end + 4);
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn giving_up_a_finished_exchange_spares_the_next_request_on_its_connection() {
+        use http_body_util::{BodyExt, Empty};
+        use hyper_util::client::legacy::Client;
+        use hyper_util::rt::TokioExecutor;
+
+        let addr = keep_alive_server().await;
+        let client: Client<Connector, Empty<bytes::Bytes>> =
+            Client::builder(TokioExecutor::new()).build(Connector(HttpConnector::new()));
+        let send = |link: &mut Option<Arc<Link>>| {
+            let mut req = Request::get(format!("http://{addr}/"))
+                .body(Empty::new())
+                .unwrap();
+            *link = Some(Link::capture(&mut req));
+            client.request(req)
+        };
+        let mut first = None;
+        let r = send(&mut first).await.unwrap();
+        let first = first.unwrap();
+        first.answered(&r);
+        r.into_body().collect().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut second = None;
+        let r = send(&mut second).await.unwrap();
+        let second = second.unwrap();
+        second.answered(&r);
+        // The same connection carries the second request now.
+        assert!(first.abandon().is_none());
+        let let_go = second.abandon().expect("the second request's connection");
+        // Given up: closed at once, though its body was never read.
+        tokio::time::timeout(Duration::from_secs(2), let_go.wait())
+            .await
+            .unwrap();
+        assert!(let_go.is_set());
+        drop(r);
     }
 
     #[tokio::test]

@@ -284,6 +284,7 @@ impl Proxy {
             Some(Ok(Err(e))) => Err(self.unreachable(&e)),
             Some(Ok(Ok(resp))) => {
                 run.mark_upstream_first_byte();
+                link.answered(&resp);
                 Ok(Sent::Answered(resp, link))
             }
         }
