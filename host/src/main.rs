@@ -238,60 +238,6 @@ async fn ab(admin: &str, window: f64) -> anyhow::Result<()> {
         );
     }
     let report: AbReport = serde_json::from_slice(&body).context("unexpected /ab answer")?;
-    print!("{}", format_report(&report));
+    print!("{}", maitre::ab::format_report(&report));
     Ok(())
-}
-
-/// The `/ab` report as a table: one row per arm and class. Columns: requests
-/// that ended in the window, answered, rejected, cancelled by the client,
-/// upstream errors, TTFT samples and percentiles, queue wait percentiles,
-/// answered requests per minute.
-fn format_report(r: &AbReport) -> String {
-    let f = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
-    let w = r
-        .rows
-        .iter()
-        .map(|row| row.arm.len())
-        .max()
-        .unwrap_or(0)
-        .max(3);
-    let mut out = format!("A/B comparison over the last {:.0} s\n", r.window_seconds);
-    out.push_str(&format!(
-        "{:<w$} {:<9} {:>6} {:>6} {:>5} {:>5} {:>5} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
-        "arm",
-        "class",
-        "reqs",
-        "ok",
-        "rej",
-        "cxl",
-        "err",
-        "ttft_n",
-        "ttft_p50",
-        "ttft_p95",
-        "ttft_p99",
-        "queue_p50",
-        "queue_p95",
-        "done/min"
-    ));
-    for row in &r.rows {
-        out.push_str(&format!(
-            "{:<w$} {:<9} {:>6} {:>6} {:>5} {:>5} {:>5} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9.1}\n",
-            row.arm,
-            row.class,
-            row.requests,
-            row.ok,
-            row.rejected,
-            row.cancelled,
-            row.upstream_errors,
-            row.ttft_samples,
-            f(row.ttft_p50_ms),
-            f(row.ttft_p95_ms),
-            f(row.ttft_p99_ms),
-            f(row.queue_p50_ms),
-            f(row.queue_p95_ms),
-            row.completions_per_min
-        ));
-    }
-    out.push_str("times in ms (ttft = arrival to first byte sent to the client; queue = time waiting in maitre); a difference smaller than the spread between p50 and p95 needs more samples to mean anything\n");
-    out
 }

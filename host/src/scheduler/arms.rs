@@ -186,12 +186,11 @@ impl Core {
     /// live arm and each arm's turn is proportional to its weight, so with
     /// 50/50 and 60 s windows A serves 0–60 s, B 60–120 s, and so on.
     pub(super) fn active_switchback_arm(&self) -> usize {
-        let live = self.arms.iter().filter(|a| a.weight > 0).count() as u64;
         let total: u64 = self.arms.iter().map(|a| a.weight as u64).sum();
-        if live == 0 || total == 0 {
+        let cycle_ms = self.switchback_cycle_ms();
+        if total == 0 {
             return 0;
         }
-        let cycle_ms = ((self.ab.window_seconds * 1000.0) as u64).max(1) * live;
         let pos = (self.now_ms() % cycle_ms) as u128 * total as u128 / cycle_ms as u128;
         let mut acc = 0u128;
         for (i, a) in self.arms.iter().enumerate() {
@@ -201,6 +200,19 @@ impl Core {
             }
         }
         0
+    }
+
+    /// One switchback cycle (every live arm's turn once), at least 1 ms.
+    pub(super) fn switchback_cycle_ms(&self) -> u64 {
+        let live = self.arms.iter().filter(|a| a.weight > 0).count() as u64;
+        ((self.ab.window_seconds * 1000.0) as u64).max(1) * live.max(1)
+    }
+
+    /// The length of arm `i`'s switchback turn, seconds.
+    pub(super) fn switchback_turn_s(&self, i: usize) -> f64 {
+        let total: u64 = self.arms.iter().map(|a| a.weight as u64).sum();
+        let w = self.arms.get(i).map_or(0, |a| a.weight) as f64;
+        self.switchback_cycle_ms() as f64 / 1000.0 * w / (total.max(1) as f64)
     }
 
     /// At a switchback window change the new arm takes every slot, and the

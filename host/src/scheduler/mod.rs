@@ -23,13 +23,15 @@
 //! - [`arms`]: installing arms, slot shares, switchback, A/B key hashing;
 //! - [`check`]: the answer check and its typed [`Invalid`] kinds;
 //! - [`decider`]: the seam between the state machine and a policy;
-//! - [`report`]: `/status` and the A/B report.
+//! - [`report`]: `/status` and the A/B report;
+//! - [`compare`]: whether an A/B difference is real (bootstrap intervals).
 //!
 //! Time is tokio's clock ([`tokio::time::Instant`]), so the state machine
 //! runs unchanged under a paused (virtual) clock in tests.
 
 pub mod arms;
 pub mod check;
+pub mod compare;
 mod core;
 pub mod decider;
 mod dispatch;
@@ -90,7 +92,7 @@ pub(crate) enum Msg {
     },
     Report {
         window: Duration,
-        reply: oneshot::Sender<AbReport>,
+        reply: oneshot::Sender<(AbReport, compare::Inputs)>,
     },
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -148,11 +150,17 @@ impl SchedulerHandle {
         rx.await.unwrap_or_else(|_| Err("scheduler stopped".into()))
     }
 
-    /// Per-arm comparison over the last `window`.
+    /// Per-arm comparison over the last `window`, with each arm's
+    /// differences from the first ([`compare`]). The resampling runs on a
+    /// blocking thread, not on the scheduler task, so it delays no decision.
     pub async fn report(&self, window: Duration) -> Option<AbReport> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Msg::Report { window, reply }).ok()?;
-        rx.await.ok()
+        let (mut report, inputs) = rx.await.ok()?;
+        report.comparisons = tokio::task::spawn_blocking(move || compare::compare(&inputs))
+            .await
+            .unwrap_or_default();
+        Some(report)
     }
 
     /// Stops admitting: waiting requests and new arrivals get 503 + Retry-After;

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use tokio::time::Instant;
 
+use super::compare::{self, Comparison, Inputs, Point, Series};
 use super::core::Core;
 use super::ticket::{Outcome, RequestMeta};
 use crate::config::AbMode;
@@ -21,6 +22,8 @@ pub(super) struct Sample {
     outcome: Outcome,
     queue_ms: f64,
     ttft_ms: Option<f64>,
+    /// Switchback cycle it arrived in (see [`compare`]).
+    turn: u64,
 }
 
 /// Samples kept per arm (the oldest go first).
@@ -121,6 +124,8 @@ impl Core {
             .total_time
             .get_or_create(&ac)
             .observe(total.as_secs_f64());
+        let turn = self.ms_of(meta.arrival) / self.switchback_cycle_ms();
+        let arm = &mut self.arms[a];
         if arm.samples.len() >= MAX_SAMPLES {
             arm.samples.pop_front();
         }
@@ -130,6 +135,7 @@ impl Core {
             outcome,
             queue_ms: ms(queued),
             ttft_ms: client_ttfb.map(ms),
+            turn,
         });
     }
 
@@ -185,55 +191,93 @@ impl Core {
         }
     }
 
-    pub(super) fn report(&self, window: Duration) -> AbReport {
+    /// The A/B table over the last `window`, and what [`compare::compare`]
+    /// needs to add the comparisons (done off this task: it resamples).
+    pub(super) fn report(&self, window: Duration) -> (AbReport, Inputs) {
         let now = Instant::now();
-        let mut arms = Vec::new();
-        for a in &self.arms {
-            for class in [Class::Realtime, Class::Batch] {
+        let since_origin = now.duration_since(self.origin).as_secs_f64();
+        let span_s = window.as_secs_f64().min(since_origin).max(1e-9);
+        let switchback = self.ab.mode == AbMode::Switchback;
+        let cycle_ms = self.switchback_cycle_ms();
+        let start_ms = ((since_origin - span_s).max(0.0) * 1000.0) as u64;
+        let mut inputs = Inputs {
+            switchback,
+            span_s,
+            // The cycle the span starts in is cut; the one running is unfinished.
+            first_turn: start_ms / cycle_ms + u64::from(!start_ms.is_multiple_of(cycle_ms)),
+            current_turn: self.now_ms() / cycle_ms,
+            classes: Vec::new(),
+        };
+        let mut rows = Vec::new();
+        for class in [Class::Realtime, Class::Batch] {
+            let mut series = Vec::new();
+            for (i, a) in self.arms.iter().enumerate() {
                 let s: Vec<&Sample> = a
                     .samples
                     .iter()
                     .filter(|s| s.class == class && now.duration_since(s.ended) <= window)
                     .collect();
-                let mut ttft: Vec<f64> = s.iter().filter_map(|s| s.ttft_ms).collect();
-                ttft.sort_by(|x, y| x.total_cmp(y));
-                let mut queue: Vec<f64> = s
-                    .iter()
-                    .filter(|s| s.outcome != Outcome::Rejected)
-                    .map(|s| s.queue_ms)
-                    .collect();
-                queue.sort_by(|x, y| x.total_cmp(y));
-                let ok = s.iter().filter(|s| s.outcome == Outcome::Ok).count();
-                let span_min = window
-                    .as_secs_f64()
-                    .min(now.duration_since(self.origin).as_secs_f64())
-                    .max(1e-9)
-                    / 60.0;
-                arms.push(AbRow {
+                rows.push(row(a.name.to_string(), class, &s, span_s / 60.0));
+                let recent = &s[s.len().saturating_sub(compare::MAX_POINTS)..];
+                series.push(Series {
                     arm: a.name.to_string(),
-                    class: class.name().to_string(),
-                    requests: s.len(),
-                    ok,
-                    rejected: s.iter().filter(|s| s.outcome == Outcome::Rejected).count(),
-                    cancelled: s.iter().filter(|s| s.outcome == Outcome::Cancelled).count(),
-                    upstream_errors: s
+                    slots: a.slots,
+                    turn_s: self.switchback_turn_s(i),
+                    points: recent
                         .iter()
-                        .filter(|s| s.outcome == Outcome::UpstreamError)
-                        .count(),
-                    ttft_samples: ttft.len(),
-                    ttft_p50_ms: percentile(&ttft, 0.50),
-                    ttft_p95_ms: percentile(&ttft, 0.95),
-                    ttft_p99_ms: percentile(&ttft, 0.99),
-                    queue_p50_ms: percentile(&queue, 0.50),
-                    queue_p95_ms: percentile(&queue, 0.95),
-                    completions_per_min: ok as f64 / span_min,
+                        .map(|s| Point {
+                            turn: s.turn,
+                            at_s: span_s - now.duration_since(s.ended).as_secs_f64(),
+                            ttft_ms: s.ttft_ms,
+                            ok: s.outcome == Outcome::Ok,
+                        })
+                        .collect(),
                 });
             }
+            inputs.classes.push((class.name().to_string(), series));
         }
-        AbReport {
+        // Rows arm by arm, as the table has always listed them.
+        let n = self.arms.len();
+        let rows = (0..n)
+            .flat_map(|i| [rows[i].clone(), rows[n + i].clone()])
+            .collect();
+        let report = AbReport {
             window_seconds: window.as_secs_f64(),
-            rows: arms,
-        }
+            mode: if switchback { "switchback" } else { "weighted" }.into(),
+            rows,
+            comparisons: Vec::new(),
+        };
+        (report, inputs)
+    }
+}
+
+/// One arm × class row from its samples in the window.
+fn row(arm: String, class: Class, s: &[&Sample], span_min: f64) -> AbRow {
+    let mut ttft: Vec<f64> = s.iter().filter_map(|s| s.ttft_ms).collect();
+    ttft.sort_by(|x, y| x.total_cmp(y));
+    let mut queue: Vec<f64> = s
+        .iter()
+        .filter(|s| s.outcome != Outcome::Rejected)
+        .map(|s| s.queue_ms)
+        .collect();
+    queue.sort_by(|x, y| x.total_cmp(y));
+    let count = |o: Outcome| s.iter().filter(|s| s.outcome == o).count();
+    let ok = count(Outcome::Ok);
+    AbRow {
+        arm,
+        class: class.name().to_string(),
+        requests: s.len(),
+        ok,
+        rejected: count(Outcome::Rejected),
+        cancelled: count(Outcome::Cancelled),
+        upstream_errors: count(Outcome::UpstreamError),
+        ttft_samples: ttft.len(),
+        ttft_p50_ms: percentile(&ttft, 0.50),
+        ttft_p95_ms: percentile(&ttft, 0.95),
+        ttft_p99_ms: percentile(&ttft, 0.99),
+        queue_p50_ms: percentile(&queue, 0.50),
+        queue_p95_ms: percentile(&queue, 0.95),
+        completions_per_min: ok as f64 / span_min.max(1e-9),
     }
 }
 
@@ -320,8 +364,14 @@ pub struct RequestStatus {
 pub struct AbReport {
     /// Window length.
     pub window_seconds: f64,
+    /// `weighted` or `switchback`: what the comparisons resample.
+    #[serde(default)]
+    pub mode: String,
     /// One row per arm and class.
     pub rows: Vec<AbRow>,
+    /// Each arm against the first, per class, with confidence intervals.
+    #[serde(default)]
+    pub comparisons: Vec<Comparison>,
 }
 
 /// One arm × class row of an [`AbReport`].
