@@ -4,6 +4,7 @@
 
 use crate::scheduler::AbReport;
 use crate::scheduler::compare::Comparison;
+use crate::scheduler::shadow::ShadowReport;
 
 /// The `/ab` report as a table: one row per arm and class. Columns: requests
 /// that ended in the window, answered, rejected, cancelled by the client,
@@ -57,6 +58,7 @@ pub fn format_report(r: &AbReport) -> String {
     }
     out.push_str("times in ms (ttft = arrival to first byte sent to the client; queue = time waiting in maitre); a difference smaller than the spread between p50 and p95 needs more samples to mean anything\n");
     out.push_str(&format_comparisons(&r.mode, &r.comparisons));
+    out.push_str(&format_shadows(&r.shadows));
     out
 }
 
@@ -100,6 +102,43 @@ pub fn format_comparisons(mode: &str, cs: &[Comparison]) -> String {
             format!("{}/{}", c.baseline_n, c.arm_n),
         ));
         out.push_str(&format!("  {}\n", c.verdict));
+    }
+    out
+}
+
+/// One line per shadow arm: how often it agreed with the serving arm, its
+/// faults, and its latest differences.
+pub fn format_shadows(shadows: &[ShadowReport]) -> String {
+    let mut out = String::new();
+    for s in shadows {
+        let pct = |a: u64, d: u64| {
+            if a + d == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.1} %", 100.0 * a as f64 / (a + d) as f64)
+            }
+        };
+        out.push_str(&format!(
+            "\nshadow {} ({}) watching {}: schedule agrees {} ({} of {}), admit agrees {} ({} of {}), skipped {}, faults {}{}\n",
+            s.arm,
+            s.plugin,
+            s.watches,
+            pct(s.schedule_agree, s.schedule_differ),
+            s.schedule_agree,
+            s.schedule_agree + s.schedule_differ,
+            pct(s.admit_agree, s.admit_differ),
+            s.admit_agree,
+            s.admit_agree + s.admit_differ,
+            s.skipped,
+            s.faults,
+            if s.ejected { " (ejected)" } else { "" },
+        ));
+        if let Some(e) = &s.last_error {
+            out.push_str(&format!("  last error: {}\n", crate::escape::Escaped(e)));
+        }
+        for e in &s.examples {
+            out.push_str(&format!("  {e}\n"));
+        }
     }
     out
 }

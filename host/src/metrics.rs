@@ -49,6 +49,16 @@ pub struct ArmKind {
     pub kind: String,
 }
 
+/// A shadow arm's comparison results.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShadowLabels {
+    /// The shadow arm.
+    pub arm: String,
+    /// `schedule_agree`, `schedule_differ`, `admit_agree`, `admit_differ`
+    /// or `skipped` (the shadow was still busy).
+    pub result: String,
+}
+
 /// Result label of a reload.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
@@ -129,6 +139,8 @@ pub struct Metrics {
     pub preempted_tokens: Family<ArmLabel, Counter>,
     /// Upstream answers of 503 (busy) that maitre requeued.
     pub upstream_busy_retries: Counter,
+    /// Shadow arms: where they agree with the serving arm, where not.
+    pub shadow_decisions: Family<ShadowLabels, Counter>,
 }
 
 impl Metrics {
@@ -154,6 +166,7 @@ impl Metrics {
             preemptions: Family::default(),
             preempted_tokens: Family::default(),
             upstream_busy_retries: Counter::default(),
+            shadow_decisions: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -219,6 +232,11 @@ impl Metrics {
             "upstream_busy_retries",
             "Upstream 503 answers that were requeued",
             m.upstream_busy_retries.clone(),
+        );
+        registry.register(
+            "shadow_decisions",
+            "Shadow-arm answers compared with the serving arm's, by result",
+            m.shadow_decisions.clone(),
         );
         // Both reload results exist from the start, so a dashboard sees 0
         // failures rather than no series at all.

@@ -200,11 +200,19 @@ impl Reloader {
         cfg: &Config,
     ) -> Result<(Vec<ArmSpec>, Vec<ArmBuild>), LoadError> {
         let weights: Vec<u32> = cfg.arms.iter().map(|a| a.weight).collect();
-        let shares = match cfg.ab.mode {
+        let mut shares = match cfg.ab.mode {
             AbMode::Weighted => slot_shares(cfg.upstream.slots, &weights, None),
             // In switchback each arm owns every slot during its windows.
             AbMode::Switchback => vec![cfg.upstream.slots; cfg.arms.len()],
         };
+        // A shadow sees the first serving arm's view, so it is initialised
+        // with that arm's share.
+        let watched = cfg.arms.iter().position(|a| !a.shadow).unwrap_or(0);
+        for (i, a) in cfg.arms.iter().enumerate() {
+            if a.shadow {
+                shares[i] = shares[watched];
+            }
+        }
         let limits = PluginLimits {
             call_budget: cfg.limits.plugin_call_ms,
             memory_bytes: cfg.limits.plugin_memory_mib << 20,
@@ -247,6 +255,7 @@ impl Reloader {
                 decider: Box::new(instance),
                 source: arm.plugin.clone(),
                 sha256: compiled.sha256().to_string(),
+                shadow: arm.shadow,
             });
         }
         Ok((out, builds))

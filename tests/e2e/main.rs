@@ -16,5 +16,6 @@ mod proxy;
 mod ready;
 mod sandbox;
 mod scheduling;
+mod shadow;
 mod stalls;
 mod template;

@@ -52,6 +52,9 @@ pub struct ArmConfig {
     pub weight: u32,
     /// The `[policy.config]` table, flattened to key/value strings for `init`.
     pub config: Vec<(String, String)>,
+    /// A shadow arm takes no traffic: its plugin is shown the first serving
+    /// arm's view at every decision and its answers are compared, never acted on.
+    pub shadow: bool,
     /// 1-based line of the `[[policy]]` entry, to point errors at it.
     pub line: usize,
 }

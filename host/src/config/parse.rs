@@ -68,6 +68,7 @@ struct RawPolicy {
     plugin: Option<Spanned<String>>,
     weight: Option<Spanned<i64>>,
     config: Option<toml::Table>,
+    shadow: Option<bool>,
 }
 
 struct Ctx<'a> {
@@ -357,7 +358,18 @@ impl Config {
                     }
                 },
             };
-            let weight = cx.int(&p.weight, &key("weight"), 0, 1_000_000, 100)? as u32;
+            let shadow = p.shadow.unwrap_or(false);
+            let weight = match (&p.weight, shadow) {
+                (Some(w), true) if *w.get_ref() != 0 => {
+                    return Err(cx.err(
+                        w.span(),
+                        &key("weight"),
+                        "a shadow arm takes no traffic, so it has no weight; remove `weight`, or set `shadow = false` to make the arm serve",
+                    ));
+                }
+                (_, true) => 0,
+                (w, false) => cx.int(w, &key("weight"), 0, 1_000_000, 100)? as u32,
+            };
             let mut config = Vec::new();
             if let Some(t) = &p.config {
                 flatten("", t, &mut config);
@@ -367,23 +379,32 @@ impl Config {
                 plugin,
                 weight,
                 config,
+                shadow,
                 line: cx.line_of(span),
             });
         }
         if arms.iter().all(|a| a.weight == 0) {
+            if arms.iter().all(|a| a.shadow) {
+                return Err(cx.err(
+                    policies.span(),
+                    "policy.shadow",
+                    "every arm is a shadow, so no request could be served; a shadow arm only watches a serving arm, so add one without `shadow = true`",
+                ));
+            }
             return Err(cx.err(
                 policies.span(),
                 "policy.weight",
                 "every arm has weight 0, so no request could be served; give at least one arm a weight above 0",
             ));
         }
-        if ab.mode == AbMode::Weighted && arms.len() as u32 > upstream.slots {
+        let serving = arms.iter().filter(|a| !a.shadow).count();
+        if ab.mode == AbMode::Weighted && serving as u32 > upstream.slots {
             return Err(cx.err(
                 policies.span(),
                 "policy",
                 format!(
                     "{} arms in weighted mode need at least one slot each, but [upstream] slots = {}; use [ab] mode = \"switchback\" (the whole upstream alternates between arms) or fewer arms",
-                    arms.len(),
+                    serving,
                     upstream.slots
                 ),
             ));

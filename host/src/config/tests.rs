@@ -131,3 +131,40 @@ fn more_weighted_arms_than_slots_is_refused() {
     let ok = text.replace("[upstream]", "[ab]\nmode = \"switchback\"\n\n[upstream]");
     assert_eq!(parse(&ok).unwrap().ab.mode, AbMode::Switchback);
 }
+
+const SHADOW: &str = r#"
+[[policy]]
+name = "candidate"
+plugin = "builtin:fifo"
+shadow = true
+"#;
+
+#[test]
+fn a_shadow_arm_has_no_weight_and_needs_no_slot() {
+    // Two slots, one serving arm, one shadow: weighted mode needs one slot
+    // per *serving* arm only.
+    let c = parse(&format!("{GOOD}{SHADOW}")).unwrap();
+    assert_eq!(c.arms.len(), 2);
+    assert!(c.arms[1].shadow && !c.arms[0].shadow);
+    assert_eq!(c.arms[1].weight, 0);
+    let one_slot = GOOD.replace("slots = 2", "slots = 1");
+    assert!(parse(&format!("{one_slot}{SHADOW}")).is_ok());
+}
+
+#[test]
+fn a_shadow_arm_with_a_weight_is_refused() {
+    let e = parse(&format!("{GOOD}{SHADOW}weight = 10\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(":22: policy[1].weight"), "{e}");
+    assert!(e.contains("a shadow arm takes no traffic"), "{e}");
+    // weight = 0 says the same thing as no weight.
+    assert!(parse(&format!("{GOOD}{SHADOW}weight = 0\n")).is_ok());
+}
+
+#[test]
+fn only_shadow_arms_serve_nothing() {
+    let only = GOOD.replace("weight = 100", "shadow = true");
+    let e = parse(&only).unwrap_err().to_string();
+    assert!(e.contains("every arm is a shadow"), "{e}");
+}

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use super::core::Core;
 use super::decider::Decider;
 use super::report::Sample;
+use super::shadow::Shadow;
 use crate::config::{AbMode, PluginSource};
 
 /// A ready-to-serve arm, built (compiled, instantiated, initialised) off the
@@ -25,6 +26,8 @@ pub struct ArmSpec {
     pub source: PluginSource,
     /// Its sha256.
     pub sha256: String,
+    /// Watches the first serving arm instead of serving ([`super::shadow`]).
+    pub shadow: bool,
 }
 
 /// One arm as the scheduler keeps it.
@@ -90,6 +93,21 @@ impl Arm {
 impl Core {
     /// Replaces the arms; requests of vanished arms move to the heaviest arm.
     pub(super) fn install(&mut self, specs: Vec<ArmSpec>) {
+        // Shadows get no traffic: they live beside the arms, not among them.
+        let (shadows, specs): (Vec<ArmSpec>, Vec<ArmSpec>) =
+            specs.into_iter().partition(|s| s.shadow);
+        self.shadows = shadows
+            .into_iter()
+            .map(|s| {
+                Shadow::spawn(
+                    s.name.into(),
+                    s.source,
+                    s.sha256,
+                    s.decider,
+                    self.metrics.clone(),
+                )
+            })
+            .collect();
         let old: Vec<Arm> = std::mem::take(&mut self.arms);
         self.arms = specs.into_iter().map(Arm::new).collect();
         let heaviest = (0..self.arms.len())

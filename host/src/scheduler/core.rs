@@ -12,9 +12,10 @@ use tokio::time::Instant;
 use super::arms::Arm;
 use super::check::{Invalid, check_answer, summarize_invalid, tidy_rejection};
 use super::decider::Fifo;
+use super::shadow::Shadow;
 use super::ticket::{RequestMeta, Run, Signal, SubmitError, Ticket, shutting_down};
 use super::{Msg, Setup};
-use crate::config::{AbConfig, Limits};
+use crate::config::{AbConfig, AbMode, Limits};
 use crate::escape::Escaped;
 use crate::metrics::{ArmKind, Metrics};
 use crate::plugin::PluginError;
@@ -74,6 +75,8 @@ pub(super) struct Entry {
 pub(super) struct Core {
     pub(super) origin: Instant,
     pub(super) arms: Vec<Arm>,
+    /// Shadow arms: shown the serving arm's decisions, never acting.
+    pub(super) shadows: Vec<Shadow>,
     pub(super) ab: AbConfig,
     pub(super) entries: HashMap<u64, Entry>,
     pub(super) total_slots: u32,
@@ -96,6 +99,7 @@ impl Core {
         let mut core = Core {
             origin: Instant::now(),
             arms: Vec::new(),
+            shadows: Vec::new(),
             ab: setup.ab,
             entries: HashMap::new(),
             total_slots: setup.total_slots,
@@ -278,11 +282,40 @@ impl Core {
         })
     }
 
+    /// The serving arm's admission; shadows watching it see it too.
     async fn admit(&mut self, a: usize, req: &Request) -> Admission {
-        if !self.arms[a].fallback {
-            let view = self.view(a);
+        let watched = self.watched_by_shadows(a);
+        let view = (watched || !self.arms[a].fallback).then(|| self.view(a));
+        let adm = self.admit_live(a, req, view.as_ref()).await;
+        if let (true, Some(view)) = (watched, &view) {
+            for s in self.shadows.iter().filter(|s| s.active()) {
+                s.admit(req, view, &adm);
+            }
+        }
+        adm
+    }
+
+    /// Whether arm `a` is the one shadows watch now, and one is listening:
+    /// the first arm, or in switchback the arm whose turn it is.
+    pub(super) fn watched_by_shadows(&self, a: usize) -> bool {
+        !self.shadows.is_empty()
+            && a == self.watched_arm()
+            && self.shadows.iter().any(Shadow::active)
+    }
+
+    /// The serving arm shadows are shown.
+    pub(super) fn watched_arm(&self) -> usize {
+        if self.ab.mode == AbMode::Switchback {
+            self.active_switchback_arm()
+        } else {
+            0
+        }
+    }
+
+    async fn admit_live(&mut self, a: usize, req: &Request, view: Option<&View>) -> Admission {
+        if let (false, Some(view)) = (self.arms[a].fallback, view) {
             let t = std::time::Instant::now();
-            let r = self.arms[a].decider.admit(req, &view).await;
+            let r = self.arms[a].decider.admit(req, view).await;
             self.observe_call(a, "admit", t);
             match r {
                 // NaN has no place in any order: nonsense, like an invalid action.
@@ -502,6 +535,13 @@ impl Core {
                     Fifo::actions(&view)
                 }
             };
+            if self.watched_by_shadows(a) {
+                let arm = &self.arms[a];
+                let inflight = arm.preempting as i64 - arm.handoff.len() as i64;
+                for s in self.shadows.iter().filter(|s| s.active()) {
+                    s.schedule(&view, &actions, inflight);
+                }
+            }
             self.apply(a, actions);
         }
     }

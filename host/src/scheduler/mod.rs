@@ -24,7 +24,8 @@
 //! - [`check`]: the answer check and its typed [`Invalid`] kinds;
 //! - [`decider`]: the seam between the state machine and a policy;
 //! - [`report`]: `/status` and the A/B report;
-//! - [`compare`]: whether an A/B difference is real (bootstrap intervals).
+//! - [`compare`]: whether an A/B difference is real (bootstrap intervals);
+//! - [`shadow`]: shadow arms, which watch the serving arm and never act.
 //!
 //! Time is tokio's clock ([`tokio::time::Instant`]), so the state machine
 //! runs unchanged under a paused (virtual) clock in tests.
@@ -36,12 +37,15 @@ mod core;
 pub mod decider;
 mod dispatch;
 pub mod report;
+pub mod shadow;
 pub mod ticket;
 
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_load;
+#[cfg(test)]
+mod tests_shadow;
 
 use std::sync::Arc;
 use std::time::Duration;

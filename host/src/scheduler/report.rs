@@ -8,6 +8,7 @@ use tokio::time::Instant;
 
 use super::compare::{self, Comparison, Inputs, Point, Series};
 use super::core::Core;
+use super::shadow::ShadowReport;
 use super::ticket::{Outcome, RequestMeta};
 use crate::config::AbMode;
 use crate::escape::Escaped;
@@ -187,6 +188,7 @@ impl Core {
                     last_error: a.last_error.clone(),
                 })
                 .collect(),
+            shadows: self.shadow_reports(),
             requests,
         }
     }
@@ -246,8 +248,24 @@ impl Core {
             mode: if switchback { "switchback" } else { "weighted" }.into(),
             rows,
             comparisons: Vec::new(),
+            shadows: self.shadow_reports(),
         };
         (report, inputs)
+    }
+}
+
+impl Core {
+    /// Every shadow arm's counts (since it was loaded).
+    pub(super) fn shadow_reports(&self) -> Vec<ShadowReport> {
+        let watches = if self.ab.mode == AbMode::Switchback {
+            "the arm whose switchback turn it is".to_string()
+        } else {
+            self.arms
+                .first()
+                .map(|a| a.name.to_string())
+                .unwrap_or_default()
+        };
+        self.shadows.iter().map(|s| s.report(&watches)).collect()
     }
 }
 
@@ -307,6 +325,8 @@ pub struct Status {
     pub last_reload_error: Option<String>,
     /// Arms.
     pub arms: Vec<ArmStatus>,
+    /// Shadow arms (no traffic; see [`super::shadow`]).
+    pub shadows: Vec<ShadowReport>,
     /// Waiting and running requests.
     pub requests: Vec<RequestStatus>,
 }
@@ -372,6 +392,9 @@ pub struct AbReport {
     /// Each arm against the first, per class, with confidence intervals.
     #[serde(default)]
     pub comparisons: Vec<Comparison>,
+    /// Shadow arms: where they agree with the serving arm (since loaded).
+    #[serde(default)]
+    pub shadows: Vec<ShadowReport>,
 }
 
 /// One arm × class row of an [`AbReport`].

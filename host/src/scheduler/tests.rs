@@ -85,6 +85,7 @@ pub(super) fn arm(name: &str, weight: u32, decider: Box<dyn Decider>) -> ArmSpec
         decider,
         source: PluginSource::Builtin("test".into()),
         sha256: "0".repeat(64),
+        shadow: false,
     }
 }
 

@@ -96,6 +96,8 @@ pub struct Arm {
     plugin: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     weight: Option<u32>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    shadow: bool,
     #[serde(skip_serializing_if = "toml::Table::is_empty")]
     config: toml::Table,
 }
@@ -108,6 +110,7 @@ impl Arm {
             name: name.into(),
             plugin: plugin.into(),
             weight: None,
+            shadow: false,
             config: toml::Table::new(),
         }
     }
@@ -120,6 +123,12 @@ impl Arm {
     /// Its A/B weight (maitre's default when not set).
     pub fn weight(mut self, weight: u32) -> Arm {
         self.weight = Some(weight);
+        self
+    }
+
+    /// Makes it a shadow arm (`shadow = true`): it watches, never serves.
+    pub fn shadow(mut self) -> Arm {
+        self.shadow = true;
         self
     }
 
