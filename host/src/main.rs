@@ -207,10 +207,14 @@ async fn check(file: PathBuf) -> anyhow::Result<()> {
         cfg.listen, cfg.upstream.url, cfg.upstream.slots
     );
     for (a, spec) in cfg.arms.iter().zip(&arms) {
+        let role = if a.shadow {
+            "shadow      ".to_string()
+        } else {
+            format!("weight {:<5}", a.weight)
+        };
         println!(
-            "  arm {:<20} weight {:<5} plugin {} (sha256 {})",
+            "  arm {:<20} {role} plugin {} (sha256 {})",
             a.name,
-            a.weight,
             a.plugin,
             &spec.sha256[..12]
         );

@@ -125,6 +125,19 @@ async fn a_shadow_that_sleeps_past_its_deadline_never_delays_serving() {
                 .configs(toml::toml! { after_calls = 2 sleep_ms = 250 }),
         )
         .write(&file);
+    // `maitre check` names it a shadow.
+    let out = std::process::Command::new(BIN)
+        .args(["check", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("arm cand") && l.contains(" shadow ")),
+        "{stdout}"
+    );
     let m = Serve::new(BIN).policy_in(dir, file).start();
     let c = client();
     // 40 requests, 4 at a time: all served by the live arm while the shadow
