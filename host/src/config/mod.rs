@@ -112,6 +112,10 @@ pub struct Limits {
     pub header_read_timeout_seconds: u64,
     /// A scheduled request's body must arrive within this many seconds (408).
     pub body_read_timeout_seconds: u64,
+    /// Waiting requests a 0.2.0 plugin sees per call (per class the oldest
+    /// and the highest-priority); the rest are summarised, so a call costs
+    /// the same at 100 or 10,000 waiting.
+    pub candidate_window: usize,
 }
 
 impl Default for Limits {
@@ -127,6 +131,7 @@ impl Default for Limits {
             retry_after_seconds: 1,
             header_read_timeout_seconds: 30,
             body_read_timeout_seconds: 60,
+            candidate_window: 256,
         }
     }
 }

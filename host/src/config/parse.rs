@@ -44,6 +44,7 @@ struct RawLimits {
     max_waiting: Option<Spanned<i64>>,
     max_body_bytes: Option<Spanned<i64>>,
     tick_ms: Option<Spanned<i64>>,
+    candidate_window: Option<Spanned<i64>>,
     plugin_call_ms: Option<Spanned<i64>>,
     plugin_memory_mib: Option<Spanned<i64>>,
     max_preemptions: Option<Spanned<i64>>,
@@ -201,6 +202,13 @@ impl Config {
                     d.max_body_bytes as i64,
                 )? as usize,
                 tick_ms: cx.int(&l.tick_ms, "limits.tick_ms", 1, 60_000, d.tick_ms as i64)? as u64,
+                candidate_window: cx.int(
+                    &l.candidate_window,
+                    "limits.candidate_window",
+                    16,
+                    1_000_000,
+                    d.candidate_window as i64,
+                )? as usize,
                 plugin_call_ms: cx.int(
                     &l.plugin_call_ms,
                     "limits.plugin_call_ms",

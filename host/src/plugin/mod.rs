@@ -33,6 +33,7 @@
 mod error;
 mod sandbox;
 mod v0_1_0;
+mod v0_2_0;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -47,7 +48,7 @@ use sandbox::State;
 use crate::policy::{Action, Admission, Request, View};
 
 /// The interface versions this host loads, newest first.
-pub const SUPPORTED: &[&str] = &[v0_1_0::PACKAGE];
+pub const SUPPORTED: &[&str] = &[v0_2_0::PACKAGE, v0_1_0::PACKAGE];
 
 /// Sandbox limits of one plugin instance.
 #[derive(Debug, Clone, Copy)]
@@ -82,11 +83,13 @@ impl Default for PluginLimits {
 /// A compiled component, matched to the interface version it implements.
 enum Pre {
     V0_1_0(v0_1_0::PolicyPre<State>),
+    V0_2_0(v0_2_0::PolicyPre<State>),
 }
 
 /// A live component instance of one interface version.
 enum Bound {
     V0_1_0(v0_1_0::Policy),
+    V0_2_0(v0_2_0::Policy),
 }
 
 /// The shared wasmtime engine, linker and epoch ticker.
@@ -110,6 +113,7 @@ impl Runtime {
         let mut linker = Linker::<State>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         v0_1_0::add_to_linker(&mut linker)?;
+        v0_2_0::add_to_linker(&mut linker)?;
         let weak = engine.weak();
         std::thread::Builder::new()
             .name("maitre-epoch".into())
@@ -133,15 +137,18 @@ impl Runtime {
             source_name: name.clone(),
             reason: format!("{e:#}"),
         })?;
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .and_then(v0_1_0::PolicyPre::new)
-            .map(Pre::V0_1_0)
-            .map_err(|e| PluginError::Interface {
-                source_name: name.clone(),
-                reason: format!("{e:#}"),
-            })?;
+        let interface = |e: wasmtime::Error| PluginError::Interface {
+            source_name: name.clone(),
+            reason: format!("{e:#}"),
+        };
+        let instance_pre = self.linker.instantiate_pre(&component).map_err(interface)?;
+        // Newest first; a component exports exactly one version's functions.
+        let pre = match v0_2_0::PolicyPre::new(instance_pre.clone()) {
+            Ok(p) => Pre::V0_2_0(p),
+            Err(_) => v0_1_0::PolicyPre::new(instance_pre)
+                .map(Pre::V0_1_0)
+                .map_err(interface)?,
+        };
         Ok(Compiled {
             inner: Arc::new(CompiledInner { pre, sha256, name }),
         })
@@ -187,6 +194,9 @@ impl Runtime {
             Pre::V0_1_0(pre) => tokio::time::timeout(wall, pre.instantiate_async(&mut inst.store))
                 .await
                 .map(|r| r.map(Bound::V0_1_0)),
+            Pre::V0_2_0(pre) => tokio::time::timeout(wall, pre.instantiate_async(&mut inst.store))
+                .await
+                .map(|r| r.map(Bound::V0_2_0)),
         };
         let bound = match bound {
             Ok(Ok(b)) => b,
@@ -197,6 +207,7 @@ impl Runtime {
         let reason = inst
             .call("init", async |b, store| match b {
                 Bound::V0_1_0(p) => v0_1_0::init(p, store, config).await,
+                Bound::V0_2_0(p) => v0_2_0::init(p, store, config).await,
             })
             .await?;
         match reason {
@@ -230,6 +241,7 @@ impl Compiled {
     pub fn interface(&self) -> &'static str {
         match self.inner.pre {
             Pre::V0_1_0(_) => v0_1_0::PACKAGE,
+            Pre::V0_2_0(_) => v0_2_0::PACKAGE,
         }
     }
 }
@@ -333,10 +345,17 @@ impl Instance {
         }
     }
 
+    /// Whether it speaks an interface that takes a candidate window of the
+    /// queue (0.2.0 and later) rather than the whole queue.
+    pub fn windowed(&self) -> bool {
+        !matches!(self.bound, Some(Bound::V0_1_0(_)))
+    }
+
     /// Asks the plugin to classify an arriving request.
     pub async fn admit(&mut self, req: &Request, view: &View) -> Result<Admission, PluginError> {
         self.call("admit", async |b, store| match b {
             Bound::V0_1_0(p) => v0_1_0::admit(p, store, req, view).await,
+            Bound::V0_2_0(p) => v0_2_0::admit(p, store, req, view).await,
         })
         .await
     }
@@ -345,6 +364,7 @@ impl Instance {
     pub async fn schedule(&mut self, view: &View) -> Result<Vec<Action>, PluginError> {
         self.call("schedule", async |b, store| match b {
             Bound::V0_1_0(p) => v0_1_0::schedule(p, store, view).await,
+            Bound::V0_2_0(p) => v0_2_0::schedule(p, store, view).await,
         })
         .await
     }

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use super::core::Core;
 use super::decider::Decider;
+use super::queue::Queue;
 use super::report::Sample;
 use super::shadow::Shadow;
 use crate::config::{AbMode, PluginSource};
@@ -45,7 +46,7 @@ pub(super) struct Arm {
     pub(super) sha256: String,
     pub(super) loaded_at: SystemTime,
     pub(super) last_error: Option<String>,
-    pub(super) waiting: BTreeSet<u64>,
+    pub(super) waiting: Queue,
     pub(super) running: BTreeSet<u64>,
     /// Started by the policy, waiting for a pre-empted slot to be let go.
     pub(super) handoff: VecDeque<u64>,
@@ -73,7 +74,7 @@ impl Arm {
             sha256: s.sha256,
             loaded_at: SystemTime::now(),
             last_error: None,
-            waiting: BTreeSet::new(),
+            waiting: Queue::default(),
             running: BTreeSet::new(),
             handoff: VecDeque::new(),
             preempting: 0,
@@ -189,7 +190,7 @@ impl Core {
                 continue;
             }
             let mut ids = std::mem::take(&mut self.arms[a].waiting);
-            for id in &ids {
+            for id in ids.iter() {
                 if let Some(e) = self.entries.get_mut(id) {
                     e.arm = to;
                 }

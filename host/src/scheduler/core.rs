@@ -19,7 +19,7 @@ use crate::config::{AbConfig, AbMode, Limits};
 use crate::escape::Escaped;
 use crate::metrics::{ArmKind, Metrics};
 use crate::plugin::PluginError;
-use crate::policy::{Action, Admission, Backend, Class, Request, Running, View, Waiting};
+use crate::policy::{Action, Admission, Class, Request, View};
 
 /// Messages handled between two decisions at most.
 pub(super) const MAX_MESSAGES_PER_TURN: usize = 64;
@@ -87,7 +87,7 @@ pub(super) struct Core {
     self_tx: mpsc::UnboundedSender<Msg>,
     pub(super) draining: bool,
     pub(super) reload_error: Option<String>,
-    upstream_name: Arc<str>,
+    pub(super) upstream_name: Arc<str>,
 }
 
 impl Core {
@@ -271,7 +271,7 @@ impl Core {
             },
         );
         let arm = &mut self.arms[a];
-        arm.waiting.insert(id);
+        arm.waiting.insert(id, placement.class, priority);
         arm.dirty = true;
         Ok(Ticket {
             id,
@@ -425,71 +425,6 @@ impl Core {
         arm.slots
             .saturating_sub(arm.busy)
             .min(self.total_slots.saturating_sub(self.busy))
-    }
-
-    /// Builds the policy's snapshot of one arm: waiting requests oldest
-    /// arrival first (ids are given in arrival order), running ones oldest
-    /// start first.
-    pub(super) fn view(&self, a: usize) -> View {
-        let arm = &self.arms[a];
-        let free = self.free_slots(a);
-        let waiting = arm
-            .waiting
-            .iter()
-            .filter_map(|id| self.entries.get(id).map(|e| (id, e)))
-            .map(|(id, e)| Waiting {
-                id: *id,
-                class: e.class,
-                priority: e.priority,
-                model: e.meta.model.clone(),
-                tenant: e.meta.tenant.clone(),
-                stream: e.meta.stream,
-                num_predict: e.meta.num_predict,
-                arrival_ms: e.arrival_ms,
-                enqueued_ms: self.ms_of(e.enqueued_at),
-                preemptions: e.preemptions,
-            })
-            .collect();
-        let mut running: Vec<Running> = arm
-            .running
-            .iter()
-            .filter_map(|id| self.entries.get(id).map(|e| (id, e)))
-            .filter_map(|(id, e)| e.run.as_ref().map(|r| (id, e, r)))
-            .map(|(id, e, r)| {
-                let streaming = r.is_streaming();
-                Running {
-                    id: *id,
-                    class: e.class,
-                    priority: e.priority,
-                    model: e.meta.model.clone(),
-                    tenant: e.meta.tenant.clone(),
-                    backend: 0,
-                    arrival_ms: e.arrival_ms,
-                    started_ms: self.ms_of(r.started),
-                    first_token_ms: r.upstream_first_byte.get().map(|t| self.ms_of(*t)),
-                    tokens: r.tokens(),
-                    preemptible: e.state == State::Running
-                        && !streaming
-                        && e.preemptions < self.limits.max_preemptions,
-                    streaming,
-                    preemptions: e.preemptions,
-                }
-            })
-            .collect();
-        // A requeued request keeps its (older) id but starts later.
-        running.sort_by_key(|r| (r.started_ms, r.id));
-        View {
-            now_ms: self.now_ms(),
-            total_slots: arm.slots,
-            free_slots: free,
-            backends: vec![Backend {
-                name: self.upstream_name.clone(),
-                total_slots: arm.slots,
-                free_slots: free,
-            }],
-            running,
-            waiting,
-        }
     }
 
     /// Asks every arm whose state changed what to do, and does it.

@@ -243,7 +243,7 @@ impl Core {
         e.state = State::Waiting;
         e.enqueued_at = Instant::now();
         let arm = &mut self.arms[e.arm];
-        arm.waiting.insert(id);
+        arm.waiting.insert(id, e.class, e.priority);
         arm.dirty = true;
         if arm.slots == 0 {
             self.share_slots();

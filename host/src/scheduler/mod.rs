@@ -36,9 +36,11 @@ pub mod compare;
 mod core;
 pub mod decider;
 mod dispatch;
+mod queue;
 pub mod report;
 pub mod shadow;
 pub mod ticket;
+mod view;
 
 #[cfg(test)]
 mod tests;
