@@ -213,9 +213,10 @@ async fn check(file: PathBuf) -> anyhow::Result<()> {
             format!("weight {:<5}", a.weight)
         };
         println!(
-            "  arm {:<20} {role} plugin {} (sha256 {})",
+            "  arm {:<20} {role} plugin {} ({}, sha256 {})",
             a.name,
             a.plugin,
+            spec.interface,
             &spec.sha256[..12]
         );
     }

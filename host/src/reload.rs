@@ -256,6 +256,7 @@ impl Reloader {
                 source: arm.plugin.clone(),
                 sha256: compiled.sha256().to_string(),
                 shadow: arm.shadow,
+                interface: compiled.interface(),
             });
         }
         Ok((out, builds))

@@ -10,6 +10,7 @@ mod bypass;
 mod clients;
 mod faults;
 mod hostile;
+mod interfaces;
 mod live;
 mod preemption;
 mod proxy;

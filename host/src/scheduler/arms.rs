@@ -29,6 +29,8 @@ pub struct ArmSpec {
     pub sha256: String,
     /// Watches the first serving arm instead of serving ([`super::shadow`]).
     pub shadow: bool,
+    /// The interface version its plugin speaks, e.g. `maitre:policy@0.2.0`.
+    pub interface: &'static str,
 }
 
 /// One arm as the scheduler keeps it.
@@ -44,6 +46,7 @@ pub(super) struct Arm {
     pub(super) fallback: bool,
     pub(super) source: PluginSource,
     pub(super) sha256: String,
+    pub(super) interface: &'static str,
     pub(super) loaded_at: SystemTime,
     pub(super) last_error: Option<String>,
     pub(super) waiting: Queue,
@@ -72,6 +75,7 @@ impl Arm {
             fallback: false,
             source: s.source,
             sha256: s.sha256,
+            interface: s.interface,
             loaded_at: SystemTime::now(),
             last_error: None,
             waiting: Queue::default(),

@@ -48,6 +48,8 @@ mod tests;
 mod tests_load;
 #[cfg(test)]
 mod tests_shadow;
+#[cfg(test)]
+mod tests_window;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -179,6 +179,7 @@ impl Core {
                     waiting: a.queued(),
                     plugin: a.source.to_string(),
                     plugin_sha256: a.sha256.clone(),
+                    interface: a.interface,
                     loaded_at_unix: a
                         .loaded_at
                         .duration_since(SystemTime::UNIX_EPOCH)
@@ -348,6 +349,8 @@ pub struct ArmStatus {
     pub plugin: String,
     /// sha256 of the plugin.
     pub plugin_sha256: String,
+    /// The interface version the plugin speaks, e.g. `maitre:policy@0.2.0`.
+    pub interface: &'static str,
     /// Unix time it was loaded.
     pub loaded_at_unix: f64,
     /// True when the plugin was ejected and FIFO serves.

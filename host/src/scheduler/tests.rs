@@ -86,6 +86,7 @@ pub(super) fn arm(name: &str, weight: u32, decider: Box<dyn Decider>) -> ArmSpec
         source: PluginSource::Builtin("test".into()),
         sha256: "0".repeat(64),
         shadow: false,
+        interface: "test",
     }
 }
 

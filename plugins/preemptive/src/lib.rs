@@ -18,7 +18,6 @@
 //! Parameters are documented in this crate's README.md.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 
 use maitre_policy_sdk::{
     Action, Admission, Aging, Class, Config, Placement, Policy, Request, Running, View,
@@ -70,12 +69,9 @@ pub struct Preemptive {
     pub memory: RefCell<Memory>,
 }
 
-/// What `preemptive` remembers between calls: a view says how many tokens a
-/// running request has produced, but not how many it asked for.
+/// What `preemptive` measures across calls: the generation speed.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Memory {
-    /// `num_predict` of requests seen waiting (kept while they wait or run).
-    pub num_predict: HashMap<u64, u64>,
     /// Measured generation speed, tokens per ms (moving average), if any.
     pub tokens_per_ms: Option<f64>,
 }
@@ -164,25 +160,10 @@ impl Policy for Preemptive {
 }
 
 impl Preemptive {
-    /// Remembers the `num_predict` of waiting requests and measures the
-    /// generation speed of running ones that have produced tokens.
+    /// Measures the generation speed of running requests that have
+    /// produced tokens.
     fn learn(&self, view: &View) {
         let mut m = self.memory.borrow_mut();
-        for w in &view.waiting {
-            if let Some(n) = w.num_predict.filter(|n| *n > 0) {
-                m.num_predict.insert(w.id, n as u64);
-            }
-        }
-        // Forget requests that have ended (bounded by what is in the view).
-        if m.num_predict.len() > view.waiting.len() + view.running.len() {
-            let live: std::collections::HashSet<u64> = view
-                .waiting
-                .iter()
-                .map(|w| w.id)
-                .chain(view.running.iter().map(|r| r.id))
-                .collect();
-            m.num_predict.retain(|id, _| live.contains(id));
-        }
         let speeds: Vec<f64> = view
             .running
             .iter()
@@ -204,9 +185,8 @@ impl Preemptive {
     /// Expected ms until running request `r` ends: its tokens still to come
     /// at the measured speed. None when its `num_predict` or the speed is unknown.
     pub fn remaining_ms(&self, r: &Running) -> Option<f64> {
-        let m = self.memory.borrow();
-        let total = *m.num_predict.get(&r.id)?;
-        let rate = m.tokens_per_ms.filter(|x| *x > 0.0)?;
+        let total = r.num_predict.filter(|n| *n > 0)? as u64;
+        let rate = self.memory.borrow().tokens_per_ms.filter(|x| *x > 0.0)?;
         Some(total.saturating_sub(r.tokens) as f64 / rate)
     }
 

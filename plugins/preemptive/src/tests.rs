@@ -261,22 +261,15 @@ fn each_bad_key_is_named() {
     }
 }
 
-/// Running batch jobs `(id, num_predict, tokens)` whose `num_predict` the
-/// policy saw while they waited, each producing 1 token per 20 ms since its
-/// first token; the policy has seen them running once (to measure the speed).
+/// Running batch jobs `(id, num_predict, tokens)`, each producing 1 token
+/// per 20 ms since its first token; the policy has seen them running once
+/// (to measure the speed).
 fn learned_jobs(p: &Preemptive, jobs: &[(u64, i64, u64)], now: u64) -> Vec<Running> {
-    let waiting = jobs
-        .iter()
-        .map(|&(id, n, _)| Waiting {
-            num_predict: Some(n),
-            ..be(id, 0)
-        })
-        .collect();
-    let _ = p.schedule(&view(0, 2, vec![], waiting));
     let running: Vec<Running> = jobs
         .iter()
-        .map(|&(id, _, tokens)| Running {
+        .map(|&(id, n, tokens)| Running {
             tokens,
+            num_predict: Some(n),
             first_token_ms: Some(now - (tokens - 1) * 20),
             ..running(id, BE, BATCH_PRIORITY, 0)
         })
