@@ -1,6 +1,7 @@
 //! Cost of one scheduling decision, interface 0.1.0 against 0.2.0 in the
 //! same run: a `schedule` call into real plugins (compiled and sandboxed
-//! exactly as `maitre serve` does, default limits), with 100 / 1,000 /
+//! exactly as `maitre serve` does, with limits generous enough that a busy
+//! machine trips no deadline), with 100 / 1,000 /
 //! 10,000 waiting requests and 3 running.
 //!
 //! - 0.1.0 copies the whole queue into the sandbox, with every model name
@@ -28,6 +29,7 @@ use common::*;
 use maitre::config::PluginSource;
 use maitre::plugin::{Instance, PluginLimits, Runtime};
 use maitre::policy::{Backend, Beyond, Class, Running, View, Waiting};
+use maitre::scheduler::queue::Queue;
 
 #[path = "../build/plugin_cargo.rs"]
 mod plugin_cargo;
@@ -53,12 +55,12 @@ struct Entry {
 /// `n` waiting requests: 1 in 50 real-time, arrivals spread over the last
 /// 50 s (below the default 60 s aging threshold, so a waiting real-time
 /// request is first in line), listed oldest first like the host does.
-fn entries(n: usize, origin: Instant, model: &str) -> (HashMap<u64, Entry>, BTreeSet<u64>) {
+fn entries(n: usize, origin: Instant, model: &str) -> (HashMap<u64, Entry>, Queue) {
     let mut rng = Rng::new(7, n as u64);
     let mut arrivals: Vec<u64> = (0..n).map(|_| NOW_MS - rng.range(0, 50_000)).collect();
     arrivals.sort_unstable();
     let mut map = HashMap::new();
-    let mut ids = BTreeSet::new();
+    let mut ids = Queue::default();
     for (i, a) in arrivals.into_iter().enumerate() {
         let id = 100 + i as u64;
         let rt = i % 50 == 49;
@@ -76,7 +78,7 @@ fn entries(n: usize, origin: Instant, model: &str) -> (HashMap<u64, Entry>, BTre
                 preemptions: 0,
             },
         );
-        ids.insert(id);
+        ids.insert(id, map[&id].class, map[&id].priority);
     }
     (map, ids)
 }
@@ -106,32 +108,20 @@ fn running() -> Vec<Running> {
 }
 
 /// The scheduler's view of one arm, built like `Core::view_of`: the whole
-/// queue, or (`window`) per class the oldest half of the window (here every
-/// batch request has one priority and every real-time one another, so the
-/// oldest are the highest too) with a summary of the rest.
+/// queue, or the candidate window of the scheduler's own [`Queue`] with a
+/// summary of the rest.
 fn build_view(
     origin: Instant,
     map: &HashMap<u64, Entry>,
-    ids: &BTreeSet<u64>,
+    queue: &Queue,
     running: &[Running],
     free: u32,
     window: Option<usize>,
 ) -> View {
     let ms_of = |t: Instant| t.saturating_duration_since(origin).as_millis() as u64;
     let shown: Vec<u64> = match window {
-        None => ids.iter().copied().collect(),
-        Some(w) => {
-            let mut picked = BTreeSet::new();
-            for class in [Class::Realtime, Class::Batch] {
-                picked.extend(
-                    ids.iter()
-                        .filter(|id| map[id].class == class)
-                        .take(w / 2)
-                        .copied(),
-                );
-            }
-            picked.into_iter().collect()
-        }
+        None => queue.iter().copied().collect(),
+        Some(w) => queue.window(w),
     };
     let waiting: Vec<Waiting> = shown
         .iter()
@@ -149,13 +139,22 @@ fn build_view(
             preemptions: e.preemptions,
         })
         .collect();
-    let beyond = if waiting.len() < ids.len() {
-        vec![Beyond {
-            class: Class::Batch,
-            count: (ids.len() - waiting.len()) as u32,
-            oldest_arrival_ms: Some(NOW_MS - 40_000),
-            highest_priority: Some(0.0),
-        }]
+    let beyond = if waiting.len() < queue.len() {
+        let set: BTreeSet<u64> = shown.iter().copied().collect();
+        [Class::Realtime, Class::Batch]
+            .into_iter()
+            .map(|class| {
+                let (oldest, highest) = queue.beyond(class, &set);
+                Beyond {
+                    class,
+                    count: (queue.count(class)
+                        - waiting.iter().filter(|w| w.class == class).count())
+                        as u32,
+                    oldest_arrival_ms: oldest.and_then(|id| map.get(&id)).map(|e| e.arrival_ms),
+                    highest_priority: highest,
+                }
+            })
+            .collect()
     } else {
         Vec::new()
     };
@@ -206,7 +205,13 @@ async fn instance(name: &str) -> Instance {
         ("maitre.slots".to_string(), TOTAL_SLOTS.to_string()),
         ("maitre.arm".to_string(), "bench".to_string()),
     ];
-    rt.instantiate(&compiled, PluginLimits::default(), &config)
+    // Generous limits: this measures cost, and a busy machine must not
+    // trip a deadline mid-run (0.1.0 at 10,000 waiting copies megabytes).
+    let limits = PluginLimits {
+        call_budget: 5_000,
+        memory_bytes: 512 << 20,
+    };
+    rt.instantiate(&compiled, limits, &config)
         .await
         .expect("instantiate")
 }

@@ -36,7 +36,7 @@ pub mod compare;
 mod core;
 pub mod decider;
 mod dispatch;
-mod queue;
+pub mod queue;
 pub mod report;
 pub mod shadow;
 pub mod ticket;

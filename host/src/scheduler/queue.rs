@@ -36,9 +36,10 @@ fn slot(c: Class) -> usize {
     }
 }
 
-/// The waiting requests of one arm.
+/// The waiting requests of one arm (public for the `plugin_decision` bench,
+/// which builds views exactly as the scheduler does).
 #[derive(Debug, Default)]
-pub(super) struct Queue {
+pub struct Queue {
     /// Class and priority of every waiting request.
     meta: HashMap<u64, (Class, f64)>,
     /// Every id, in arrival order (ids are given in arrival order).
@@ -50,7 +51,8 @@ pub(super) struct Queue {
 }
 
 impl Queue {
-    pub(super) fn insert(&mut self, id: u64, class: Class, priority: f64) {
+    /// Adds a waiting request (or moves it, if it was here already).
+    pub fn insert(&mut self, id: u64, class: Class, priority: f64) {
         if let Some((c, p)) = self.meta.insert(id, (class, priority)) {
             self.unindex(id, c, p);
         }
@@ -60,7 +62,7 @@ impl Queue {
     }
 
     /// Removes `id`; false when it was not waiting here.
-    pub(super) fn remove(&mut self, id: &u64) -> bool {
+    pub fn remove(&mut self, id: &u64) -> bool {
         match self.meta.remove(id) {
             Some((c, p)) => {
                 self.unindex(*id, c, p);
@@ -77,35 +79,37 @@ impl Queue {
     }
 
     /// Moves every request of `other` here.
-    pub(super) fn append(&mut self, other: &mut Queue) {
+    pub fn append(&mut self, other: &mut Queue) {
         for (id, (c, p)) in std::mem::take(&mut other.meta) {
             self.insert(id, c, p);
         }
         *other = Queue::default();
     }
 
-    pub(super) fn len(&self) -> usize {
+    /// Requests waiting.
+    pub fn len(&self) -> usize {
         self.all.len()
     }
 
-    pub(super) fn is_empty(&self) -> bool {
+    /// No request waits.
+    pub fn is_empty(&self) -> bool {
         self.all.is_empty()
     }
 
     /// Every id, oldest arrival first.
-    pub(super) fn iter(&self) -> impl Iterator<Item = &u64> {
+    pub fn iter(&self) -> impl Iterator<Item = &u64> {
         self.all.iter()
     }
 
     /// Waiting requests of `class`.
-    pub(super) fn count(&self, class: Class) -> usize {
+    pub fn count(&self, class: Class) -> usize {
         self.by_arrival[slot(class)].len()
     }
 
     /// The candidate window of at most `size` ids, in arrival order: each
     /// class gets half (a class with fewer requests leaves the rest to the
     /// other), split between its oldest and its highest-priority requests.
-    pub(super) fn window(&self, size: usize) -> Vec<u64> {
+    pub fn window(&self, size: usize) -> Vec<u64> {
         if self.len() <= size {
             return self.all.iter().copied().collect();
         }
@@ -139,11 +143,7 @@ impl Queue {
 
     /// Of `class`, the oldest id and the highest priority not in `window`.
     /// Walks past at most the window's members.
-    pub(super) fn beyond(
-        &self,
-        class: Class,
-        window: &BTreeSet<u64>,
-    ) -> (Option<u64>, Option<f64>) {
+    pub fn beyond(&self, class: Class, window: &BTreeSet<u64>) -> (Option<u64>, Option<f64>) {
         let s = slot(class);
         let oldest = self.by_arrival[s].iter().find(|id| !window.contains(id));
         let highest = self.by_priority[s]
