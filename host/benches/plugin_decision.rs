@@ -7,8 +7,9 @@
 //! - 0.1.0 copies the whole queue into the sandbox, with every model name
 //!   as a string; the plugin is `compat-fifo-v0-1-0` (FIFO built against
 //!   0.1.0, as plugins from before 0.2.0 are).
-//! - 0.2.0 gets the candidate window (256: per class the oldest and the
+//! - 0.2.0 gets the candidate window (128: per class the oldest and the
 //!   highest-priority) and interned names; the plugins are the built-ins.
+//!   (`admit` gets no waiting request at all, only per-class counts.)
 //! - "1 free": one slot free, so the plugin orders its queue and starts one.
 //!   "0 free, RT waits": every slot busy and a real-time request waits.
 //! - "view build" builds the host's view the way the scheduler does (a
@@ -37,7 +38,7 @@ mod plugin_cargo;
 const NOW_MS: u64 = 1_000_000;
 const TOTAL_SLOTS: u32 = 4;
 /// The host's default `[limits] candidate_window`.
-const WINDOW: usize = 256;
+const WINDOW: usize = 128;
 
 /// What the scheduler keeps per waiting request (the fields the view needs).
 struct Entry {
@@ -291,7 +292,7 @@ fn main() {
         }
         println!();
         println!(
-            "plugin_decision: one schedule call (wasmtime, default limits), {TOTAL_SLOTS} slots, 3 running (2 batch, 1 RT streaming), 1 in 50 waiting is RT; 0.1.0 = whole queue + strings (compat FIFO), 0.2.0 = window {WINDOW} + interned names (built-ins)"
+            "plugin_decision: one schedule call (wasmtime, generous limits), {TOTAL_SLOTS} slots, 3 running (2 batch, 1 RT streaming), 1 in 50 waiting is RT; 0.1.0 = whole queue + strings (compat FIFO), 0.2.0 = window {WINDOW} + interned names (built-ins)"
         );
         println!("200 warm-up calls, then 10,000 timed calls (2,000 at 1,000+ waiting, 300 for 0.1.0 at 10,000)");
         println!();

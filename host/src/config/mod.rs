@@ -131,7 +131,7 @@ impl Default for Limits {
             retry_after_seconds: 1,
             header_read_timeout_seconds: 30,
             body_read_timeout_seconds: 60,
-            candidate_window: 256,
+            candidate_window: 128,
         }
     }
 }

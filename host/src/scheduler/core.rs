@@ -285,7 +285,7 @@ impl Core {
     /// The serving arm's admission; shadows watching it see it too.
     async fn admit(&mut self, a: usize, req: &Request) -> Admission {
         let watched = self.watched_by_shadows(a);
-        let view = (watched || !self.arms[a].fallback).then(|| self.view(a));
+        let view = (watched || !self.arms[a].fallback).then(|| self.admit_view(a));
         let adm = self.admit_live(a, req, view.as_ref()).await;
         if let (true, Some(view)) = (watched, &view) {
             for s in self.shadows.iter().filter(|s| s.active()) {

@@ -113,6 +113,9 @@ impl Queue {
         if self.len() <= size {
             return self.all.iter().copied().collect();
         }
+        if size == 0 {
+            return Vec::new();
+        }
         let (rt, be) = (self.count(Class::Realtime), self.count(Class::Batch));
         // Real-time gets the larger half of an odd size.
         let rt_share = rt.min(size.div_ceil(2).max(size.saturating_sub(be)));

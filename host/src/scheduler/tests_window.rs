@@ -13,10 +13,12 @@ use crate::policy::{Action, Admission, Class, Request, View};
 struct Watcher {
     windowed: bool,
     views: Arc<Mutex<Vec<View>>>,
+    admit_views: Arc<Mutex<Vec<View>>>,
 }
 
 impl Decider for Watcher {
-    fn admit<'a>(&'a mut self, req: &'a Request, _: &'a View) -> decider::Decision<'a, Admission> {
+    fn admit<'a>(&'a mut self, req: &'a Request, v: &'a View) -> decider::Decision<'a, Admission> {
+        self.admit_views.lock().unwrap().push(v.clone());
         let a = Fifo::admission(req);
         Box::pin(async move { Ok(a) })
     }
@@ -31,12 +33,14 @@ impl Decider for Watcher {
 }
 
 /// One slot held by request 1, then 100 batch and 5 real-time requests
-/// waiting; returns the last view the decider got.
-async fn last_view(windowed: bool) -> View {
+/// waiting; returns the last view the decider got, and the last `admit` got.
+async fn last_views(windowed: bool) -> (View, View) {
     let views = Arc::new(Mutex::new(Vec::new()));
+    let admit_views = Arc::new(Mutex::new(Vec::new()));
     let w = Watcher {
         windowed,
         views: views.clone(),
+        admit_views: admit_views.clone(),
     };
     let limits = Limits {
         candidate_window: 16,
@@ -55,13 +59,19 @@ async fn last_view(windowed: bool) -> View {
     // A tick makes the arm decide again with everything queued.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let v = views.lock().unwrap().last().cloned().unwrap();
+    let a = admit_views.lock().unwrap().last().cloned().unwrap();
     drop(tickets);
-    v
+    (v, a)
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_windowed_decider_sees_a_bounded_window_and_a_summary_of_the_rest() {
-    let v = last_view(true).await;
+    let (v, admitted) = last_views(true).await;
+    // `admit` sees the queue only as counts (the last arrival found 104
+    // waiting: 100 batch and 4 real-time).
+    assert!(admitted.waiting.is_empty());
+    let counts: Vec<(Class, u32)> = admitted.beyond.iter().map(|b| (b.class, b.count)).collect();
+    assert_eq!(counts, vec![(Class::Realtime, 4), (Class::Batch, 100)]);
     assert_eq!(v.waiting.len(), 16);
     let rt = v
         .waiting
@@ -86,7 +96,8 @@ async fn a_windowed_decider_sees_a_bounded_window_and_a_summary_of_the_rest() {
 
 #[tokio::test(start_paused = true)]
 async fn a_0_1_0_decider_still_sees_the_whole_queue() {
-    let v = last_view(false).await;
+    let (v, admitted) = last_views(false).await;
     assert_eq!(v.waiting.len(), 105);
     assert!(v.beyond.is_empty());
+    assert_eq!(admitted.waiting.len(), 104);
 }

@@ -20,6 +20,13 @@ impl Core {
         self.view_of(a, window)
     }
 
+    /// The view `admit` gets: for a windowed decider (0.2.0) the queue only
+    /// as counts in `beyond`, since an arrival needs no candidates.
+    pub(super) fn admit_view(&self, a: usize) -> View {
+        let window = self.arms[a].decider.windowed().then_some(0);
+        self.view_of(a, window)
+    }
+
     /// Waiting requests oldest arrival first (ids are given in arrival
     /// order), all of them or the window of at most `window`; running ones
     /// oldest start first.
