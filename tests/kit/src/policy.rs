@@ -26,6 +26,8 @@ pub struct PolicyFile {
     admin_listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     admin_token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant_header: Option<String>,
     upstream: Upstream,
     #[serde(skip_serializing_if = "Option::is_none")]
     limits: Option<Limits>,
@@ -153,6 +155,7 @@ impl PolicyFile {
             listen: "127.0.0.1:0".into(),
             admin_listen: Some("127.0.0.1:0".into()),
             admin_token: None,
+            tenant_header: None,
             upstream: Upstream {
                 url: upstream.into(),
                 slots,
@@ -162,6 +165,12 @@ impl PolicyFile {
             ab: None,
             arms: Vec::new(),
         }
+    }
+
+    /// Sets `tenant_header`: the header that names a request's tenant.
+    pub fn tenant_header(mut self, header: &str) -> PolicyFile {
+        self.tenant_header = Some(header.into());
+        self
     }
 
     /// Adds an arm (a `[[policy]]`); arms keep the order they are added in.
