@@ -129,6 +129,11 @@ pub struct Metrics {
     pub preempted_tokens: Family<ArmLabel, Counter>,
     /// Upstream answers of 503 (busy) that maitre requeued.
     pub upstream_busy_retries: Counter,
+    /// Client connections open now (at most `limits.max_connections`).
+    pub client_connections: Gauge,
+    /// Request body bytes maitre holds now, being read or waiting (at most
+    /// `limits.max_total_body_bytes`).
+    pub held_body_bytes: Gauge,
 }
 
 impl Metrics {
@@ -154,6 +159,8 @@ impl Metrics {
             preemptions: Family::default(),
             preempted_tokens: Family::default(),
             upstream_busy_retries: Counter::default(),
+            client_connections: Gauge::default(),
+            held_body_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -219,6 +226,16 @@ impl Metrics {
             "upstream_busy_retries",
             "Upstream 503 answers that were requeued",
             m.upstream_busy_retries.clone(),
+        );
+        registry.register(
+            "client_connections",
+            "Client connections open (at most limits.max_connections)",
+            m.client_connections.clone(),
+        );
+        registry.register(
+            "held_body_bytes",
+            "Request body bytes held, being read or waiting (at most limits.max_total_body_bytes)",
+            m.held_body_bytes.clone(),
         );
         // Both reload results exist from the start, so a dashboard sees 0
         // failures rather than no series at all.
