@@ -11,6 +11,7 @@ mod clients;
 mod faults;
 mod hostile;
 mod live;
+mod memory;
 mod preemption;
 mod proxy;
 mod ready;
