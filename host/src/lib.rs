@@ -13,6 +13,7 @@ pub mod ab;
 pub mod admin;
 pub mod builtins;
 pub mod config;
+pub mod conns;
 pub mod escape;
 pub mod metrics;
 pub mod plugin;
@@ -111,9 +112,25 @@ pub async fn serve(
     }
 
     let header_timeout = Duration::from_secs(cfg.limits.header_read_timeout_seconds);
+    let (max_connections, lowered_by) =
+        conns::fit_to_fd_limit(cfg.limits.max_connections, cfg.upstream.slots);
+    if let Some(nofile) = lowered_by {
+        tracing::warn!(
+            max_connections,
+            configured = cfg.limits.max_connections,
+            open_file_limit = nofile,
+            "limits.max_connections lowered to fit the open-file limit; raise `ulimit -n` to allow more"
+        );
+    }
+    let cap = conns::ConnectionCap::new(max_connections, host.metrics.clone());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
+        // At the cap, stop accepting: new clients wait in the listen queue.
+        let open = tokio::select! {
+            o = cap.admit() => o,
+            _ = &mut shutdown => break,
+        };
         let (stream, remote) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -140,6 +157,7 @@ pub async fn serve(
         let watched = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = watched.await;
+            drop(open);
         });
     }
 

@@ -141,6 +141,11 @@ pub struct Metrics {
     pub upstream_busy_retries: Counter,
     /// Shadow arms: where they agree with the serving arm, where not.
     pub shadow_decisions: Family<ShadowLabels, Counter>,
+    /// Client connections open now (at most `limits.max_connections`).
+    pub client_connections: Gauge,
+    /// Request body bytes maitre holds now, being read or waiting (at most
+    /// `limits.max_total_body_bytes`).
+    pub held_body_bytes: Gauge,
 }
 
 impl Metrics {
@@ -167,6 +172,8 @@ impl Metrics {
             preempted_tokens: Family::default(),
             upstream_busy_retries: Counter::default(),
             shadow_decisions: Family::default(),
+            client_connections: Gauge::default(),
+            held_body_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -237,6 +244,16 @@ impl Metrics {
             "shadow_decisions",
             "Shadow-arm answers compared with the serving arm's, by result",
             m.shadow_decisions.clone(),
+        );
+        registry.register(
+            "client_connections",
+            "Client connections open (at most limits.max_connections)",
+            m.client_connections.clone(),
+        );
+        registry.register(
+            "held_body_bytes",
+            "Request body bytes held, being read or waiting (at most limits.max_total_body_bytes)",
+            m.held_body_bytes.clone(),
         );
         // Both reload results exist from the start, so a dashboard sees 0
         // failures rather than no series at all.

@@ -12,6 +12,7 @@ mod faults;
 mod hostile;
 mod interfaces;
 mod live;
+mod memory;
 mod preemption;
 mod proxy;
 mod ready;

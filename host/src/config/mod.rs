@@ -116,6 +116,16 @@ pub struct Limits {
     /// and the highest-priority); the rest are summarised, so a call costs
     /// the same at 100 or 10,000 waiting.
     pub candidate_window: usize,
+    /// Request bodies maitre may hold at once (bytes), over every request
+    /// being read or waiting; beyond it: 503 + Retry-After. Without it, many
+    /// clients each sending a body under `max_body_bytes` exhaust memory.
+    /// At least `max_body_bytes`, so any body that fits one request can fit.
+    pub max_total_body_bytes: usize,
+    /// Client connections open at once; beyond it maitre stops accepting
+    /// until one closes (new clients wait in the kernel's listen queue,
+    /// costing maitre nothing). Lowered at start to what the open-file limit
+    /// allows.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -132,6 +142,8 @@ impl Default for Limits {
             header_read_timeout_seconds: 30,
             body_read_timeout_seconds: 60,
             candidate_window: 128,
+            max_total_body_bytes: 256 * 1024 * 1024,
+            max_connections: 4096,
         }
     }
 }

@@ -52,6 +52,8 @@ struct RawLimits {
     retry_after_seconds: Option<Spanned<i64>>,
     header_read_timeout_seconds: Option<Spanned<i64>>,
     body_read_timeout_seconds: Option<Spanned<i64>>,
+    max_total_body_bytes: Option<Spanned<i64>>,
+    max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -258,8 +260,40 @@ impl Config {
                     86_400,
                     d.body_read_timeout_seconds as i64,
                 )? as u64,
+                max_total_body_bytes: cx.int(
+                    &l.max_total_body_bytes,
+                    "limits.max_total_body_bytes",
+                    1024,
+                    1 << 40,
+                    d.max_total_body_bytes as i64,
+                )? as usize,
+                max_connections: cx.int(
+                    &l.max_connections,
+                    "limits.max_connections",
+                    1,
+                    1_000_000,
+                    d.max_connections as i64,
+                )? as usize,
             },
         };
+        if let Some(l) = &raw.limits
+            && limits.max_total_body_bytes < limits.max_body_bytes
+        {
+            let span = l
+                .max_total_body_bytes
+                .as_ref()
+                .or(l.max_body_bytes.as_ref())
+                .map(|s| s.span())
+                .unwrap_or(0..0);
+            return Err(cx.err(
+                span,
+                "limits.max_total_body_bytes",
+                format!(
+                    "{} is less than limits.max_body_bytes = {}, so a body that one request may send could never be held; raise max_total_body_bytes or lower max_body_bytes",
+                    limits.max_total_body_bytes, limits.max_body_bytes
+                ),
+            ));
+        }
 
         let ab = match &raw.ab {
             None => AbConfig {

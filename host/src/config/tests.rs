@@ -168,3 +168,35 @@ fn only_shadow_arms_serve_nothing() {
     let e = parse(&only).unwrap_err().to_string();
     assert!(e.contains("every arm is a shadow"), "{e}");
 }
+
+#[test]
+fn memory_limits_have_defaults_and_are_read() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.limits.max_total_body_bytes, 256 << 20);
+    assert_eq!(c.limits.max_connections, 4096);
+    let text = format!(
+        "{GOOD}\n[limits]\nmax_total_body_bytes = 1048576\nmax_body_bytes = 4096\nmax_connections = 10\n"
+    );
+    let c = parse(&text).unwrap();
+    assert_eq!(c.limits.max_total_body_bytes, 1 << 20);
+    assert_eq!(c.limits.max_connections, 10);
+    let e = parse(&format!("{GOOD}\n[limits]\nmax_connections = 0\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("limits.max_connections"), "{e}");
+}
+
+#[test]
+fn a_total_body_budget_below_one_body_is_refused() {
+    let text = format!("{GOOD}\n[limits]\nmax_total_body_bytes = 2048\nmax_body_bytes = 4096\n");
+    let e = parse(&text).unwrap_err().to_string();
+    assert!(
+        e.contains("limits.max_total_body_bytes")
+            && e.contains("less than limits.max_body_bytes = 4096"),
+        "{e}"
+    );
+    // The default budget is below a raised per-request limit: said the same way.
+    let text = format!("{GOOD}\n[limits]\nmax_body_bytes = 1073741824\n");
+    let e = parse(&text).unwrap_err().to_string();
+    assert!(e.contains("raise max_total_body_bytes"), "{e}");
+}

@@ -1,27 +1,34 @@
-//! The scheduled path, in phases: read the body → submit it to the scheduler →
-//! wait for a slot → dispatch it upstream → relay the answer.
+//! The scheduled path, in phases: check the queue has room → read the body →
+//! submit it to the scheduler → wait for a slot → dispatch it upstream →
+//! relay the answer.
 //!
 //! Each phase that can fail returns a [`Refusal`]; [`Proxy::scheduled`] turns
 //! it into the one HTTP answer. Pre-emption and upstream-busy answers loop back
 //! to waiting for a slot, as long as nothing has reached the client.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName};
-use http::request::Parts;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
 use super::body::{Framing, TrackedBody};
+use super::budget::Held;
+use super::head::Head;
 use super::headers::{set_header, strip_hop_by_hop};
+use super::read::{discard, read_body};
 use super::refusal::Refusal;
 use super::{
-    BodyMeta, Grant, Outcome, Proxy, ProxyBody, RequestMeta, Run, SubmitError, Ticket, extract_meta,
+    BodyMeta, Grant, Handling, Outcome, Proxy, ProxyBody, RequestMeta, Run, SubmitError, Ticket,
+    extract_meta,
 };
 
 /// Upstream 503 answers retried through maitre's queue before passing one on.
@@ -36,51 +43,116 @@ enum Sent {
     Preempted,
 }
 
+/// Phases 3–5 of a queued request: what a waiting request's memory is.
+type Waiting = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Refusal>> + Send>>;
+
+/// A request that is read and queued: all it keeps while it waits.
+struct Queued {
+    head: Head,
+    bytes: Bytes,
+    /// The body's bytes in the budget, given back when the request ends.
+    _held: Held,
+    ticket: Ticket,
+}
+
 impl Proxy {
     /// Serves a scheduled request; every refusal becomes an error answer.
-    pub(super) async fn scheduled(
-        &self,
+    ///
+    /// Phases 0–2 (room, body, submit) run in a future of their own, freed
+    /// once the request is queued, so a waiting request's future holds only
+    /// its [`Queued`] state, not the request as hyper handed it over nor the
+    /// body read.
+    pub(super) fn scheduled(
+        self: Arc<Self>,
         req: Request<Incoming>,
         remote: SocketAddr,
         arrival: Instant,
         path: String,
-    ) -> Response<ProxyBody> {
-        match self.phases(req, remote, arrival, &path).await {
-            Ok(r) => r,
-            Err(refusal) => refusal.into_response(&path, self.limits.retry_after_seconds),
-        }
+    ) -> Handling {
+        let admit = Box::pin(self.clone().admit(req, remote, arrival, path.clone()));
+        Box::pin(async move {
+            let answer = match admit.await {
+                Ok(waiting) => waiting.await,
+                Err(refusal) => Err(refusal),
+            };
+            Ok(answer.unwrap_or_else(|refusal| {
+                refusal.into_response(&path, self.limits.retry_after_seconds)
+            }))
+        })
     }
 
-    /// The phases in order, with the loop back to waiting after a pre-emption
-    /// or an upstream-busy answer.
-    async fn phases(
-        &self,
+    /// Phases 0–2: room in the queue, the body, the place in the queue; then
+    /// the rest of the request's life, as a future of its own.
+    async fn admit(
+        self: Arc<Self>,
         req: Request<Incoming>,
         remote: SocketAddr,
         arrival: Instant,
-        path: &str,
-    ) -> Result<Response<ProxyBody>, Refusal> {
-        let (parts, body) = req.into_parts();
-        let bytes = self.read_body(body).await?;
+        path: String,
+    ) -> Result<Waiting, Refusal> {
+        let (parts, mut body) = req.into_parts();
+        // Phase 0: a full queue refuses before a byte of the body is read.
+        let Some(reading) = self
+            .room
+            .enter(self.sched.waiting(), self.limits.max_waiting)
+        else {
+            discard(body);
+            return Err(Refusal::QueueFull {
+                max_waiting: self.limits.max_waiting,
+            });
+        };
+        let head = Head::own(parts);
+        // Phase 1: the body, within its limit and the byte budget.
+        let (bytes, held) = match read_body(&mut body, &self.body_limits, &self.budget).await {
+            Ok(read) => read,
+            Err(refusal) => {
+                if matches!(
+                    refusal,
+                    Refusal::BodyTooLarge { .. } | Refusal::BodyBudgetSpent { .. }
+                ) {
+                    discard(body);
+                }
+                return Err(refusal);
+            }
+        };
         // Scheduled whatever the body: one maitre cannot read (bad JSON, no
         // model) gets an empty model, and Ollama answers it with its own
         // error when its turn comes. Passing it on without a slot would let
         // a body Ollama reads differently skip the scheduler.
-        let meta = extract_meta(path, &bytes);
-        let mut ticket = self
-            .submit(&parts, path, meta, bytes.len(), remote, arrival)
-            .await?;
+        let meta = extract_meta(&path, &bytes);
+        let submitted = self
+            .submit(&head, &path, meta, bytes.len(), remote, arrival)
+            .await;
+        // Submitted: it counts among the waiting now (or was refused).
+        drop(reading);
+        let queued = Queued {
+            head,
+            bytes,
+            _held: held,
+            ticket: submitted?,
+        };
+        Ok(Box::pin(self.run(queued)))
+    }
+
+    /// Phases 3–5, with the loop back to waiting after a pre-emption or an
+    /// upstream-busy answer.
+    /// `q`'s fields are used in place, not moved into locals: a copy would
+    /// double the state every waiting request keeps.
+    async fn run(self: Arc<Self>, mut q: Queued) -> Result<Response<ProxyBody>, Refusal> {
         let mut busy_retries = 0u32;
         loop {
-            let grant = wait_for_slot(&mut ticket).await?;
-            let resp = match self.dispatch(&parts, &bytes, &grant.run).await {
+            let grant = wait_for_slot(&mut q.ticket).await?;
+            // Boxed, like the sleep below: these futures live only while
+            // they run, not in every waiting request's.
+            let sent = Box::pin(self.dispatch(&q.head, &q.bytes, &grant.run)).await;
+            let resp = match sent {
                 Ok(Sent::Answered(resp)) => resp,
                 Ok(Sent::Preempted) => {
-                    ticket.requeue_after_preempt();
+                    q.ticket.requeue_after_preempt();
                     continue;
                 }
                 Err(refusal) => {
-                    ticket.finish(Outcome::UpstreamError);
+                    q.ticket.finish(Outcome::UpstreamError);
                     return Err(refusal);
                 }
             };
@@ -88,39 +160,21 @@ impl Proxy {
                 // Ollama's own queue is full: wait in ours instead of failing.
                 busy_retries += 1;
                 drop(resp);
-                tokio::time::sleep(Duration::from_millis(50 * busy_retries as u64)).await;
-                ticket.requeue_after_busy();
+                Box::pin(tokio::time::sleep(Duration::from_millis(
+                    50 * busy_retries as u64,
+                )))
+                .await;
+                q.ticket.requeue_after_busy();
                 continue;
             }
             if !grant.run.mark_streaming() {
                 // Pre-empted between the upstream's answer and now: nothing
                 // reached the client, so requeue as if it came earlier.
                 drop(resp);
-                ticket.requeue_after_preempt();
+                q.ticket.requeue_after_preempt();
                 continue;
             }
-            return Ok(relay(resp, &grant, ticket));
-        }
-    }
-
-    /// Phase 1: the whole body, within `limits.max_body_bytes` and
-    /// `limits.body_read_timeout_seconds`.
-    async fn read_body(&self, body: Incoming) -> Result<Bytes, Refusal> {
-        let read = Limited::new(body, self.limits.max_body_bytes).collect();
-        let body_timeout = Duration::from_secs(self.limits.body_read_timeout_seconds);
-        match tokio::time::timeout(body_timeout, read).await {
-            Ok(Ok(c)) => Ok(c.to_bytes()),
-            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-                Err(Refusal::BodyTooLarge {
-                    limit: self.limits.max_body_bytes,
-                })
-            }
-            Ok(Err(e)) => Err(Refusal::BodyUnreadable {
-                detail: e.to_string(),
-            }),
-            Err(_) => Err(Refusal::BodyTimeout {
-                seconds: self.limits.body_read_timeout_seconds,
-            }),
+            return Ok(relay(resp, &grant, q.ticket));
         }
     }
 
@@ -128,7 +182,7 @@ impl Proxy {
     /// refuses it at once.
     async fn submit(
         &self,
-        parts: &Parts,
+        head: &Head,
         path: &str,
         meta: BodyMeta,
         body_bytes: usize,
@@ -137,8 +191,7 @@ impl Proxy {
     ) -> Result<Ticket, Refusal> {
         let live = self.live.load();
         let header_str = |h: &HeaderName| {
-            parts
-                .headers
+            head.headers
                 .get(h)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
@@ -147,7 +200,7 @@ impl Proxy {
             path: path.to_string(),
             model: meta.model.into(),
             stream: meta.stream,
-            priority_header: parts
+            priority_header: head
                 .headers
                 .get("x-priority")
                 .and_then(|v| v.to_str().ok())
@@ -178,8 +231,8 @@ impl Proxy {
 
     /// Phase 4: sends the request upstream and waits for the answer's head,
     /// unless the policy pre-empts it first.
-    async fn dispatch(&self, parts: &Parts, bytes: &Bytes, run: &Run) -> Result<Sent, Refusal> {
-        let up = self.upstream_request(parts, full(bytes.clone()));
+    async fn dispatch(&self, head: &Head, bytes: &Bytes, run: &Run) -> Result<Sent, Refusal> {
+        let up = self.upstream_request(head, full(bytes.clone()));
         let sent = tokio::select! {
             biased;
             _ = run.preempt.cancelled() => None,

@@ -4,9 +4,10 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::arms::Arm;
@@ -68,7 +69,9 @@ pub(super) struct Entry {
     pub(super) run: Option<Arc<Run>>,
     /// Upstream TTFB of a dispatch that was requeued (kept for the log).
     pub(super) first_upstream_ttfb: Option<Duration>,
-    pub(super) tx: mpsc::UnboundedSender<Signal>,
+    /// Where the next go-ahead (or rejection) goes: one channel per wait, so
+    /// a waiting request costs a small oneshot, not a channel block.
+    pub(super) tx: Option<oneshot::Sender<Signal>>,
 }
 
 /// The scheduler's state, owned by its task.
@@ -88,6 +91,8 @@ pub(super) struct Core {
     pub(super) draining: bool,
     pub(super) reload_error: Option<String>,
     pub(super) upstream_name: Arc<str>,
+    /// Requests waiting over all arms, for [`super::SchedulerHandle::waiting`].
+    waiting_now: Arc<AtomicUsize>,
 }
 
 impl Core {
@@ -95,6 +100,7 @@ impl Core {
         setup: Setup,
         metrics: Arc<Metrics>,
         self_tx: mpsc::UnboundedSender<Msg>,
+        waiting_now: Arc<AtomicUsize>,
     ) -> Core {
         let mut core = Core {
             origin: Instant::now(),
@@ -111,6 +117,7 @@ impl Core {
             draining: false,
             reload_error: None,
             upstream_name: setup.upstream_name.into(),
+            waiting_now,
         };
         core.metrics.slots_total.set(core.total_slots as i64);
         core.install(setup.arms);
@@ -160,7 +167,7 @@ impl Core {
             }
             Msg::Gone { id } => self.gone(id),
             Msg::Finished { id, outcome } => self.finished(id, outcome),
-            Msg::Requeue { id, busy } => self.requeue(id, busy),
+            Msg::Requeue { id, busy, signal } => self.requeue(id, busy, signal),
             Msg::Status { reply } => {
                 let _ = reply.send(self.status());
             }
@@ -193,8 +200,10 @@ impl Core {
         }
     }
 
-    /// Publishes each arm's waiting count where it changed.
+    /// Publishes each arm's waiting count where it changed, and the total.
     fn publish_waiting(&mut self) {
+        self.waiting_now
+            .store(self.waiting_count(), Ordering::Release);
         for a in &mut self.arms {
             let n = a.queued();
             if a.published_waiting != Some(n) {
@@ -251,7 +260,7 @@ impl Core {
         } else {
             0.0
         };
-        let (stx, srx) = mpsc::unbounded_channel();
+        let (stx, srx) = oneshot::channel();
         self.entries.insert(
             id,
             Entry {
@@ -266,17 +275,18 @@ impl Core {
                 state: State::Waiting,
                 run: None,
                 first_upstream_ttfb: None,
-                tx: stx,
+                tx: Some(stx),
                 meta,
             },
         );
         let arm = &mut self.arms[a];
         arm.waiting.insert(id, placement.class, priority);
         arm.dirty = true;
+        self.waiting_now.fetch_add(1, Ordering::AcqRel);
         Ok(Ticket {
             id,
             arm: name,
-            rx: srx,
+            rx: Some(srx),
             tx: self.self_tx.clone(),
             ended: false,
         })

@@ -13,6 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::check::Invalid;
@@ -128,7 +129,9 @@ impl Core {
             preemptions: e.preemptions,
             arm: self.arms[a].name.clone(),
         };
-        let _ = e.tx.send(Signal::Start(grant));
+        if let Some(tx) = e.tx.take() {
+            let _ = tx.send(Signal::Start(grant));
+        }
         let arm = &mut self.arms[a];
         arm.waiting.remove(&id);
         arm.running.insert(id);
@@ -217,10 +220,11 @@ impl Core {
     /// Puts a dispatched request back in its queue: after a transparent
     /// pre-emption, or after an upstream 503 (`busy`). A request whose arm
     /// lost its slots goes to a serving arm, so it is never stranded.
-    pub(super) fn requeue(&mut self, id: u64, busy: bool) {
-        let Some(e) = self.entries.get(&id) else {
+    pub(super) fn requeue(&mut self, id: u64, busy: bool, signal: oneshot::Sender<Signal>) {
+        let Some(e) = self.entries.get_mut(&id) else {
             return;
         };
+        e.tx = Some(signal);
         let state = e.state;
         if !matches!(state, State::Running | State::Preempting) {
             return;
@@ -253,8 +257,8 @@ impl Core {
     /// Answers a waiting request with a rejection.
     pub(super) fn reject_waiting(&mut self, id: u64, rejection: Rejection) {
         self.remove_waiting(id);
-        if let Some(e) = self.entries.get(&id) {
-            let _ = e.tx.send(Signal::Reject(rejection));
+        if let Some(tx) = self.entries.get_mut(&id).and_then(|e| e.tx.take()) {
+            let _ = tx.send(Signal::Reject(rejection));
         }
         self.end(id, Outcome::Rejected);
     }

@@ -52,6 +52,7 @@ mod tests_shadow;
 mod tests_window;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -61,6 +62,8 @@ pub use check::Invalid;
 pub use decider::{Decider, Fifo};
 pub use report::{AbReport, AbRow, ArmStatus, RequestStatus, Status, percentile};
 pub use ticket::{Grant, Outcome, RequestMeta, Run, SubmitError, Ticket};
+
+use ticket::Signal;
 
 use crate::config::{AbConfig, Limits};
 use crate::metrics::Metrics;
@@ -81,6 +84,8 @@ pub(crate) enum Msg {
     Requeue {
         id: u64,
         busy: bool,
+        /// Where the next go-ahead goes.
+        signal: oneshot::Sender<Signal>,
     },
     Status {
         reply: oneshot::Sender<Status>,
@@ -111,9 +116,18 @@ pub(crate) enum Msg {
 #[derive(Clone)]
 pub struct SchedulerHandle {
     tx: mpsc::UnboundedSender<Msg>,
+    waiting: Arc<AtomicUsize>,
 }
 
 impl SchedulerHandle {
+    /// Requests waiting now, over all arms, as the scheduler last counted
+    /// them (after each admission and each turn). Lets the proxy refuse a
+    /// request for a full queue before it reads the body; the exact check
+    /// is still made when the request is submitted.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
     /// Asks for a place in the queue.
     pub async fn submit(&self, meta: RequestMeta) -> Result<Ticket, SubmitError> {
         let (reply, rx) = oneshot::channel();
@@ -198,7 +212,8 @@ pub struct Setup {
 /// Starts the scheduler task on the current tokio runtime.
 pub fn spawn(setup: Setup, metrics: Arc<Metrics>) -> SchedulerHandle {
     let (tx, rx) = mpsc::unbounded_channel();
-    let core = core::Core::new(setup, metrics, tx.clone());
+    let waiting = Arc::new(AtomicUsize::new(0));
+    let core = core::Core::new(setup, metrics, tx.clone(), waiting.clone());
     tokio::spawn(core.run(rx));
-    SchedulerHandle { tx }
+    SchedulerHandle { tx, waiting }
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -227,7 +227,7 @@ pub struct Grant {
 }
 
 /// What the scheduler tells a waiting [`Ticket`].
-pub(super) enum Signal {
+pub(crate) enum Signal {
     Start(Grant),
     Reject(Rejection),
 }
@@ -261,7 +261,8 @@ pub(super) fn shutting_down() -> Rejection {
 pub struct Ticket {
     pub(super) id: u64,
     pub(super) arm: Arc<str>,
-    pub(super) rx: mpsc::UnboundedReceiver<Signal>,
+    /// The go-ahead of the current wait; a requeue opens a new one.
+    pub(super) rx: Option<oneshot::Receiver<Signal>>,
     pub(super) tx: mpsc::UnboundedSender<Msg>,
     pub(super) ended: bool,
 }
@@ -277,8 +278,17 @@ impl Ticket {
     }
 
     /// Waits until the policy starts the request (or rejects it while waiting).
+    /// Each wait after the first follows a requeue. Cancel-safe.
     pub async fn wait_start(&mut self) -> Result<Grant, Rejection> {
-        match self.rx.recv().await {
+        debug_assert!(self.rx.is_some(), "a second wait without a requeue");
+        // Awaited in place, so a wait that is given up (a timeout) keeps
+        // the channel; it is closed once it has answered.
+        let signal = match self.rx.as_mut() {
+            Some(rx) => rx.await.ok(),
+            None => None,
+        };
+        self.rx = None;
+        match signal {
             Some(Signal::Start(g)) => Ok(g),
             Some(Signal::Reject(r)) => {
                 self.ended = true;
@@ -291,22 +301,28 @@ impl Ticket {
         }
     }
 
+    /// Asks the scheduler to put the request back in the queue, with a new
+    /// channel for its next go-ahead.
+    fn requeue(&mut self, busy: bool) {
+        let (signal, rx) = oneshot::channel();
+        self.rx = Some(rx);
+        let _ = self.tx.send(Msg::Requeue {
+            id: self.id,
+            busy,
+            signal,
+        });
+    }
+
     /// The upstream request of a pre-empted dispatch has been aborted: put the
     /// request back in the queue.
     pub fn requeue_after_preempt(&mut self) {
-        let _ = self.tx.send(Msg::Requeue {
-            id: self.id,
-            busy: false,
-        });
+        self.requeue(false);
     }
 
     /// The upstream answered 503 busy before any byte reached the client: put
     /// the request back in the queue.
     pub fn requeue_after_busy(&mut self) {
-        let _ = self.tx.send(Msg::Requeue {
-            id: self.id,
-            busy: true,
-        });
+        self.requeue(true);
     }
 
     /// The request ended; `outcome` is logged and counted.
