@@ -21,6 +21,7 @@ pub mod ready;
 pub mod reload;
 pub mod request;
 pub mod scheduler;
+pub mod trace;
 
 use std::future::Future;
 use std::path::Path;
@@ -69,6 +70,11 @@ pub async fn serve(
     let metrics = Arc::new(Metrics::new());
     let reloader = reload::Reloader::new(metrics.clone());
     let arms = reloader.build_arms(&cfg).await?;
+    let trace = cfg
+        .trace
+        .as_ref()
+        .map(|t| trace::TraceSink::start(t, metrics.trace_dropped.clone()))
+        .transpose()?;
     let sched = scheduler::spawn(
         scheduler::Setup {
             arms,
@@ -76,6 +82,7 @@ pub async fn serve(
             total_slots: cfg.upstream.slots,
             limits: cfg.limits.clone(),
             upstream_name: cfg.upstream.url.to_string(),
+            trace,
         },
         metrics.clone(),
     );

@@ -206,6 +206,15 @@ async fn check(file: PathBuf) -> anyhow::Result<()> {
         "  listen {}  upstream {} ({} slots)",
         cfg.listen, cfg.upstream.url, cfg.upstream.slots
     );
+    match &cfg.trace {
+        Some(t) => println!(
+            "  trace {} (rotated at {} bytes, {} old files kept; no prompts or bodies)",
+            t.path.display(),
+            t.rotate_bytes,
+            t.keep
+        ),
+        None => println!("  trace off"),
+    }
     for (a, spec) in cfg.arms.iter().zip(&arms) {
         println!(
             "  arm {:<20} weight {:<5} plugin {} (sha256 {})",

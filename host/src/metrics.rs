@@ -129,6 +129,9 @@ pub struct Metrics {
     pub preempted_tokens: Family<ArmLabel, Counter>,
     /// Upstream answers of 503 (busy) that maitre requeued.
     pub upstream_busy_retries: Counter,
+    /// Trace records not written: the writer was behind (its queue full)
+    /// or the file could not be written.
+    pub trace_dropped: Counter,
 }
 
 impl Metrics {
@@ -154,6 +157,7 @@ impl Metrics {
             preemptions: Family::default(),
             preempted_tokens: Family::default(),
             upstream_busy_retries: Counter::default(),
+            trace_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -214,6 +218,11 @@ impl Metrics {
             "preempted_tokens",
             "Response chunks (tokens) of pre-empted requests thrown away; 0 for non-streaming requests, whose upstream sends nothing before the end",
             m.preempted_tokens.clone(),
+        );
+        registry.register(
+            "trace_dropped",
+            "Trace records not written (writer behind or file not writable)",
+            m.trace_dropped.clone(),
         );
         registry.register(
             "upstream_busy_retries",

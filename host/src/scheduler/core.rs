@@ -63,6 +63,9 @@ pub(super) struct Entry {
     pub(super) queued_total: Duration,
     pub(super) preemptions: u32,
     pub(super) busy_retries: u32,
+    /// Tokens its pre-emptions threw away: chunks already relayed, plus
+    /// what the caller reported the upstream had generated.
+    pub(super) thrown_tokens: u64,
     pub(super) state: State,
     pub(super) run: Option<Arc<Run>>,
     /// Upstream TTFB of a dispatch that was requeued (kept for the log).
@@ -84,7 +87,8 @@ pub(super) struct Core {
     self_tx: mpsc::UnboundedSender<Msg>,
     pub(super) draining: bool,
     pub(super) reload_error: Option<String>,
-    upstream_name: Arc<str>,
+    pub(super) upstream_name: Arc<str>,
+    pub(super) trace: Option<crate::trace::TraceSink>,
 }
 
 impl Core {
@@ -107,6 +111,7 @@ impl Core {
             draining: false,
             reload_error: None,
             upstream_name: setup.upstream_name.into(),
+            trace: setup.trace,
         };
         core.metrics.slots_total.set(core.total_slots as i64);
         core.install(setup.arms);
@@ -122,7 +127,12 @@ impl Core {
         let mut tick = tokio::time::interval(Duration::from_millis(self.limits.tick_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Biased, so that under a paused clock (tests, the simulator)
+            // the same inputs give the same turns; the tick goes first, as
+            // it fires at most once a period and cannot starve messages.
             tokio::select! {
+                biased;
+                _ = tick.tick() => self.on_tick(),
                 m = rx.recv() => {
                     let Some(m) = m else { break };
                     self.handle(m).await;
@@ -133,7 +143,6 @@ impl Core {
                         self.handle(m).await;
                     }
                 }
-                _ = tick.tick() => self.on_tick(),
             }
             self.decide().await;
             self.publish_waiting();
@@ -156,7 +165,11 @@ impl Core {
             }
             Msg::Gone { id } => self.gone(id),
             Msg::Finished { id, outcome } => self.finished(id, outcome),
-            Msg::Requeue { id, busy } => self.requeue(id, busy),
+            Msg::Requeue {
+                id,
+                busy,
+                lost_tokens,
+            } => self.requeue(id, busy, lost_tokens),
             Msg::Status { reply } => {
                 let _ = reply.send(self.status());
             }
@@ -259,6 +272,7 @@ impl Core {
                 queued_total: Duration::ZERO,
                 preemptions: 0,
                 busy_retries: 0,
+                thrown_tokens: 0,
                 state: State::Waiting,
                 run: None,
                 first_upstream_ttfb: None,

@@ -77,6 +77,7 @@ impl Core {
         }
         e.state = State::Preempting;
         let tokens = run.tokens();
+        e.thrown_tokens += tokens;
         let (class, model) = (e.class, e.meta.model.clone());
         if streaming {
             run.mark_cut();
@@ -217,7 +218,7 @@ impl Core {
     /// Puts a dispatched request back in its queue: after a transparent
     /// pre-emption, or after an upstream 503 (`busy`). A request whose arm
     /// lost its slots goes to a serving arm, so it is never stranded.
-    pub(super) fn requeue(&mut self, id: u64, busy: bool) {
+    pub(super) fn requeue(&mut self, id: u64, busy: bool, lost_tokens: u64) {
         let Some(e) = self.entries.get(&id) else {
             return;
         };
@@ -239,6 +240,7 @@ impl Core {
             self.metrics.upstream_busy_retries.inc();
         } else {
             e.preemptions += 1;
+            e.thrown_tokens += lost_tokens;
         }
         e.state = State::Waiting;
         e.enqueued_at = Instant::now();
@@ -286,6 +288,9 @@ impl Core {
             client_ttfb,
             outcome,
             preemptions: e.preemptions,
+            thrown_tokens: e.thrown_tokens,
+            tokens: e.run.as_ref().map(|r| r.tokens()).unwrap_or(0),
+            cut: e.run.as_ref().is_some_and(|r| r.is_cut()),
         });
     }
 }

@@ -71,6 +71,9 @@ pub(crate) enum Msg {
     Requeue {
         id: u64,
         busy: bool,
+        /// Tokens the upstream had generated for the aborted dispatch, when
+        /// the caller knows (the simulator does; the proxy cannot see them).
+        lost_tokens: u64,
     },
     Status {
         reply: oneshot::Sender<Status>,
@@ -177,6 +180,8 @@ pub struct Setup {
     pub limits: Limits,
     /// The upstream's name in views (its URL).
     pub upstream_name: String,
+    /// Where each ended request is traced, if anywhere.
+    pub trace: Option<crate::trace::TraceSink>,
 }
 
 /// Starts the scheduler task on the current tokio runtime.

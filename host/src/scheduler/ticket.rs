@@ -294,9 +294,17 @@ impl Ticket {
     /// The upstream request of a pre-empted dispatch has been aborted: put the
     /// request back in the queue.
     pub fn requeue_after_preempt(&mut self) {
+        self.requeue_after_preempt_losing(0);
+    }
+
+    /// [`Ticket::requeue_after_preempt`], saying how many tokens the
+    /// upstream had generated and were thrown away (the simulator knows;
+    /// they are counted with the chunks maitre saw).
+    pub fn requeue_after_preempt_losing(&mut self, tokens: u64) {
         let _ = self.tx.send(Msg::Requeue {
             id: self.id,
             busy: false,
+            lost_tokens: tokens,
         });
     }
 
@@ -306,6 +314,7 @@ impl Ticket {
         let _ = self.tx.send(Msg::Requeue {
             id: self.id,
             busy: true,
+            lost_tokens: 0,
         });
     }
 
