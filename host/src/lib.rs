@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod ab_table;
 pub mod admin;
 pub mod builtins;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod ready;
 pub mod reload;
 pub mod request;
 pub mod scheduler;
+pub mod simulate;
 pub mod trace;
 
 use std::future::Future;
