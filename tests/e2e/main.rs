@@ -16,5 +16,7 @@ mod proxy;
 mod ready;
 mod sandbox;
 mod scheduling;
+mod simulate;
 mod stalls;
 mod template;
+mod validation;

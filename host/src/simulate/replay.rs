@@ -131,7 +131,7 @@ async fn serve(sched: &SchedulerHandle, meta: RequestMeta, job: &Job, up: &Arc<U
         let preempted = tokio::select! {
             biased;
             () = run.preempt.cancelled() => true,
-            () = sleep_until(lease.granted + head) => false,
+            () = sleep_until(due(lease.granted, head)) => false,
         };
         if !preempted {
             run.mark_upstream_first_byte();
@@ -175,7 +175,7 @@ async fn relay(ticket: Ticket, run: &Arc<Run>, lease: Lease, plan: &Plan, stream
                         drop(take(&held));
                         return ticket.finish(Outcome::Cancelled);
                     }
-                    () = sleep_until(granted + plan.timing.token_ready(i)) => {}
+                    () = sleep_until(due(granted, plan.timing.token_ready(i))) => {}
                 }
             }
             run.add_token();
@@ -185,6 +185,14 @@ async fn relay(ticket: Ticket, run: &Arc<Run>, lease: Lease, plan: &Plan, stream
     run.add_token();
     drop(take(&held));
     ticket.finish(Outcome::Ok);
+}
+
+/// `offset` after `from`, to the nearest millisecond. Timers fire on whole
+/// milliseconds (tokio's resolution) and would round every wait up; rounding
+/// to the nearest keeps a queue of back-to-back requests from drifting late
+/// by half a millisecond per request.
+fn due(from: Instant, offset: Duration) -> Instant {
+    from + Duration::from_millis(((offset.as_nanos() + 500_000) / 1_000_000) as u64)
 }
 
 fn take(held: &Mutex<Option<Lease>>) -> Option<Lease> {

@@ -9,8 +9,10 @@
 //! timing; any other request draws one (seeded) from its model's measured
 //! ones. A request's length is its own when the trace shows it (the chunks
 //! of a stream; for an answer sent whole, its upstream time divided out by
-//! its model's timing), else its `num_predict`, else a draw from its
-//! model's lengths. `--prompt-ms` and `--token-ms` replace the timing, never
+//! its model's median timing), else its `num_predict`, else a draw from its
+//! model's lengths. An answer sent whole is replayed at the per-token time
+//! its length was derived with, the rest of its upstream time as its prompt
+//! time, so it takes as long as it did. `--prompt-ms` and `--token-ms` replace the timing, never
 //! the lengths: they model another machine running the same work.
 
 use std::collections::BTreeMap;
@@ -88,6 +90,9 @@ pub struct ModelTiming {
     pub tokens_p50: f64,
 }
 
+/// What the jobs of one model use: prompt times, per-token times, lengths.
+type Used = (Vec<f64>, Vec<f64>, Vec<f64>);
+
 /// A request's own timing and length, when its line shows them.
 struct Measured {
     prompt_ms: f64,
@@ -161,8 +166,11 @@ pub fn jobs(
         .iter()
         .map(|(k, m)| (*k, m.median_timing().unwrap_or(fallback)))
         .collect();
-    // Lengths of answers sent whole, now that each model has a basis.
+    // Lengths of answers sent whole, now that each model has a basis; such
+    // an answer is replayed at its model's per-token time, with what is left
+    // of its upstream time as its prompt time, so it takes as long as it did.
     let mut whole_len = vec![None; records.len()];
+    let mut whole_timing = vec![None; records.len()];
     for (i, (_, r)) in records.iter().enumerate() {
         if own[i].is_none()
             && !r.stream
@@ -172,6 +180,7 @@ pub fn jobs(
             let (prompt, token) = basis[r.model.as_str()];
             let n = ((ttft - prompt) / token).round().max(1.0) as u64;
             whole_len[i] = Some(n);
+            whole_timing[i] = Some(((ttft - n as f64 * token).max(0.0), token));
             if let Some(m) = models.get_mut(r.model.as_str()) {
                 m.lengths.push(n);
             }
@@ -180,13 +189,14 @@ pub fn jobs(
     let all_lengths: Vec<u64> = models.values().flat_map(|m| m.lengths.clone()).collect();
     let all_timings: Vec<(f64, f64)> = models.values().flat_map(|m| m.timings.clone()).collect();
     let mut rng = Rng::new(seed, 0x70b5);
-    let mut used: BTreeMap<&str, (Vec<f64>, Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    let mut used: BTreeMap<&str, Used> = BTreeMap::new();
     let mut out = Vec::with_capacity(records.len());
     for (i, (at, r)) in records.iter().enumerate() {
         let m = &models[r.model.as_str()];
         let pick_timing = |rng: &mut Rng, v: &[(f64, f64)]| v[rng.below(v.len())];
         let (prompt_ms, token_ms) = match &own[i] {
             Some(m) => (m.prompt_ms, m.token_ms),
+            None if let Some(t) = whole_timing[i] => t,
             None if !m.timings.is_empty() => pick_timing(&mut rng, &m.timings),
             None if !all_timings.is_empty() => pick_timing(&mut rng, &all_timings),
             None => fallback,
@@ -296,9 +306,40 @@ mod tests {
         assert_eq!(jobs[0].timing.prompt, Duration::from_millis(100));
         assert_eq!(jobs[0].timing.per_token, Duration::from_millis(20));
         assert_eq!(jobs[1].tokens, 30);
-        assert_eq!(jobs[1].timing, jobs[0].timing, "drawn from its model");
+        assert_eq!(jobs[1].timing, jobs[0].timing, "its model's median");
+        // A few ms of overhead go to the prompt time, not lost.
+        let recs = vec![
+            rec(true, 120.0, 11, 5.0 + 100.0 + 10.0 * 20.0),
+            rec(false, 100.0 + 30.0 * 20.0 + 3.0, 1, 5.0 + 703.0),
+        ];
+        let (whole, _) = super::jobs(&arrival_offsets(recs), TimingFlags::default(), 1);
+        assert_eq!(whole[1].tokens, 30);
+        assert_eq!(whole[1].timing.prompt, Duration::from_millis(103));
         assert_eq!(summary[0].measured, 1);
         assert_eq!(summary[0].token_ms_p50, 20.0);
+    }
+
+    #[test]
+    fn answers_sent_whole_take_as_long_as_they_did() {
+        // Streams measured at 10, 20 and 40 ms a token (no prompt time);
+        // ten answers sent whole of 5..14 tokens on the 20 ms median.
+        let mut recs: Vec<TraceRecord> = [10.0, 20.0, 40.0]
+            .iter()
+            .map(|pt| rec(true, *pt, 11, 5.0 + 10.0 * pt))
+            .collect();
+        for n in 5..15 {
+            recs.push(rec(false, n as f64 * 20.0, 1, 5.0 + n as f64 * 20.0));
+        }
+        let (jobs, _) = jobs(&arrival_offsets(recs), TimingFlags::default(), 3);
+        for (j, n) in jobs.iter().filter(|j| !j.stream).zip(5u64..) {
+            let plan = upstream_model::timing::Plan {
+                timing: j.timing,
+                tokens: j.tokens,
+                fail_after: None,
+            };
+            assert_eq!(j.tokens, n);
+            assert_eq!(plan.end(), Duration::from_millis(n * 20), "{j:?}");
+        }
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub struct PolicyFile {
     limits: Option<Limits>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ab: Option<Ab>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace: Option<Trace>,
     #[serde(rename = "policy", skip_serializing_if = "Vec::is_empty")]
     arms: Vec<Arm>,
 }
@@ -68,6 +70,14 @@ pub struct Limits {
     pub header_read_timeout_seconds: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub body_read_timeout_seconds: Option<u64>,
+}
+
+/// `[trace]`: where each scheduled request is recorded.
+#[derive(Clone, Debug, Serialize)]
+struct Trace {
+    path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rotate_bytes: Option<u64>,
 }
 
 /// `[ab]`: how traffic is split between the arms.
@@ -151,6 +161,7 @@ impl PolicyFile {
             },
             limits: None,
             ab: None,
+            trace: None,
             arms: Vec::new(),
         }
     }
@@ -170,6 +181,16 @@ impl PolicyFile {
     /// Sets `[ab]`.
     pub fn ab(mut self, ab: Ab) -> PolicyFile {
         self.ab = Some(ab);
+        self
+    }
+
+    /// Sets `[trace]`: one JSON line per scheduled request to `path`
+    /// (relative to the policy file's folder), rotated past `rotate_bytes`.
+    pub fn trace(mut self, path: impl Into<String>, rotate_bytes: Option<u64>) -> PolicyFile {
+        self.trace = Some(Trace {
+            path: path.into(),
+            rotate_bytes,
+        });
         self
     }
 
