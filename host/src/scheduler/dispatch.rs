@@ -279,6 +279,7 @@ impl Core {
             ),
             None => (e.first_upstream_ttfb, None),
         };
+        let cut = e.run.as_ref().is_some_and(|r| r.is_cut());
         self.record_end(super::report::Ended {
             arm: e.arm,
             class: e.class,
@@ -287,10 +288,12 @@ impl Core {
             upstream_ttfb,
             client_ttfb,
             outcome,
-            preemptions: e.preemptions,
+            // A cut is a pre-emption too (a transparent one was counted
+            // when its request was requeued).
+            preemptions: e.preemptions + u32::from(cut),
             thrown_tokens: e.thrown_tokens,
             tokens: e.run.as_ref().map(|r| r.tokens()).unwrap_or(0),
-            cut: e.run.as_ref().is_some_and(|r| r.is_cut()),
+            cut,
         });
     }
 }

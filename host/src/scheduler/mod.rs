@@ -40,6 +40,8 @@ pub mod ticket;
 mod tests;
 #[cfg(test)]
 mod tests_load;
+#[cfg(test)]
+mod tests_trace;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -98,6 +98,9 @@ pub struct Simulation {
     pub trace_seconds: f64,
     /// The upstream timing per model, as measured and used.
     pub models: Vec<ModelTiming>,
+    /// maitre's own time to start a request, measured from the trace and
+    /// added to every start (ms; see [`workload::dispatch_ms`]).
+    pub dispatch_ms: f64,
     /// One result per policy file, in the order given.
     pub policies: Vec<PolicyRun>,
 }
@@ -110,7 +113,12 @@ pub fn simulate(
 ) -> Result<Simulation, SimError> {
     let ordered = arrival_offsets(records);
     let trace_seconds = ordered.last().map(|x| x.0).unwrap_or(0.0) / 1000.0;
-    let (jobs, models) = workload::jobs(&ordered, opts.timing, opts.seed);
+    let (mut jobs, models) = workload::jobs(&ordered, opts.timing, opts.seed);
+    let dispatch_ms = workload::dispatch_ms(&ordered);
+    let dispatch = std::time::Duration::from_secs_f64(dispatch_ms / 1000.0);
+    for j in &mut jobs {
+        j.timing.prompt += dispatch;
+    }
     let jobs: Arc<[Job]> = jobs.into();
     let reloader = Reloader::new(Arc::new(Metrics::new()));
     let mut runs = Vec::new();
@@ -130,6 +138,7 @@ pub fn simulate(
         requests: jobs.len(),
         trace_seconds,
         models,
+        dispatch_ms,
         policies: runs,
     })
 }
@@ -186,6 +195,10 @@ impl Simulation {
                 m.model, m.requests, m.measured, m.prompt_ms_p50, m.token_ms_p50, m.tokens_p50
             ));
         }
+        out.push_str(&format!(
+            "  maitre's own time to start a request: {:.2} ms (measured, added to every start)\n",
+            self.dispatch_ms
+        ));
         for p in &self.policies {
             out.push_str(&format!(
                 "  policy {} ({}): {} slot(s), last request ended after {:.1} s\n",
