@@ -68,6 +68,9 @@ impl TraceSink {
                             }
                         }
                     }
+                    if let Err(e) = file.maybe_rotate() {
+                        tracing::error!(file = %file.path.display(), error = %e, "cannot rotate the trace file; writing on to it and trying again after another rotate_bytes");
+                    }
                 }
                 let _ = file.flush();
             })?;
@@ -129,10 +132,21 @@ impl Rotating {
         self.line.push(b'\n');
         self.out.write_all(&self.line)?;
         self.size += self.line.len() as u64;
-        if self.size >= self.rotate_bytes {
-            self.rotate()?;
-        }
         Ok(())
+    }
+
+    /// Rotates once the file has passed its size. When that fails (the
+    /// folder became read-only, say), the file goes on growing and the next
+    /// try comes after another `rotate_bytes`: a record is never lost to it.
+    fn maybe_rotate(&mut self) -> io::Result<()> {
+        if self.size < self.rotate_bytes {
+            return Ok(());
+        }
+        let r = self.rotate();
+        if r.is_err() {
+            self.size = 0;
+        }
+        r
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -233,6 +247,7 @@ mod tests {
         let mut f = Rotating::open(&cfg).unwrap();
         for i in 0..100 {
             f.write_record(&record(i)).unwrap();
+            f.maybe_rotate().unwrap();
         }
         f.flush().unwrap();
         assert!(numbered(&path, 1).exists() && numbered(&path, 2).exists());
@@ -250,6 +265,36 @@ mod tests {
         assert_eq!(new.last().unwrap().arrival_ms, 99.0);
         assert_eq!(one.last().unwrap().arrival_ms + 1.0, new[0].arrival_ms);
         assert_eq!(two.last().unwrap().arrival_ms + 1.0, one[0].arrival_ms);
+    }
+
+    #[test]
+    fn a_rotation_that_fails_loses_no_record_and_is_tried_again_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.jsonl");
+        // A non-empty folder where PATH.1 goes: the rename fails.
+        let blocker = numbered(&path, 1);
+        std::fs::create_dir(&blocker).unwrap();
+        std::fs::write(blocker.join("x"), "x").unwrap();
+        let cfg = TraceConfig {
+            path: path.clone(),
+            rotate_bytes: 2_000,
+            keep: 1,
+        };
+        let mut f = Rotating::open(&cfg).unwrap();
+        let mut failed = 0;
+        for i in 0..30 {
+            f.write_record(&record(i)).unwrap();
+            failed += f.maybe_rotate().is_err() as usize;
+        }
+        f.flush().unwrap();
+        assert!(failed >= 2, "tried again after another rotate_bytes");
+        assert_eq!(lines(&path).len(), 30, "every record is in PATH");
+        std::fs::remove_dir_all(&blocker).unwrap();
+        for i in 30..60 {
+            f.write_record(&record(i)).unwrap();
+            f.maybe_rotate().unwrap();
+        }
+        assert!(blocker.is_file(), "rotates again once it can");
     }
 
     #[test]
