@@ -211,6 +211,7 @@ async fn instance(name: &str) -> Instance {
     let limits = PluginLimits {
         call_budget: 5_000,
         memory_bytes: 512 << 20,
+        ..PluginLimits::default()
     };
     rt.instantiate(&compiled, limits, &config)
         .await

@@ -9,7 +9,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod ab;
+pub mod ab_table;
 pub mod admin;
 pub mod builtins;
 pub mod config;
@@ -23,6 +23,8 @@ pub mod ready;
 pub mod reload;
 pub mod request;
 pub mod scheduler;
+pub mod simulate;
+pub mod trace;
 
 use std::future::Future;
 use std::path::Path;
@@ -71,6 +73,11 @@ pub async fn serve(
     let metrics = Arc::new(Metrics::new());
     let reloader = reload::Reloader::new(metrics.clone());
     let arms = reloader.build_arms(&cfg).await?;
+    let trace = cfg
+        .trace
+        .as_ref()
+        .map(|t| trace::TraceSink::start(t, metrics.trace_dropped.clone()))
+        .transpose()?;
     let sched = scheduler::spawn(
         scheduler::Setup {
             arms,
@@ -78,6 +85,7 @@ pub async fn serve(
             total_slots: cfg.upstream.slots,
             limits: cfg.limits.clone(),
             upstream_name: cfg.upstream.url.to_string(),
+            trace,
         },
         metrics.clone(),
     );

@@ -1,4 +1,6 @@
-//! The `maitre` command: `serve`, `check` and `ab`.
+//! The `maitre` command: `serve`, `check`, `ab` and `simulate`.
+
+mod simulate_cli;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -68,21 +70,38 @@ enum Cmd {
         #[arg(long, default_value_t = 600.0)]
         window: f64,
     },
+    /// Replay a trace (or a generated one) through policy files in virtual
+    /// time, with the same scheduler and plugins as `serve`, and compare
+    /// them like `maitre ab`.
+    Simulate(simulate_cli::SimulateArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let cli = match cli.cmd {
+        // Runs its own runtimes, each on a virtual clock.
+        Cmd::Simulate(args) => {
+            init_quiet_logs();
+            return exit(simulate_cli::run(args));
+        }
+        cmd => cmd,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
     let r = rt.block_on(async move {
-        match cli.cmd {
+        match cli {
             Cmd::Serve(args) => serve(args).await,
             Cmd::Check { file } => check(file).await,
             Cmd::Ab { admin, window } => ab(&admin, window).await,
+            Cmd::Simulate(_) => unreachable!("run without a runtime above"),
         }
     });
+    exit(r)
+}
+
+fn exit(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -90,6 +109,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Warnings and errors only (a plugin ejected during a simulation), unless
+/// `MAITRE_LOG` says otherwise.
+fn init_quiet_logs() {
+    let spec = std::env::var("MAITRE_LOG").unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&spec)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn init_logs(json: bool) {
@@ -206,6 +238,15 @@ async fn check(file: PathBuf) -> anyhow::Result<()> {
         "  listen {}  upstream {} ({} slots)",
         cfg.listen, cfg.upstream.url, cfg.upstream.slots
     );
+    match &cfg.trace {
+        Some(t) => println!(
+            "  trace {} (rotated at {} bytes, {} old files kept; no prompts or bodies)",
+            t.path.display(),
+            t.rotate_bytes,
+            t.keep
+        ),
+        None => println!("  trace off"),
+    }
     for (a, spec) in cfg.arms.iter().zip(&arms) {
         let role = if a.shadow {
             "shadow      ".to_string()
@@ -243,6 +284,6 @@ async fn ab(admin: &str, window: f64) -> anyhow::Result<()> {
         );
     }
     let report: AbReport = serde_json::from_slice(&body).context("unexpected /ab answer")?;
-    print!("{}", maitre::ab::format_report(&report));
+    print!("{}", maitre::ab_table::format_ab(&report));
     Ok(())
 }

@@ -146,6 +146,9 @@ pub struct Metrics {
     /// Request body bytes maitre holds now, being read or waiting (at most
     /// `limits.max_total_body_bytes`).
     pub held_body_bytes: Gauge,
+    /// Trace records not written: the writer was behind (its queue full)
+    /// or the file could not be written.
+    pub trace_dropped: Counter,
 }
 
 impl Metrics {
@@ -174,6 +177,7 @@ impl Metrics {
             shadow_decisions: Family::default(),
             client_connections: Gauge::default(),
             held_body_bytes: Gauge::default(),
+            trace_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -234,6 +238,11 @@ impl Metrics {
             "preempted_tokens",
             "Response chunks (tokens) of pre-empted requests thrown away; 0 for non-streaming requests, whose upstream sends nothing before the end",
             m.preempted_tokens.clone(),
+        );
+        registry.register(
+            "trace_dropped",
+            "Trace records not written (writer behind or file not writable)",
+            m.trace_dropped.clone(),
         );
         registry.register(
             "upstream_busy_retries",

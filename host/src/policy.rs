@@ -12,7 +12,8 @@
 use std::sync::Arc;
 
 /// Service class of a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Class {
     /// A person is waiting for the first token.
     Realtime,

@@ -19,5 +19,7 @@ mod ready;
 mod sandbox;
 mod scheduling;
 mod shadow;
+mod simulate;
 mod stalls;
 mod template;
+mod validation;

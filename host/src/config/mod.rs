@@ -16,7 +16,7 @@ mod parse;
 #[cfg(test)]
 mod tests;
 
-pub use parse::parse_upstream_url;
+pub use parse::{DEFAULT_TRACE_KEEP, DEFAULT_TRACE_ROTATE_BYTES, parse_upstream_url};
 
 /// Default client listener: Ollama's port + 1, so clients set `OLLAMA_HOST=127.0.0.1:11435`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:11435";
@@ -162,6 +162,20 @@ pub struct UpstreamConfig {
     pub first_byte_timeout_seconds: u64,
 }
 
+/// The `[trace]` table: where maitre records one JSON line per scheduled
+/// request (no prompt, no body), for `maitre simulate` and for people.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceConfig {
+    /// The trace file (relative paths are resolved against the policy file's
+    /// folder); lines are appended.
+    pub path: PathBuf,
+    /// Once the file passes this size (bytes) it is renamed to `PATH.1`
+    /// (older ones to `.2`, ...) and a new file is started.
+    pub rotate_bytes: u64,
+    /// Rotated files kept (`PATH.1` .. `PATH.keep`); older ones are deleted.
+    pub keep: u32,
+}
+
 /// A validated policy file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -183,6 +197,8 @@ pub struct Config {
     pub ab: AbConfig,
     /// The policy arms, at least one.
     pub arms: Vec<ArmConfig>,
+    /// Request tracing, when the file has a `[trace]` table.
+    pub trace: Option<TraceConfig>,
 }
 
 /// What is wrong with a policy file.

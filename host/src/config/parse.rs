@@ -13,7 +13,7 @@ use crate::builtins;
 
 use super::{
     AbConfig, AbMode, ArmConfig, Config, ConfigError, DEFAULT_LISTEN, DEFAULT_UPSTREAM, Limits,
-    PluginSource, UpstreamConfig,
+    PluginSource, TraceConfig, UpstreamConfig,
 };
 
 #[derive(Deserialize)]
@@ -26,6 +26,7 @@ struct RawFile {
     upstream: Option<Spanned<RawUpstream>>,
     limits: Option<RawLimits>,
     ab: Option<RawAb>,
+    trace: Option<Spanned<RawTrace>>,
     policy: Option<Spanned<Vec<Spanned<RawPolicy>>>>,
 }
 
@@ -63,6 +64,19 @@ struct RawAb {
     key_header: Option<String>,
     window_seconds: Option<Spanned<f64>>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrace {
+    path: Option<Spanned<String>>,
+    rotate_bytes: Option<Spanned<i64>>,
+    keep: Option<Spanned<i64>>,
+}
+
+/// `[trace] rotate_bytes` when the file does not set it.
+pub const DEFAULT_TRACE_ROTATE_BYTES: u64 = 64 << 20;
+/// `[trace] keep` when the file does not set it.
+pub const DEFAULT_TRACE_KEEP: u32 = 3;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -324,6 +338,11 @@ impl Config {
             }
         };
 
+        let trace = match &raw.trace {
+            None => None,
+            Some(t) => Some(parse_trace(&cx, t, base)?),
+        };
+
         let Some(policies) = raw.policy.as_ref() else {
             return Err(cx.err(
                 0..0,
@@ -462,8 +481,53 @@ impl Config {
             limits,
             ab,
             arms,
+            trace,
         })
     }
+}
+
+/// The `[trace]` table: a path is required, the rest has defaults.
+fn parse_trace(
+    cx: &Ctx<'_>,
+    t: &Spanned<RawTrace>,
+    base: &Path,
+) -> Result<TraceConfig, ConfigError> {
+    let raw = t.get_ref();
+    let path = match &raw.path {
+        Some(p) if !p.get_ref().trim().is_empty() => {
+            let rel = Path::new(p.get_ref());
+            if rel.is_absolute() {
+                rel.to_path_buf()
+            } else {
+                base.join(rel)
+            }
+        }
+        Some(p) => {
+            return Err(cx.err(
+                p.span(),
+                "trace.path",
+                "is empty: give the file to write, e.g. path = \"maitre-trace.jsonl\"",
+            ));
+        }
+        None => {
+            return Err(cx.err(
+                t.span(),
+                "trace.path",
+                "missing: [trace] needs the file to write, e.g. path = \"maitre-trace.jsonl\" (relative to this file), or remove [trace]",
+            ));
+        }
+    };
+    Ok(TraceConfig {
+        path,
+        rotate_bytes: cx.int(
+            &raw.rotate_bytes,
+            "trace.rotate_bytes",
+            4096,
+            1 << 40,
+            DEFAULT_TRACE_ROTATE_BYTES as i64,
+        )? as u64,
+        keep: cx.int(&raw.keep, "trace.keep", 1, 100, DEFAULT_TRACE_KEEP as i64)? as u32,
+    })
 }
 
 fn valid_name(n: &str) -> bool {

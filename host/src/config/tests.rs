@@ -200,3 +200,54 @@ fn a_total_body_budget_below_one_body_is_refused() {
     let e = parse(&text).unwrap_err().to_string();
     assert!(e.contains("raise max_total_body_bytes"), "{e}");
 }
+
+#[test]
+fn trace_table_resolves_its_path_and_takes_defaults() {
+    assert_eq!(parse(GOOD).unwrap().trace, None, "no [trace]: no tracing");
+    let c = parse(&format!("{GOOD}\n[trace]\npath = \"traces/t.jsonl\"\n")).unwrap();
+    assert_eq!(
+        c.trace,
+        Some(TraceConfig {
+            path: PathBuf::from("dir/traces/t.jsonl"),
+            rotate_bytes: DEFAULT_TRACE_ROTATE_BYTES,
+            keep: DEFAULT_TRACE_KEEP,
+        })
+    );
+    let c = parse(&format!(
+        "{GOOD}\n[trace]\npath = \"/var/t.jsonl\"\nrotate_bytes = 10000\nkeep = 5\n"
+    ))
+    .unwrap();
+    let t = c.trace.unwrap();
+    assert_eq!(
+        (t.path, t.rotate_bytes, t.keep),
+        (PathBuf::from("/var/t.jsonl"), 10_000, 5)
+    );
+}
+
+#[test]
+fn trace_mistakes_name_line_and_key() {
+    let e = parse(&format!("{GOOD}\n[trace]\nrotate_bytes = 10000\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("dir/policy.toml:18: trace.path: missing"),
+        "{e}"
+    );
+    let e = parse(&format!(
+        "{GOOD}\n[trace]\npath = \"t\"\nrotate_bytes = 10\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        e,
+        "dir/policy.toml:20: trace.rotate_bytes: must be a whole number from 4096 to 1099511627776, got 10"
+    );
+    let e = parse(&format!("{GOOD}\n[trace]\npath = \"t\"\nrotate = 1\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown field `rotate`"), "{e}");
+    let e = parse(&format!("{GOOD}\n[trace]\npath = \" \"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("trace.path: is empty"), "{e}");
+}

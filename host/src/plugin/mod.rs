@@ -16,6 +16,14 @@
 //!   WASI bindings yield to tokio while the guest is blocked, so this deadline
 //!   fires there too.
 //!
+//! Under a paused (virtual) tokio clock, as `maitre simulate` runs, the
+//! wall-clock deadline is measured on that clock, and it still cannot cut a
+//! plugin that computes: virtual time moves only while every task waits, and
+//! a computing plugin's call never waits (with [`PluginLimits::virtual_time`]
+//! it does not even yield at epoch ticks). A plugin that waits (sleeps) is
+//! stopped after the same virtual deadline as `serve` would stop it after on
+//! the real clock, and the CPU budget stays real.
+//!
 //! A trapped or abandoned store is poisoned, so the instance is marked dead
 //! and the caller (the scheduler) falls back to FIFO for that arm.
 //!
@@ -59,9 +67,25 @@ pub struct PluginLimits {
     pub call_budget: u64,
     /// Largest linear memory, in bytes.
     pub memory_bytes: usize,
+    /// The host runs on a paused, virtual tokio clock (`maitre simulate`):
+    /// a call does not yield to the runtime at each epoch tick, so how fast
+    /// this machine runs a plugin never changes the order in which other
+    /// tasks see events, and the same inputs give the same decisions.
+    /// `serve` yields, so a long call does not hold up the other tasks of
+    /// its thread.
+    pub virtual_time: bool,
 }
 
 impl PluginLimits {
+    /// The limits a policy file's `[limits]` sets, on the real clock.
+    pub fn of(limits: &crate::config::Limits) -> PluginLimits {
+        PluginLimits {
+            call_budget: limits.plugin_call_ms,
+            memory_bytes: limits.plugin_memory_mib << 20,
+            virtual_time: false,
+        }
+    }
+
     /// Wall-clock deadline of one call (`init` included): the budget plus
     /// a quarter of it and 25 ms of slack for a busy host, so a plugin that
     /// computes within its budget is never cut by scheduling jitter, while one
@@ -76,6 +100,7 @@ impl Default for PluginLimits {
         PluginLimits {
             call_budget: 50,
             memory_bytes: 64 << 20,
+            virtual_time: false,
         }
     }
 }
@@ -172,11 +197,16 @@ impl Runtime {
         // all point at the same guest bytes, so without a bound a plugin could
         // make the host allocate far more than the plugin itself holds.
         store.set_hostcall_fuel(limits.memory_bytes);
-        store.epoch_deadline_callback(|mut cx| {
+        let virtual_time = limits.virtual_time;
+        store.epoch_deadline_callback(move |mut cx| {
             let s = cx.data_mut();
             if s.ticks_left > 0 {
                 s.ticks_left -= 1;
-                Ok(UpdateDeadline::Yield(1))
+                Ok(if virtual_time {
+                    UpdateDeadline::Continue(1)
+                } else {
+                    UpdateDeadline::Yield(1)
+                })
             } else {
                 Err(Trap::Interrupt.into())
             }
@@ -369,3 +399,6 @@ impl Instance {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests;

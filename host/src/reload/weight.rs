@@ -66,10 +66,7 @@ impl Reloader {
             return Ok(());
         }
         let shares = slot_shares(status.slots, &weights, None);
-        let limits = PluginLimits {
-            call_budget: cfg.limits.plugin_call_ms,
-            memory_bytes: cfg.limits.plugin_memory_mib << 20,
-        };
+        let limits = PluginLimits::of(&cfg.limits);
         for (a, share) in status.arms.iter().zip(shares) {
             // An arm left with no slot drains; one whose share is unchanged
             // was checked when it was loaded.

@@ -65,6 +65,9 @@ pub(super) struct Entry {
     pub(super) queued_total: Duration,
     pub(super) preemptions: u32,
     pub(super) busy_retries: u32,
+    /// Tokens its pre-emptions threw away: chunks already relayed, plus
+    /// what the caller reported the upstream had generated.
+    pub(super) thrown_tokens: u64,
     pub(super) state: State,
     pub(super) run: Option<Arc<Run>>,
     /// Upstream TTFB of a dispatch that was requeued (kept for the log).
@@ -93,6 +96,7 @@ pub(super) struct Core {
     pub(super) upstream_name: Arc<str>,
     /// Requests waiting over all arms, for [`super::SchedulerHandle::waiting`].
     waiting_now: Arc<AtomicUsize>,
+    pub(super) trace: Option<crate::trace::TraceSink>,
 }
 
 impl Core {
@@ -118,6 +122,7 @@ impl Core {
             reload_error: None,
             upstream_name: setup.upstream_name.into(),
             waiting_now,
+            trace: setup.trace,
         };
         core.metrics.slots_total.set(core.total_slots as i64);
         core.install(setup.arms);
@@ -133,7 +138,12 @@ impl Core {
         let mut tick = tokio::time::interval(Duration::from_millis(self.limits.tick_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Biased, so that under a paused clock (tests, the simulator)
+            // the same inputs give the same turns; the tick goes first, as
+            // it fires at most once a period and cannot starve messages.
             tokio::select! {
+                biased;
+                _ = tick.tick() => self.on_tick(),
                 m = rx.recv() => {
                     let Some(m) = m else { break };
                     self.handle(m).await;
@@ -144,7 +154,6 @@ impl Core {
                         self.handle(m).await;
                     }
                 }
-                _ = tick.tick() => self.on_tick(),
             }
             self.decide().await;
             self.publish_waiting();
@@ -167,7 +176,12 @@ impl Core {
             }
             Msg::Gone { id } => self.gone(id),
             Msg::Finished { id, outcome } => self.finished(id, outcome),
-            Msg::Requeue { id, busy, signal } => self.requeue(id, busy, signal),
+            Msg::Requeue {
+                id,
+                busy,
+                signal,
+                lost_tokens,
+            } => self.requeue(id, busy, signal, lost_tokens),
             Msg::Status { reply } => {
                 let _ = reply.send(self.status());
             }
@@ -272,6 +286,7 @@ impl Core {
                 queued_total: Duration::ZERO,
                 preemptions: 0,
                 busy_retries: 0,
+                thrown_tokens: 0,
                 state: State::Waiting,
                 run: None,
                 first_upstream_ttfb: None,

@@ -78,6 +78,7 @@ impl Core {
         }
         e.state = State::Preempting;
         let tokens = run.tokens();
+        e.thrown_tokens += tokens;
         let (class, model) = (e.class, e.meta.model.clone());
         if streaming {
             run.mark_cut();
@@ -220,7 +221,13 @@ impl Core {
     /// Puts a dispatched request back in its queue: after a transparent
     /// pre-emption, or after an upstream 503 (`busy`). A request whose arm
     /// lost its slots goes to a serving arm, so it is never stranded.
-    pub(super) fn requeue(&mut self, id: u64, busy: bool, signal: oneshot::Sender<Signal>) {
+    pub(super) fn requeue(
+        &mut self,
+        id: u64,
+        busy: bool,
+        signal: oneshot::Sender<Signal>,
+        lost_tokens: u64,
+    ) {
         let Some(e) = self.entries.get_mut(&id) else {
             return;
         };
@@ -243,6 +250,7 @@ impl Core {
             self.metrics.upstream_busy_retries.inc();
         } else {
             e.preemptions += 1;
+            e.thrown_tokens += lost_tokens;
         }
         e.state = State::Waiting;
         e.enqueued_at = Instant::now();
@@ -281,6 +289,7 @@ impl Core {
             ),
             None => (e.first_upstream_ttfb, None),
         };
+        let cut = e.run.as_ref().is_some_and(|r| r.is_cut());
         self.record_end(super::report::Ended {
             arm: e.arm,
             class: e.class,
@@ -289,7 +298,12 @@ impl Core {
             upstream_ttfb,
             client_ttfb,
             outcome,
-            preemptions: e.preemptions,
+            // A cut is a pre-emption too (a transparent one was counted
+            // when its request was requeued).
+            preemptions: e.preemptions + u32::from(cut),
+            thrown_tokens: e.thrown_tokens,
+            tokens: e.run.as_ref().map(|r| r.tokens()).unwrap_or(0),
+            cut,
         });
     }
 }

@@ -49,6 +49,8 @@ mod tests_load;
 #[cfg(test)]
 mod tests_shadow;
 #[cfg(test)]
+mod tests_trace;
+#[cfg(test)]
 mod tests_window;
 
 use std::sync::Arc;
@@ -86,6 +88,9 @@ pub(crate) enum Msg {
         busy: bool,
         /// Where the next go-ahead goes.
         signal: oneshot::Sender<Signal>,
+        /// Tokens the upstream had generated for the aborted dispatch, when
+        /// the caller knows (the simulator does; the proxy cannot see them).
+        lost_tokens: u64,
     },
     Status {
         reply: oneshot::Sender<Status>,
@@ -207,6 +212,8 @@ pub struct Setup {
     pub limits: Limits,
     /// The upstream's name in views (its URL).
     pub upstream_name: String,
+    /// Where each ended request is traced, if anywhere.
+    pub trace: Option<crate::trace::TraceSink>,
 }
 
 /// Starts the scheduler task on the current tokio runtime.

@@ -1,5 +1,6 @@
 //! What the scheduler reports: each ended request (log line, metrics, A/B
-//! sample), `/status`, and the A/B comparison of arms over a window.
+//! sample, trace line), `/status`, and the A/B comparison of arms over a
+//! window.
 
 use std::time::{Duration, SystemTime};
 
@@ -25,6 +26,8 @@ pub(super) struct Sample {
     ttft_ms: Option<f64>,
     /// Switchback cycle it arrived in (see [`compare`]).
     turn: u64,
+    preemptions: u32,
+    thrown_tokens: u64,
 }
 
 /// Samples kept per arm (the oldest go first).
@@ -40,6 +43,12 @@ pub(super) struct Ended<'a> {
     pub(super) client_ttfb: Option<Duration>,
     pub(super) outcome: Outcome,
     pub(super) preemptions: u32,
+    /// Tokens its pre-emptions threw away.
+    pub(super) thrown_tokens: u64,
+    /// Response chunks relayed by its last dispatch.
+    pub(super) tokens: u64,
+    /// Its stream was cut by a pre-emption.
+    pub(super) cut: bool,
 }
 
 impl Core {
@@ -59,6 +68,9 @@ impl Core {
             client_ttfb: None,
             outcome: Outcome::Rejected,
             preemptions: 0,
+            thrown_tokens: 0,
+            tokens: 0,
+            cut: false,
         });
     }
 
@@ -73,6 +85,9 @@ impl Core {
             client_ttfb,
             outcome,
             preemptions,
+            thrown_tokens,
+            tokens,
+            cut,
         } = end;
         let arm = &mut self.arms[a];
         let total = meta.arrival.elapsed();
@@ -137,7 +152,47 @@ impl Core {
             queue_ms: ms(queued),
             ttft_ms: client_ttfb.map(ms),
             turn,
+            preemptions,
+            thrown_tokens,
         });
+        if let Some(sink) = &self.trace {
+            use crate::trace::{TraceOutcome, TraceRecord, round_ms};
+            let arm = &self.arms[a];
+            let ago = meta.arrival.elapsed();
+            let arrival_unix_ms = SystemTime::now()
+                .checked_sub(ago)
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            sink.record(TraceRecord {
+                arrival_unix_ms,
+                arrival_ms: round_ms(ms(meta.arrival.saturating_duration_since(self.origin))),
+                class_hint: Class::from_priority_header(meta.priority_header.as_deref()),
+                class,
+                tenant: meta.tenant.as_deref().map(str::to_string),
+                model: meta.model.to_string(),
+                path: meta.path.clone(),
+                stream: meta.stream,
+                num_predict: meta.num_predict,
+                body_bytes: meta.body_bytes,
+                client: Some(sink.client_id(&meta.client_key)),
+                backend: self.upstream_name.to_string(),
+                arm: arm.name.to_string(),
+                queue_ms: round_ms(ms(queued)),
+                upstream_ttft_ms: upstream_ttfb.map(|d| round_ms(ms(d))),
+                ttft_ms: client_ttfb.map(|d| round_ms(ms(d))),
+                tokens,
+                duration_ms: round_ms(ms(total)),
+                preemptions,
+                outcome: match outcome {
+                    Outcome::Ok => TraceOutcome::Ok,
+                    Outcome::Cancelled if cut => TraceOutcome::Cut,
+                    Outcome::Cancelled => TraceOutcome::Cancelled,
+                    Outcome::Rejected => TraceOutcome::Rejected,
+                    Outcome::UpstreamError => TraceOutcome::UpstreamError,
+                },
+            });
+        }
     }
 
     pub(super) fn status(&self) -> Status {
@@ -297,6 +352,8 @@ fn row(arm: String, class: Class, s: &[&Sample], span_min: f64) -> AbRow {
         queue_p50_ms: percentile(&queue, 0.50),
         queue_p95_ms: percentile(&queue, 0.95),
         completions_per_min: ok as f64 / span_min.max(1e-9),
+        preemptions: s.iter().map(|s| s.preemptions as u64).sum(),
+        preempted_tokens: s.iter().map(|s| s.thrown_tokens).sum(),
     }
 }
 
@@ -431,6 +488,14 @@ pub struct AbRow {
     pub queue_p95_ms: Option<f64>,
     /// Completed requests per minute.
     pub completions_per_min: f64,
+    /// Pre-emptions suffered by the requests that ended in the window.
+    #[serde(default)]
+    pub preemptions: u64,
+    /// Tokens those pre-emptions threw away: response chunks already
+    /// relayed (live, a non-streamed answer's lost work is not visible);
+    /// in `maitre simulate`, every token the modelled upstream had made.
+    #[serde(default)]
+    pub preempted_tokens: u64,
 }
 
 #[cfg(test)]

@@ -112,6 +112,7 @@ pub(super) fn start(slots: u32, arms: Vec<ArmSpec>, ab: AbConfig, limits: Limits
             total_slots: slots,
             limits,
             upstream_name: "http://upstream".into(),
+            trace: None,
         },
         metrics.clone(),
     );

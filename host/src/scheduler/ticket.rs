@@ -303,26 +303,34 @@ impl Ticket {
 
     /// Asks the scheduler to put the request back in the queue, with a new
     /// channel for its next go-ahead.
-    fn requeue(&mut self, busy: bool) {
+    fn requeue(&mut self, busy: bool, lost_tokens: u64) {
         let (signal, rx) = oneshot::channel();
         self.rx = Some(rx);
         let _ = self.tx.send(Msg::Requeue {
             id: self.id,
             busy,
             signal,
+            lost_tokens,
         });
     }
 
     /// The upstream request of a pre-empted dispatch has been aborted: put the
     /// request back in the queue.
     pub fn requeue_after_preempt(&mut self) {
-        self.requeue(false);
+        self.requeue_after_preempt_losing(0);
+    }
+
+    /// [`Ticket::requeue_after_preempt`], saying how many tokens the
+    /// upstream had generated and were thrown away (the simulator knows;
+    /// they are counted with the chunks maitre saw).
+    pub fn requeue_after_preempt_losing(&mut self, tokens: u64) {
+        self.requeue(false, tokens);
     }
 
     /// The upstream answered 503 busy before any byte reached the client: put
     /// the request back in the queue.
     pub fn requeue_after_busy(&mut self) {
-        self.requeue(true);
+        self.requeue(true, 0);
     }
 
     /// The request ended; `outcome` is logged and counted.

@@ -273,6 +273,8 @@ async fn maitre_ab_prints_both_arms() {
         "queue_p50",
         "queue_p95",
         "done/min",
+        "preempt",
+        "lost_tok",
     ] {
         assert!(
             header.split_whitespace().any(|c| c == col),
@@ -286,7 +288,7 @@ async fn maitre_ab_prints_both_arms() {
             let row: Vec<&str> = stdout
                 .lines()
                 .map(|l| l.split_whitespace().collect::<Vec<_>>())
-                .find(|f| f.len() == 14 && f[0] == arm && f[1] == class)
+                .find(|f| f.len() == 16 && f[0] == arm && f[1] == class)
                 .unwrap_or_else(|| panic!("no row {arm} {class}:\n{stdout}"));
             let n = sent
                 .get(&(arm.to_string(), class))
@@ -298,6 +300,7 @@ async fn maitre_ab_prints_both_arms() {
                 (n.as_str(), n.as_str(), "0", "0", "0", n.as_str()),
                 "{stdout}"
             );
+            assert_eq!((row[14], row[15]), ("0", "0"), "no pre-emption: {stdout}");
         }
     }
     assert!(sent.keys().any(|(a, _)| a == "reserved") && sent.keys().any(|(a, _)| a == "fifo"));

@@ -33,6 +33,8 @@ pub struct PolicyFile {
     limits: Option<Limits>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ab: Option<Ab>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace: Option<Trace>,
     #[serde(rename = "policy", skip_serializing_if = "Vec::is_empty")]
     arms: Vec<Arm>,
 }
@@ -74,6 +76,14 @@ pub struct Limits {
     pub max_total_body_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u64>,
+}
+
+/// `[trace]`: where each scheduled request is recorded.
+#[derive(Clone, Debug, Serialize)]
+struct Trace {
+    path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rotate_bytes: Option<u64>,
 }
 
 /// `[ab]`: how traffic is split between the arms.
@@ -167,6 +177,7 @@ impl PolicyFile {
             },
             limits: None,
             ab: None,
+            trace: None,
             arms: Vec::new(),
         }
     }
@@ -192,6 +203,16 @@ impl PolicyFile {
     /// Sets `[ab]`.
     pub fn ab(mut self, ab: Ab) -> PolicyFile {
         self.ab = Some(ab);
+        self
+    }
+
+    /// Sets `[trace]`: one JSON line per scheduled request to `path`
+    /// (relative to the policy file's folder), rotated past `rotate_bytes`.
+    pub fn trace(mut self, path: impl Into<String>, rotate_bytes: Option<u64>) -> PolicyFile {
+        self.trace = Some(Trace {
+            path: path.into(),
+            rotate_bytes,
+        });
         self
     }
 

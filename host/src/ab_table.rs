@@ -1,28 +1,40 @@
-//! The A/B report as text: the table `maitre ab` prints (and `maitre
-//! simulate` beside it), then each arm's differences from the first with
-//! their confidence intervals and a verdict.
+//! The A/B table as people read it: one row per arm (or policy) and class,
+//! printed by `maitre ab` for a running maitre and by `maitre simulate` for
+//! each simulated policy, side by side; then each arm's differences from the
+//! first with their confidence intervals and a verdict, and the shadow arms.
 
-use crate::scheduler::AbReport;
 use crate::scheduler::compare::Comparison;
 use crate::scheduler::shadow::ShadowReport;
+use crate::scheduler::{AbReport, AbRow};
 
-/// The `/ab` report as a table: one row per arm and class. Columns: requests
-/// that ended in the window, answered, rejected, cancelled by the client,
-/// upstream errors, TTFT samples and percentiles, queue wait percentiles,
-/// answered requests per minute.
-pub fn format_report(r: &AbReport) -> String {
+/// `maitre ab`'s table: the `/ab` report of a running maitre.
+pub fn format_ab(r: &AbReport) -> String {
+    let rows: Vec<(String, &AbRow)> = r.rows.iter().map(|row| (row.arm.clone(), row)).collect();
+    format!(
+        "A/B comparison over the last {:.0} s\n{}{}{}",
+        r.window_seconds,
+        format_rows("arm", &rows),
+        format_comparisons(&r.mode, &r.comparisons),
+        format_shadows(&r.shadows)
+    )
+}
+
+/// The table of `rows`, each named by its label (first column, headed
+/// `label`). Columns: requests that ended, answered, rejected, cancelled by
+/// the client, upstream errors, TTFT samples and percentiles, queue wait
+/// percentiles, answered requests per minute, pre-emptions and the tokens
+/// they threw away.
+pub fn format_rows(label: &str, rows: &[(String, &AbRow)]) -> String {
     let f = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
-    let w = r
-        .rows
+    let w = rows
         .iter()
-        .map(|row| row.arm.len())
+        .map(|(l, _)| l.len())
+        .chain([label.len()])
         .max()
-        .unwrap_or(0)
-        .max(3);
-    let mut out = format!("A/B comparison over the last {:.0} s\n", r.window_seconds);
-    out.push_str(&format!(
-        "{:<w$} {:<9} {:>6} {:>6} {:>5} {:>5} {:>5} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
-        "arm",
+        .unwrap_or(0);
+    let mut out = format!(
+        "{:<w$} {:<9} {:>6} {:>6} {:>5} {:>5} {:>5} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9}\n",
+        label,
         "class",
         "reqs",
         "ok",
@@ -35,12 +47,14 @@ pub fn format_report(r: &AbReport) -> String {
         "ttft_p99",
         "queue_p50",
         "queue_p95",
-        "done/min"
-    ));
-    for row in &r.rows {
+        "done/min",
+        "preempt",
+        "lost_tok"
+    );
+    for (l, row) in rows {
         out.push_str(&format!(
-            "{:<w$} {:<9} {:>6} {:>6} {:>5} {:>5} {:>5} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9.1}\n",
-            row.arm,
+            "{:<w$} {:<9} {:>6} {:>6} {:>5} {:>5} {:>5} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9.1} {:>7} {:>9}\n",
+            l,
             row.class,
             row.requests,
             row.ok,
@@ -53,12 +67,12 @@ pub fn format_report(r: &AbReport) -> String {
             f(row.ttft_p99_ms),
             f(row.queue_p50_ms),
             f(row.queue_p95_ms),
-            row.completions_per_min
+            row.completions_per_min,
+            row.preemptions,
+            row.preempted_tokens
         ));
     }
-    out.push_str("times in ms (ttft = arrival to first byte sent to the client; queue = time waiting in maitre); a difference smaller than the spread between p50 and p95 needs more samples to mean anything\n");
-    out.push_str(&format_comparisons(&r.mode, &r.comparisons));
-    out.push_str(&format_shadows(&r.shadows));
+    out.push_str("times in ms (ttft = arrival to first byte sent to the client; queue = time waiting in maitre); preempt = pre-emptions of the requests in the row, lost_tok = tokens they threw away; a difference smaller than the spread between p50 and p95 needs more samples to mean anything\n");
     out
 }
 
