@@ -11,6 +11,15 @@ use clap::{Parser, Subcommand};
 use maitre::config::{Config, parse_upstream_url};
 use maitre::scheduler::AbReport;
 
+// jemalloc rather than the system allocator: every open connection holds two
+// 8 KiB hyper buffers that a waiting request never writes to; jemalloc keeps
+// no header inside an allocation, so their untouched pages stay out of
+// memory (the load_10k bench: 16.2 KiB per waiting request with glibc's
+// malloc, ~10 with jemalloc).
+#[cfg(unix)]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "maitre",

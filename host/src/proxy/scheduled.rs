@@ -43,7 +43,8 @@ enum Sent {
     Preempted,
 }
 
-/// Phases 3–5 of a queued request: what a waiting request's memory is.
+/// Phases 3–5 of a queued request, boxed: while it waits, this future and
+/// its [`Queued`] state are all the memory a request has of its own.
 type Waiting = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Refusal>> + Send>>;
 
 /// A request that is read and queued: all it keeps while it waits.
@@ -136,6 +137,7 @@ impl Proxy {
 
     /// Phases 3–5, with the loop back to waiting after a pre-emption or an
     /// upstream-busy answer.
+    ///
     /// `q`'s fields are used in place, not moved into locals: a copy would
     /// double the state every waiting request keeps.
     async fn run(self: Arc<Self>, mut q: Queued) -> Result<Response<ProxyBody>, Refusal> {
