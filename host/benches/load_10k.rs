@@ -1,6 +1,7 @@
 //! Load test (not run in CI): 10,000 concurrent waiting connections against a
-//! slow upstream, then a full drain. Prints maitre's idle and peak RSS, the
-//! memory per waiting request, and how many requests got their answer.
+//! slow upstream, then a full drain. Prints maitre's idle RSS, its RSS once
+//! every request waits, the memory per waiting request, the peak during the
+//! drain, and how many requests got their answer.
 //!
 //!     cargo bench -p maitre --bench load_10k            # N=10000
 //!     MAITRE_LOAD_N=2000 cargo bench -p maitre --bench load_10k
@@ -9,10 +10,20 @@
 //! hold both slots while every other request queues in maitre, then the rest
 //! drain fast. Needs `ulimit -n` above N + a few hundred (maitre and this
 //! process each hold N sockets).
+//!
+//! Connections are opened in batches of `MAITRE_LOAD_BATCH` (default 500),
+//! each batch once maitre counts the previous one as waiting
+//! (`maitre_waiting_requests`): opening 10,000 at once overflows the listen
+//! queue of a small machine, and the connections that time out in the SYN
+//! queue would never wait in maitre, making the figure per waiting request
+//! meaningless. `MAITRE_LOAD_BIN` runs another program instead of the
+//! `maitre` binary (e.g. a script that runs it under `valgrind --tool=massif`).
 
 use std::time::{Duration, Instant};
 
-use maitre_testkit::{Arm, EventKind, Limits, ModelConfig, PolicyFile, Serve, UpstreamModel};
+use maitre_testkit::{
+    Arm, EventKind, Limits, ModelConfig, PolicyFile, Scrape, Serve, UpstreamModel,
+};
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -24,12 +35,21 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Requests maitre counts as waiting, over all arms.
+async fn waiting(admin: &str) -> usize {
+    Scrape::get(admin).await.sum("maitre_waiting_requests", &[]) as usize
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let n: usize = std::env::var("MAITRE_LOAD_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
+    let env = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let n = env("MAITRE_LOAD_N", 10_000);
+    let batch = env("MAITRE_LOAD_BATCH", 500).max(1);
     let fake = UpstreamModel::start(ModelConfig {
         slots: 2,
         token_delay: Duration::ZERO,
@@ -39,17 +59,20 @@ async fn main() {
     .await
     .unwrap();
     let policy = PolicyFile::new(fake.url(), 2)
-        .no_admin()
         .limits(Limits {
             max_waiting: Some(n as u64 + 100),
+            max_connections: Some(n as u64 + 100),
             ..Limits::default()
         })
         .arm(Arm::builtin("reserved-aging", "reserved-aging").config("rt_reserved_slots", 1));
-    let maitre = Serve::new(env!("CARGO_BIN_EXE_maitre"))
+    let bin = std::env::var("MAITRE_LOAD_BIN").unwrap_or(env!("CARGO_BIN_EXE_maitre").into());
+    let mut maitre = Serve::new(bin)
         .policy(&policy)
+        .timeout(Duration::from_secs(600))
         .env("MAITRE_LOG", "warn,maitre=info,maitre::request=warn")
         .start();
     let url = maitre.url.clone();
+    let admin = maitre.admin.clone();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle = rss_kib(maitre.pid());
 
@@ -77,56 +100,57 @@ async fn main() {
         l.iter().filter(|e| e.kind == EventKind::Started).count() == 2
     })
     .await;
+    let held = rss_kib(maitre.pid());
     let t0 = Instant::now();
-    let mut waiting = Vec::with_capacity(n);
-    for i in 0..n {
-        let r = client
-            .post(format!("{url}/api/generate"))
-            .header("x-priority", if i % 50 == 0 { "realtime" } else { "batch" })
-            .json(&body);
-        waiting.push(tokio::spawn(async move {
-            match r.send().await {
-                Ok(resp) => {
-                    let s = resp.status().as_u16();
-                    let ok = resp
-                        .text()
-                        .await
-                        .map(|t| t.contains("\"done\":true"))
-                        .unwrap_or(false);
-                    (s, ok)
+    let mut pending = Vec::with_capacity(n);
+    let mut held_now = 0;
+    while pending.len() < n {
+        for _ in 0..batch.min(n - pending.len()) {
+            let i = pending.len();
+            let r = client
+                .post(format!("{url}/api/generate"))
+                .header("x-priority", if i % 50 == 0 { "realtime" } else { "batch" })
+                .json(&body);
+            pending.push(tokio::spawn(async move {
+                match r.send().await {
+                    Ok(resp) => {
+                        let s = resp.status().as_u16();
+                        let ok = resp
+                            .text()
+                            .await
+                            .map(|t| t.contains("\"done\":true"))
+                            .unwrap_or(false);
+                        (s, ok)
+                    }
+                    Err(e) => {
+                        // Status 0: no answer; say why once, so a failure explains itself.
+                        static SAID: std::sync::Once = std::sync::Once::new();
+                        SAID.call_once(|| eprintln!("first client error: {e:?}"));
+                        (0, false)
+                    }
                 }
-                Err(e) => {
-                    // Status 0: no answer; say why once, so a failure explains itself.
-                    static SAID: std::sync::Once = std::sync::Once::new();
-                    SAID.call_once(|| eprintln!("first client error: {e:?}"));
-                    (0, false)
-                }
+            }));
+        }
+        // This batch waits in maitre before the next one connects.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            held_now = waiting(&admin).await;
+            if held_now >= pending.len() || Instant::now() > deadline {
+                break;
             }
-        }));
-    }
-    // Wait until maitre holds them all.
-    let mut peak = 0;
-    let admin_deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        peak = peak.max(rss_kib(maitre.pid()));
-        let queued = waiting.iter().filter(|t| !t.is_finished()).count();
-        let received = fake
-            .log()
-            .iter()
-            .filter(|e| e.kind == EventKind::Received)
-            .count();
-        if queued == n && t0.elapsed() > Duration::from_secs(2) && received == 2 {
-            // Give maitre a moment to admit the last arrivals, then sample.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            peak = peak.max(rss_kib(maitre.pid()));
-            break;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if Instant::now() > admin_deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let fill = t0.elapsed();
+    // Let maitre settle, then sample with every request waiting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held_waiting = waiting(&admin).await.max(held_now);
+    let all_waiting = rss_kib(maitre.pid());
+    let received = fake
+        .log()
+        .iter()
+        .filter(|e| e.kind == EventKind::Received)
+        .count();
     // Release the two holders: cancel them (the client goes away), the rest drains.
     for t in &tasks {
         t.abort();
@@ -134,7 +158,8 @@ async fn main() {
     let t1 = Instant::now();
     let mut ok = 0;
     let mut statuses = std::collections::BTreeMap::new();
-    for t in waiting {
+    let mut peak = all_waiting;
+    for t in pending {
         let (s, good) = t.await.unwrap();
         *statuses.entry(s).or_insert(0) += 1;
         if good {
@@ -144,24 +169,36 @@ async fn main() {
     }
     let drain = t1.elapsed();
     let after = rss_kib(maitre.pid());
-    drop(maitre);
+    // A graceful stop, so a wrapper such as massif writes its profile.
+    maitre.terminate();
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let per = all_waiting.saturating_sub(held) as f64 / held_waiting.max(1) as f64;
     println!("| figure | value |");
     println!("|---|---|");
-    println!("| waiting requests held | {n} |");
-    println!("| maitre RSS idle | {:.1} MiB |", idle as f64 / 1024.0);
+    println!("| requests sent / waiting in maitre | {n} / {held_waiting} |");
+    println!("| requests upstream while they waited | {received} (2 = only the holders) |");
+    println!("| maitre RSS idle | {:.1} MiB |", mib(idle));
+    println!("| maitre RSS, 2 holders running | {:.1} MiB |", mib(held));
     println!(
-        "| maitre RSS peak (all waiting) | {:.1} MiB |",
-        peak as f64 / 1024.0
+        "| maitre RSS, all waiting | {:.1} MiB ({:.1} MB) |",
+        mib(all_waiting),
+        all_waiting as f64 * 1024.0 / 1e6
+    );
+    println!("| memory per waiting request | {per:.1} KiB |");
+    println!(
+        "| memory for the waiting requests | {:.1} MiB ({:.1} MB) |",
+        mib(all_waiting.saturating_sub(held)),
+        all_waiting.saturating_sub(held) as f64 * 1024.0 / 1e6
     );
     println!(
-        "| memory per waiting request | {:.1} KiB |",
-        (peak.saturating_sub(idle)) as f64 / n as f64
+        "| maitre RSS peak during the drain | {:.1} MiB |",
+        mib(peak)
     );
+    println!("| maitre RSS after drain | {:.1} MiB |", mib(after));
     println!(
-        "| maitre RSS after drain | {:.1} MiB |",
-        after as f64 / 1024.0
+        "| time to queue all (batches of {batch}) | {:.1} s |",
+        fill.as_secs_f64()
     );
-    println!("| time to queue all | {:.1} s |", fill.as_secs_f64());
     println!("| time to drain all | {:.1} s |", drain.as_secs_f64());
     println!("| answered 200 with done:true | {ok} / {n} |");
     println!("| statuses | {statuses:?} |");

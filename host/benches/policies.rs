@@ -26,7 +26,14 @@
 //!
 //! `cargo bench -p maitre --bench policies`; knobs (environment):
 //! REPLICAS (16), SECONDS (150), WARMUP_SECONDS (10), RT_MEAN_SECONDS (36),
-//! BATCH_LOOPS (4), SEED (42).
+//! BATCH_LOOPS (4), SEED (42), BATCH_TOKENS (50-100), RT_TOKENS (50-100),
+//! MAX_WAITS (30: one preemptive row per `max_wait_ms` value, comma-separated).
+//!
+//! `MIX=rt-every` runs the two harsh mixes of issue 11 one after the other in
+//! one invocation: 1 s batch jobs (50 tokens, 2 loops per replica) and short
+//! real-time requests (5-15 tokens) every 0.5 s and every 1.5 s on average.
+//! With `MAX_WAITS=0,30,100,300` it prints the trade `max_wait_ms` makes
+//! between real-time TTFT and batch work thrown away.
 
 mod common;
 
@@ -39,18 +46,26 @@ use maitre_testkit::{Arm, EventKind, ModelConfig, PolicyFile, Scrape, UpstreamMo
 
 const TOKEN_MS: u64 = 20;
 const SLOTS: u32 = 2;
-/// The compared policies: a name and the one arm of its policy file.
-fn policies() -> [(&'static str, Arm); 3] {
-    [
-        ("fifo", Arm::builtin("main", "fifo")),
+/// The compared policies: a name and the one arm of its policy file. Each
+/// `MAX_WAITS` value adds a `preemptive` row with that `max_wait_ms`.
+fn policies(k: &Knobs) -> Vec<(String, Arm)> {
+    let mut v = vec![
+        ("fifo".to_string(), Arm::builtin("main", "fifo")),
         (
-            "reserved-aging",
+            "reserved-aging".to_string(),
             Arm::builtin("main", "reserved-aging").config("rt_reserved_slots", 1),
         ),
-        ("preemptive", Arm::builtin("main", "preemptive")),
-    ]
+    ];
+    for &w in &k.max_waits {
+        v.push((
+            format!("preemptive w={w}"),
+            Arm::builtin("main", "preemptive").config("max_wait_ms", w as i64),
+        ));
+    }
+    v
 }
 
+#[derive(Clone)]
 struct Knobs {
     replicas: usize,
     seconds: f64,
@@ -58,6 +73,12 @@ struct Knobs {
     rt_mean: f64,
     loops: usize,
     seed: u64,
+    /// Batch job tokens, inclusive range.
+    batch_tokens: (u64, u64),
+    /// Real-time request tokens, inclusive range.
+    rt_tokens: (u64, u64),
+    /// `max_wait_ms` of each preemptive row.
+    max_waits: Vec<u64>,
 }
 
 /// What one group (a policy, or the idle baseline) measured.
@@ -86,9 +107,10 @@ async fn batch_loop(
     t0: Instant,
     end: Instant,
     rec: Shared,
+    (lo, hi): (u64, u64),
 ) {
     while Instant::now() < end {
-        let tokens = rng.range(50, 100);
+        let tokens = rng.range(lo, hi);
         let r = c
             .post(format!("{url}/api/generate"))
             .header("x-priority", "batch")
@@ -166,7 +188,7 @@ fn rt_schedule(k: &Knobs, r: usize) -> Vec<(f64, u64)> {
         if t >= k.seconds {
             return v;
         }
-        v.push((t, rng.range(50, 100)));
+        v.push((t, rng.range(k.rt_tokens.0, k.rt_tokens.1)));
     }
 }
 
@@ -228,26 +250,65 @@ async fn ends(group: &[Replica]) -> Ends {
 }
 
 fn main() {
-    let k = Knobs {
+    let range = |name: &str, default: (u64, u64)| -> (u64, u64) {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| {
+                let mut it = v.split('-').map(|x| x.trim().parse::<u64>());
+                let lo = it.next()?.ok()?;
+                let hi = it.next().map_or(Some(lo), |x| x.ok())?;
+                Some((lo, hi))
+            })
+            .unwrap_or(default)
+    };
+    let mix = std::env::var("MIX").unwrap_or_else(|_| "field".into());
+    let max_waits: Vec<u64> = std::env::var("MAX_WAITS")
+        .unwrap_or_else(|_| "30".into())
+        .split(',')
+        .filter_map(|x| x.trim().parse().ok())
+        .collect();
+    let base = Knobs {
         replicas: env_or("REPLICAS", 16),
         seconds: env_or("SECONDS", 150.0),
         warmup: env_or("WARMUP_SECONDS", 10.0),
         rt_mean: env_or("RT_MEAN_SECONDS", 36.0),
         loops: env_or("BATCH_LOOPS", 4),
         seed: env_or("SEED", 42),
+        batch_tokens: range("BATCH_TOKENS", (50, 100)),
+        rt_tokens: range("RT_TOKENS", (50, 100)),
+        max_waits,
+    };
+    // `rt-every`: the mixes of issue 11, in one run: 1 s batch jobs (50
+    // tokens), short real-time requests (5-15 tokens) arriving every 0.5 s
+    // and every 1.5 s on average.
+    let runs: Vec<Knobs> = match mix.as_str() {
+        "rt-every" => [0.5, 1.5]
+            .into_iter()
+            .map(|mean| Knobs {
+                rt_mean: mean,
+                batch_tokens: range("BATCH_TOKENS", (50, 50)),
+                rt_tokens: range("RT_TOKENS", (5, 15)),
+                loops: env_or("BATCH_LOOPS", 2),
+                ..base.clone()
+            })
+            .collect(),
+        _ => vec![base],
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(run(k));
+    for k in runs {
+        rt.block_on(run(k));
+    }
     rt.shutdown_timeout(Duration::from_secs(1));
 }
 
 async fn run(k: Knobs) {
     let setup = Instant::now();
     let mut groups: Vec<Vec<Replica>> = Vec::new();
-    for (_, arm) in policies() {
+    let policies = policies(&k);
+    for (_, arm) in &policies {
         let mut g = Vec::new();
         for _ in 0..k.replicas {
             g.push(replica(arm.clone(), SLOTS).await);
@@ -288,9 +349,10 @@ async fn run(k: Knobs) {
             for j in 0..k.loops {
                 let (c, url, rec) = (r.client.clone(), r.maitre.url.clone(), recs[gi].clone());
                 let rng = Rng::new(k.seed, (ri * 100 + j) as u64);
+                let tokens = k.batch_tokens;
                 tasks.push(tokio::spawn(async move {
                     tokio::time::sleep_until(t0.into()).await;
-                    batch_loop(c, url, rng, t0, end, rec).await
+                    batch_loop(c, url, rng, t0, end, rec, tokens).await
                 }));
             }
             for (offset, tokens) in rt_schedule(&k, ri) {
@@ -343,8 +405,17 @@ async fn run(k: Knobs) {
     let idle_p50 = pct(&idle_ttft, 0.5);
     println!();
     println!(
-        "policies: {} replicas per policy, each 1 maitre + 1 fake Ollama ({SLOTS} slots, {TOKEN_MS} ms/token); {} batch loops per replica (non-streaming, 50-100 tokens), RT streaming 50-100 tokens, exponential arrivals mean {} s per replica; {} s run, first {} s not measured; seed {}",
-        k.replicas, k.loops, k.rt_mean, k.seconds, k.warmup, k.seed
+        "policies: {} replicas per policy, each 1 maitre + 1 fake Ollama ({SLOTS} slots, {TOKEN_MS} ms/token); {} batch loops per replica (non-streaming, {}-{} tokens), RT streaming {}-{} tokens, exponential arrivals mean {} s per replica; {} s run, first {} s not measured; seed {}",
+        k.replicas,
+        k.loops,
+        k.batch_tokens.0,
+        k.batch_tokens.1,
+        k.rt_tokens.0,
+        k.rt_tokens.1,
+        k.rt_mean,
+        k.seconds,
+        k.warmup,
+        k.seed
     );
     println!(
         "idle-upstream RT TTFT (through maitre, no batch load, same RT arrivals): n {}  p50 {:.1} ms  p95 {:.1} ms  p99 {:.1} ms  max {:.1} ms{}",
@@ -361,7 +432,7 @@ async fn run(k: Knobs) {
     );
     println!();
     println!(
-        "{:<15} {:>5} {:>6} | {:>9} {:>9} {:>9} {:>9} {:>10} | {:>11} {:>8} {:>7} | {:>6} {:>14} {:>13} | {:>6}",
+        "{:<17} {:>5} {:>6} | {:>9} {:>9} {:>9} {:>9} {:>10} | {:>11} {:>8} {:>7} | {:>6} {:>14} {:>13} | {:>6}",
         "policy",
         "RT n",
         "RT %",
@@ -380,7 +451,7 @@ async fn run(k: Knobs) {
     );
     let mut fifo_rate = f64::NAN;
     let mut verdicts = Vec::new();
-    for (gi, (name, _)) in policies().iter().enumerate() {
+    for (gi, (name, _)) in policies.iter().enumerate() {
         let (ttft, batch, b_bad, rt_bad, _preempted) = take(&recs[gi]);
         let rate = batch as f64 / window_min / k.replicas as f64;
         if gi == 0 {
@@ -389,7 +460,7 @@ async fn run(k: Knobs) {
         let e = &group_ends[gi];
         let p99 = pct(&ttft, 0.99);
         println!(
-            "{:<15} {:>5} {:>6.2} | {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} | {:>11.2} {:>7.1}% {:>7} | {:>6} {:>14} {:>13} | {:>6}",
+            "{:<17} {:>5} {:>6.2} | {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} | {:>11.2} {:>7.1}% {:>7} | {:>6} {:>14} {:>13} | {:>6}",
             name,
             ttft.len(),
             100.0 * ttft.len() as f64 / (ttft.len() + batch) as f64,
@@ -406,9 +477,9 @@ async fn run(k: Knobs) {
             e.thrown_tokens_maitre,
             b_bad + rt_bad
         );
-        if *name == "preemptive" {
+        if name.starts_with("preemptive") {
             verdicts.push(format!(
-                "  preemptive RT p99 - idle p50 = {:.1} ms (target <= 50 ms): {}",
+                "  {name}: RT p99 - idle p50 = {:.1} ms (target <= 50 ms): {}",
                 p99 - idle_p50,
                 if p99 - idle_p50 <= 50.0 {
                     "MET"
@@ -417,7 +488,7 @@ async fn run(k: Knobs) {
                 }
             ));
             verdicts.push(format!(
-                "  preemptive batch throughput = {:.1}% of fifo (target >= 95%): {}",
+                "  {name}: batch throughput = {:.1}% of fifo (target >= 95%): {}",
                 100.0 * rate / fifo_rate,
                 if rate >= 0.95 * fifo_rate {
                     "MET"

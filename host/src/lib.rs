@@ -9,9 +9,11 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod ab_table;
 pub mod admin;
 pub mod builtins;
 pub mod config;
+pub mod conns;
 pub mod escape;
 pub mod metrics;
 pub mod plugin;
@@ -21,6 +23,8 @@ pub mod ready;
 pub mod reload;
 pub mod request;
 pub mod scheduler;
+pub mod simulate;
+pub mod trace;
 
 use std::future::Future;
 use std::path::Path;
@@ -69,6 +73,11 @@ pub async fn serve(
     let metrics = Arc::new(Metrics::new());
     let reloader = reload::Reloader::new(metrics.clone());
     let arms = reloader.build_arms(&cfg).await?;
+    let trace = cfg
+        .trace
+        .as_ref()
+        .map(|t| trace::TraceSink::start(t, metrics.trace_dropped.clone()))
+        .transpose()?;
     let sched = scheduler::spawn(
         scheduler::Setup {
             arms,
@@ -76,6 +85,7 @@ pub async fn serve(
             total_slots: cfg.upstream.slots,
             limits: cfg.limits.clone(),
             upstream_name: cfg.upstream.url.to_string(),
+            trace,
         },
         metrics.clone(),
     );
@@ -110,9 +120,25 @@ pub async fn serve(
     }
 
     let header_timeout = Duration::from_secs(cfg.limits.header_read_timeout_seconds);
+    let (max_connections, lowered_by) =
+        conns::fit_to_fd_limit(cfg.limits.max_connections, cfg.upstream.slots);
+    if let Some(nofile) = lowered_by {
+        tracing::warn!(
+            max_connections,
+            configured = cfg.limits.max_connections,
+            open_file_limit = nofile,
+            "limits.max_connections lowered to fit the open-file limit; raise `ulimit -n` to allow more"
+        );
+    }
+    let cap = conns::ConnectionCap::new(max_connections, host.metrics.clone());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
+        // At the cap, stop accepting: new clients wait in the listen queue.
+        let open = tokio::select! {
+            o = cap.admit() => o,
+            _ = &mut shutdown => break,
+        };
         let (stream, remote) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -139,6 +165,7 @@ pub async fn serve(
         let watched = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = watched.await;
+            drop(open);
         });
     }
 

@@ -49,6 +49,16 @@ pub struct ArmKind {
     pub kind: String,
 }
 
+/// A shadow arm's comparison results.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShadowLabels {
+    /// The shadow arm.
+    pub arm: String,
+    /// `schedule_agree`, `schedule_differ`, `admit_agree`, `admit_differ`
+    /// or `skipped` (the shadow was still busy).
+    pub result: String,
+}
+
 /// Result label of a reload.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
@@ -132,6 +142,16 @@ pub struct Metrics {
     /// Requests whose upstream connection failed before anything reached
     /// the client, requeued.
     pub upstream_lost_retries: Counter,
+    /// Shadow arms: where they agree with the serving arm, where not.
+    pub shadow_decisions: Family<ShadowLabels, Counter>,
+    /// Client connections open now (at most `limits.max_connections`).
+    pub client_connections: Gauge,
+    /// Request body bytes maitre holds now, being read or waiting (at most
+    /// `limits.max_total_body_bytes`).
+    pub held_body_bytes: Gauge,
+    /// Trace records not written: the writer was behind (its queue full)
+    /// or the file could not be written.
+    pub trace_dropped: Counter,
 }
 
 impl Metrics {
@@ -158,6 +178,10 @@ impl Metrics {
             preempted_tokens: Family::default(),
             upstream_busy_retries: Counter::default(),
             upstream_lost_retries: Counter::default(),
+            shadow_decisions: Family::default(),
+            client_connections: Gauge::default(),
+            held_body_bytes: Gauge::default(),
+            trace_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -220,6 +244,11 @@ impl Metrics {
             m.preempted_tokens.clone(),
         );
         registry.register(
+            "trace_dropped",
+            "Trace records not written (writer behind or file not writable)",
+            m.trace_dropped.clone(),
+        );
+        registry.register(
             "upstream_busy_retries",
             "Upstream 503 answers that were requeued",
             m.upstream_busy_retries.clone(),
@@ -228,6 +257,21 @@ impl Metrics {
             "upstream_lost_retries",
             "Requests whose upstream connection failed before anything reached the client, requeued",
             m.upstream_lost_retries.clone(),
+        );
+        registry.register(
+            "shadow_decisions",
+            "Shadow-arm answers compared with the serving arm's, by result",
+            m.shadow_decisions.clone(),
+        );
+        registry.register(
+            "client_connections",
+            "Client connections open (at most limits.max_connections)",
+            m.client_connections.clone(),
+        );
+        registry.register(
+            "held_body_bytes",
+            "Request body bytes held, being read or waiting (at most limits.max_total_body_bytes)",
+            m.held_body_bytes.clone(),
         );
         // Both reload results exist from the start, so a dashboard sees 0
         // failures rather than no series at all.

@@ -12,7 +12,8 @@
 use std::sync::Arc;
 
 /// Service class of a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Class {
     /// A person is waiting for the first token.
     Realtime,
@@ -84,6 +85,8 @@ pub struct Running {
     pub tenant: Option<Arc<str>>,
     /// Index into [`View::backends`].
     pub backend: u32,
+    /// `num_predict` / `max_tokens`, if the client gave it.
+    pub num_predict: Option<i64>,
     /// When the client sent it.
     pub arrival_ms: u64,
     /// When it was dispatched upstream.
@@ -134,6 +137,62 @@ pub struct Backend {
     pub total_slots: u32,
     /// Of which free.
     pub free_slots: u32,
+    /// Answers its probe and accepts connections.
+    pub healthy: bool,
+    /// Models it has loaded.
+    pub loaded: Vec<LoadedModel>,
+    /// Measured speed per model.
+    pub speeds: Vec<ModelSpeed>,
+}
+
+impl Backend {
+    /// A healthy backend with `free` of `total` slots and nothing known
+    /// about its models yet.
+    pub fn new(name: Arc<str>, total_slots: u32, free_slots: u32) -> Backend {
+        Backend {
+            name,
+            total_slots,
+            free_slots,
+            healthy: true,
+            loaded: Vec::new(),
+            speeds: Vec::new(),
+        }
+    }
+}
+
+/// A model loaded on a backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedModel {
+    /// Model name.
+    pub model: Arc<str>,
+    /// Memory it takes, bytes (0 when unknown).
+    pub size_bytes: u64,
+    /// When the backend will unload it, ms on the host's clock.
+    pub expires_ms: Option<u64>,
+}
+
+/// What the host measured for one model on one backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpeed {
+    /// Model name.
+    pub model: Arc<str>,
+    /// Upstream time to first token, ms (moving average).
+    pub ttft_ms: Option<f64>,
+    /// Tokens per second while generating (moving average).
+    pub tokens_per_s: Option<f64>,
+}
+
+/// Waiting requests of one class outside a view's candidate window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Beyond {
+    /// Their class.
+    pub class: Class,
+    /// How many.
+    pub count: u32,
+    /// Arrival of the oldest.
+    pub oldest_arrival_ms: Option<u64>,
+    /// Highest admission priority among them.
+    pub highest_priority: Option<f64>,
 }
 
 /// A snapshot of one arm's state, built for each call.
@@ -149,8 +208,12 @@ pub struct View {
     pub backends: Vec<Backend>,
     /// Running requests, oldest start first.
     pub running: Vec<Running>,
-    /// Waiting requests, oldest arrival first.
+    /// Waiting requests, oldest arrival first: all of them, or for a
+    /// windowed view (interface 0.2.0) the candidate window.
     pub waiting: Vec<Waiting>,
+    /// Per class, the waiting requests outside the window (empty when the
+    /// view holds them all).
+    pub beyond: Vec<Beyond>,
 }
 
 /// Where an admitted request goes.

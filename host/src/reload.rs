@@ -11,8 +11,8 @@
 //!
 //! What a reload changes: the arms (plugins, weights, `[policy.config]`), the
 //! `[ab]` table, `tenant_header` and `admin_token`. What it cannot change
-//! (`listen`, `admin_listen`, `[upstream]`, `[limits]`: sockets are bound and
-//! the scheduler is sized) keeps its running value, including command-line
+//! (`listen`, `admin_listen`, `[upstream]`, `[limits]`, `[trace]`: sockets
+//! are bound, the scheduler is sized, the trace file is open) keeps its running value, including command-line
 //! overrides, and a change to it in the file is logged as needing a restart.
 
 use std::collections::HashMap;
@@ -194,21 +194,41 @@ impl Reloader {
         Ok(self.build_arms_timed(cfg).await?.0)
     }
 
+    /// [`Reloader::build_arms`] for a scheduler on a paused, virtual clock
+    /// (`maitre simulate`; see [`PluginLimits::virtual_time`]).
+    pub async fn build_arms_virtual(&self, cfg: &Config) -> Result<Vec<ArmSpec>, LoadError> {
+        let mut limits = PluginLimits::of(&cfg.limits);
+        limits.virtual_time = true;
+        Ok(self.build(cfg, limits).await?.0)
+    }
+
     /// [`Reloader::build_arms`], also saying per arm what it cost.
     pub async fn build_arms_timed(
         &self,
         cfg: &Config,
     ) -> Result<(Vec<ArmSpec>, Vec<ArmBuild>), LoadError> {
+        self.build(cfg, PluginLimits::of(&cfg.limits)).await
+    }
+
+    async fn build(
+        &self,
+        cfg: &Config,
+        limits: PluginLimits,
+    ) -> Result<(Vec<ArmSpec>, Vec<ArmBuild>), LoadError> {
         let weights: Vec<u32> = cfg.arms.iter().map(|a| a.weight).collect();
-        let shares = match cfg.ab.mode {
+        let mut shares = match cfg.ab.mode {
             AbMode::Weighted => slot_shares(cfg.upstream.slots, &weights, None),
             // In switchback each arm owns every slot during its windows.
             AbMode::Switchback => vec![cfg.upstream.slots; cfg.arms.len()],
         };
-        let limits = PluginLimits {
-            call_budget: cfg.limits.plugin_call_ms,
-            memory_bytes: cfg.limits.plugin_memory_mib << 20,
-        };
+        // A shadow sees the first serving arm's view, so it is initialised
+        // with that arm's share.
+        let watched = cfg.arms.iter().position(|a| !a.shadow).unwrap_or(0);
+        for (i, a) in cfg.arms.iter().enumerate() {
+            if a.shadow {
+                shares[i] = shares[watched];
+            }
+        }
         let mut out = Vec::new();
         let mut builds = Vec::new();
         for (arm, share) in cfg.arms.iter().zip(shares) {
@@ -247,6 +267,8 @@ impl Reloader {
                 decider: Box::new(instance),
                 source: arm.plugin.clone(),
                 sha256: compiled.sha256().to_string(),
+                shadow: arm.shadow,
+                interface: compiled.interface(),
             });
         }
         Ok((out, builds))
@@ -261,6 +283,7 @@ impl Reloader {
         cfg.admin_listen = running.admin_listen;
         cfg.upstream = running.upstream.clone();
         cfg.limits = running.limits.clone();
+        cfg.trace = running.trace.clone();
         let previous = self
             .file_seen
             .lock()
@@ -272,6 +295,7 @@ impl Reloader {
             ("admin_listen", file.admin_listen != before.admin_listen),
             ("[upstream]", file.upstream != before.upstream),
             ("[limits]", file.limits != before.limits),
+            ("[trace]", file.trace != before.trace),
         ] {
             if changed {
                 tracing::warn!(

@@ -311,3 +311,41 @@ async fn all_slots_reserved_is_refused_with_an_explanation() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+// fair-share: a tenant that floods the queue does not starve another.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_share_serves_a_late_tenant_between_a_floods_requests() {
+    let fake = fake(1, 5).await;
+    let m = start(
+        &PolicyFile::new(fake.url(), 1)
+            .tenant_header("X-Tenant")
+            .arm(Arm::builtin("fair", "fair-share")),
+    );
+    let c = client();
+    let send = |tag: String, tenant: &'static str| {
+        generate(&c, &m.url, &tag, None, 5)
+            .header("x-tenant", tenant)
+            .send()
+    };
+    // Tenant a queues 8 requests; once they wait, tenant b sends 2.
+    let flood: Vec<_> = (0..8).map(|i| send(format!("a{i}"), "a")).collect();
+    let flood = futures_util::future::join_all(flood);
+    let late = async {
+        for _ in 0..200 {
+            if m.status().await["requests"].as_array().unwrap().len() == 8 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        futures_util::future::join_all([send("b0".into(), "b"), send("b1".into(), "b")]).await
+    };
+    let (a, b) = tokio::join!(flood, late);
+    assert!(a.into_iter().chain(b).all(|r| r.unwrap().status() == 200));
+    let order = start_order(&fake.log());
+    let pos = |t: &str| order.iter().position(|x| x == t).unwrap();
+    // FIFO would start b0 ninth; fair share starts it right after the
+    // requests of a already running or next in line.
+    assert!(pos("b0") <= 3, "{order:?}");
+    assert!(pos("b1") <= 5, "{order:?}");
+}

@@ -16,7 +16,7 @@ mod parse;
 #[cfg(test)]
 mod tests;
 
-pub use parse::parse_upstream_url;
+pub use parse::{DEFAULT_TRACE_KEEP, DEFAULT_TRACE_ROTATE_BYTES, parse_upstream_url};
 
 /// Default client listener: Ollama's port + 1, so clients set `OLLAMA_HOST=127.0.0.1:11435`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:11435";
@@ -52,6 +52,9 @@ pub struct ArmConfig {
     pub weight: u32,
     /// The `[policy.config]` table, flattened to key/value strings for `init`.
     pub config: Vec<(String, String)>,
+    /// A shadow arm takes no traffic: its plugin is shown the first serving
+    /// arm's view at every decision and its answers are compared, never acted on.
+    pub shadow: bool,
     /// 1-based line of the `[[policy]]` entry, to point errors at it.
     pub line: usize,
 }
@@ -109,6 +112,20 @@ pub struct Limits {
     pub header_read_timeout_seconds: u64,
     /// A scheduled request's body must arrive within this many seconds (408).
     pub body_read_timeout_seconds: u64,
+    /// Waiting requests a 0.2.0 plugin sees per call (per class the oldest
+    /// and the highest-priority); the rest are summarised, so a call costs
+    /// the same at 100 or 10,000 waiting.
+    pub candidate_window: usize,
+    /// Request bodies maitre may hold at once (bytes), over every request
+    /// being read or waiting; beyond it: 503 + Retry-After. Without it, many
+    /// clients each sending a body under `max_body_bytes` exhaust memory.
+    /// At least `max_body_bytes`, so any body that fits one request can fit.
+    pub max_total_body_bytes: usize,
+    /// Client connections open at once; beyond it maitre stops accepting
+    /// until one closes (new clients wait in the kernel's listen queue,
+    /// costing maitre nothing). Lowered at start to what the open-file limit
+    /// allows.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -124,6 +141,9 @@ impl Default for Limits {
             retry_after_seconds: 1,
             header_read_timeout_seconds: 30,
             body_read_timeout_seconds: 60,
+            candidate_window: 128,
+            max_total_body_bytes: 256 * 1024 * 1024,
+            max_connections: 4096,
         }
     }
 }
@@ -140,6 +160,20 @@ pub struct UpstreamConfig {
     /// Longest wait for the upstream's response headers (s). Ollama sends them
     /// only with the first token, after any model load, so this must be long.
     pub first_byte_timeout_seconds: u64,
+}
+
+/// The `[trace]` table: where maitre records one JSON line per scheduled
+/// request (no prompt, no body), for `maitre simulate` and for people.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceConfig {
+    /// The trace file (relative paths are resolved against the policy file's
+    /// folder); lines are appended.
+    pub path: PathBuf,
+    /// Once the file passes this size (bytes) it is renamed to `PATH.1`
+    /// (older ones to `.2`, ...) and a new file is started.
+    pub rotate_bytes: u64,
+    /// Rotated files kept (`PATH.1` .. `PATH.keep`); older ones are deleted.
+    pub keep: u32,
 }
 
 /// A validated policy file.
@@ -163,6 +197,8 @@ pub struct Config {
     pub ab: AbConfig,
     /// The policy arms, at least one.
     pub arms: Vec<ArmConfig>,
+    /// Request tracing, when the file has a `[trace]` table.
+    pub trace: Option<TraceConfig>,
 }
 
 /// What is wrong with a policy file.

@@ -13,7 +13,7 @@ use crate::builtins;
 
 use super::{
     AbConfig, AbMode, ArmConfig, Config, ConfigError, DEFAULT_LISTEN, DEFAULT_UPSTREAM, Limits,
-    PluginSource, UpstreamConfig,
+    PluginSource, TraceConfig, UpstreamConfig,
 };
 
 #[derive(Deserialize)]
@@ -26,6 +26,7 @@ struct RawFile {
     upstream: Option<Spanned<RawUpstream>>,
     limits: Option<RawLimits>,
     ab: Option<RawAb>,
+    trace: Option<Spanned<RawTrace>>,
     policy: Option<Spanned<Vec<Spanned<RawPolicy>>>>,
 }
 
@@ -44,6 +45,7 @@ struct RawLimits {
     max_waiting: Option<Spanned<i64>>,
     max_body_bytes: Option<Spanned<i64>>,
     tick_ms: Option<Spanned<i64>>,
+    candidate_window: Option<Spanned<i64>>,
     plugin_call_ms: Option<Spanned<i64>>,
     plugin_memory_mib: Option<Spanned<i64>>,
     max_preemptions: Option<Spanned<i64>>,
@@ -51,6 +53,8 @@ struct RawLimits {
     retry_after_seconds: Option<Spanned<i64>>,
     header_read_timeout_seconds: Option<Spanned<i64>>,
     body_read_timeout_seconds: Option<Spanned<i64>>,
+    max_total_body_bytes: Option<Spanned<i64>>,
+    max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -63,11 +67,25 @@ struct RawAb {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawTrace {
+    path: Option<Spanned<String>>,
+    rotate_bytes: Option<Spanned<i64>>,
+    keep: Option<Spanned<i64>>,
+}
+
+/// `[trace] rotate_bytes` when the file does not set it.
+pub const DEFAULT_TRACE_ROTATE_BYTES: u64 = 64 << 20;
+/// `[trace] keep` when the file does not set it.
+pub const DEFAULT_TRACE_KEEP: u32 = 3;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawPolicy {
     name: Option<Spanned<String>>,
     plugin: Option<Spanned<String>>,
     weight: Option<Spanned<i64>>,
     config: Option<toml::Table>,
+    shadow: Option<bool>,
 }
 
 struct Ctx<'a> {
@@ -200,6 +218,13 @@ impl Config {
                     d.max_body_bytes as i64,
                 )? as usize,
                 tick_ms: cx.int(&l.tick_ms, "limits.tick_ms", 1, 60_000, d.tick_ms as i64)? as u64,
+                candidate_window: cx.int(
+                    &l.candidate_window,
+                    "limits.candidate_window",
+                    16,
+                    1_000_000,
+                    d.candidate_window as i64,
+                )? as usize,
                 plugin_call_ms: cx.int(
                     &l.plugin_call_ms,
                     "limits.plugin_call_ms",
@@ -249,8 +274,40 @@ impl Config {
                     86_400,
                     d.body_read_timeout_seconds as i64,
                 )? as u64,
+                max_total_body_bytes: cx.int(
+                    &l.max_total_body_bytes,
+                    "limits.max_total_body_bytes",
+                    1024,
+                    1 << 40,
+                    d.max_total_body_bytes as i64,
+                )? as usize,
+                max_connections: cx.int(
+                    &l.max_connections,
+                    "limits.max_connections",
+                    1,
+                    1_000_000,
+                    d.max_connections as i64,
+                )? as usize,
             },
         };
+        if let Some(l) = &raw.limits
+            && limits.max_total_body_bytes < limits.max_body_bytes
+        {
+            let span = l
+                .max_total_body_bytes
+                .as_ref()
+                .or(l.max_body_bytes.as_ref())
+                .map(|s| s.span())
+                .unwrap_or(0..0);
+            return Err(cx.err(
+                span,
+                "limits.max_total_body_bytes",
+                format!(
+                    "{} is less than limits.max_body_bytes = {}, so a body that one request may send could never be held; raise max_total_body_bytes or lower max_body_bytes",
+                    limits.max_total_body_bytes, limits.max_body_bytes
+                ),
+            ));
+        }
 
         let ab = match &raw.ab {
             None => AbConfig {
@@ -279,6 +336,11 @@ impl Config {
                     window_seconds,
                 }
             }
+        };
+
+        let trace = match &raw.trace {
+            None => None,
+            Some(t) => Some(parse_trace(&cx, t, base)?),
         };
 
         let Some(policies) = raw.policy.as_ref() else {
@@ -357,7 +419,18 @@ impl Config {
                     }
                 },
             };
-            let weight = cx.int(&p.weight, &key("weight"), 0, 1_000_000, 100)? as u32;
+            let shadow = p.shadow.unwrap_or(false);
+            let weight = match (&p.weight, shadow) {
+                (Some(w), true) if *w.get_ref() != 0 => {
+                    return Err(cx.err(
+                        w.span(),
+                        &key("weight"),
+                        "a shadow arm takes no traffic, so it has no weight; remove `weight`, or set `shadow = false` to make the arm serve",
+                    ));
+                }
+                (_, true) => 0,
+                (w, false) => cx.int(w, &key("weight"), 0, 1_000_000, 100)? as u32,
+            };
             let mut config = Vec::new();
             if let Some(t) = &p.config {
                 flatten("", t, &mut config);
@@ -367,23 +440,32 @@ impl Config {
                 plugin,
                 weight,
                 config,
+                shadow,
                 line: cx.line_of(span),
             });
         }
         if arms.iter().all(|a| a.weight == 0) {
+            if arms.iter().all(|a| a.shadow) {
+                return Err(cx.err(
+                    policies.span(),
+                    "policy.shadow",
+                    "every arm is a shadow, so no request could be served; a shadow arm only watches a serving arm, so add one without `shadow = true`",
+                ));
+            }
             return Err(cx.err(
                 policies.span(),
                 "policy.weight",
                 "every arm has weight 0, so no request could be served; give at least one arm a weight above 0",
             ));
         }
-        if ab.mode == AbMode::Weighted && arms.len() as u32 > upstream.slots {
+        let serving = arms.iter().filter(|a| !a.shadow).count();
+        if ab.mode == AbMode::Weighted && serving as u32 > upstream.slots {
             return Err(cx.err(
                 policies.span(),
                 "policy",
                 format!(
                     "{} arms in weighted mode need at least one slot each, but [upstream] slots = {}; use [ab] mode = \"switchback\" (the whole upstream alternates between arms) or fewer arms",
-                    arms.len(),
+                    serving,
                     upstream.slots
                 ),
             ));
@@ -399,8 +481,53 @@ impl Config {
             limits,
             ab,
             arms,
+            trace,
         })
     }
+}
+
+/// The `[trace]` table: a path is required, the rest has defaults.
+fn parse_trace(
+    cx: &Ctx<'_>,
+    t: &Spanned<RawTrace>,
+    base: &Path,
+) -> Result<TraceConfig, ConfigError> {
+    let raw = t.get_ref();
+    let path = match &raw.path {
+        Some(p) if !p.get_ref().trim().is_empty() => {
+            let rel = Path::new(p.get_ref());
+            if rel.is_absolute() {
+                rel.to_path_buf()
+            } else {
+                base.join(rel)
+            }
+        }
+        Some(p) => {
+            return Err(cx.err(
+                p.span(),
+                "trace.path",
+                "is empty: give the file to write, e.g. path = \"maitre-trace.jsonl\"",
+            ));
+        }
+        None => {
+            return Err(cx.err(
+                t.span(),
+                "trace.path",
+                "missing: [trace] needs the file to write, e.g. path = \"maitre-trace.jsonl\" (relative to this file), or remove [trace]",
+            ));
+        }
+    };
+    Ok(TraceConfig {
+        path,
+        rotate_bytes: cx.int(
+            &raw.rotate_bytes,
+            "trace.rotate_bytes",
+            4096,
+            1 << 40,
+            DEFAULT_TRACE_ROTATE_BYTES as i64,
+        )? as u64,
+        keep: cx.int(&raw.keep, "trace.keep", 1, 100, DEFAULT_TRACE_KEEP as i64)? as u32,
+    })
 }
 
 fn valid_name(n: &str) -> bool {

@@ -131,3 +131,123 @@ fn more_weighted_arms_than_slots_is_refused() {
     let ok = text.replace("[upstream]", "[ab]\nmode = \"switchback\"\n\n[upstream]");
     assert_eq!(parse(&ok).unwrap().ab.mode, AbMode::Switchback);
 }
+
+const SHADOW: &str = r#"
+[[policy]]
+name = "candidate"
+plugin = "builtin:fifo"
+shadow = true
+"#;
+
+#[test]
+fn a_shadow_arm_has_no_weight_and_needs_no_slot() {
+    // Two slots, one serving arm, one shadow: weighted mode needs one slot
+    // per *serving* arm only.
+    let c = parse(&format!("{GOOD}{SHADOW}")).unwrap();
+    assert_eq!(c.arms.len(), 2);
+    assert!(c.arms[1].shadow && !c.arms[0].shadow);
+    assert_eq!(c.arms[1].weight, 0);
+    let one_slot = GOOD.replace("slots = 2", "slots = 1");
+    assert!(parse(&format!("{one_slot}{SHADOW}")).is_ok());
+}
+
+#[test]
+fn a_shadow_arm_with_a_weight_is_refused() {
+    let e = parse(&format!("{GOOD}{SHADOW}weight = 10\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(":22: policy[1].weight"), "{e}");
+    assert!(e.contains("a shadow arm takes no traffic"), "{e}");
+    // weight = 0 says the same thing as no weight.
+    assert!(parse(&format!("{GOOD}{SHADOW}weight = 0\n")).is_ok());
+}
+
+#[test]
+fn only_shadow_arms_serve_nothing() {
+    let only = GOOD.replace("weight = 100", "shadow = true");
+    let e = parse(&only).unwrap_err().to_string();
+    assert!(e.contains("every arm is a shadow"), "{e}");
+}
+
+#[test]
+fn memory_limits_have_defaults_and_are_read() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.limits.max_total_body_bytes, 256 << 20);
+    assert_eq!(c.limits.max_connections, 4096);
+    let text = format!(
+        "{GOOD}\n[limits]\nmax_total_body_bytes = 1048576\nmax_body_bytes = 4096\nmax_connections = 10\n"
+    );
+    let c = parse(&text).unwrap();
+    assert_eq!(c.limits.max_total_body_bytes, 1 << 20);
+    assert_eq!(c.limits.max_connections, 10);
+    let e = parse(&format!("{GOOD}\n[limits]\nmax_connections = 0\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("limits.max_connections"), "{e}");
+}
+
+#[test]
+fn a_total_body_budget_below_one_body_is_refused() {
+    let text = format!("{GOOD}\n[limits]\nmax_total_body_bytes = 2048\nmax_body_bytes = 4096\n");
+    let e = parse(&text).unwrap_err().to_string();
+    assert!(
+        e.contains("limits.max_total_body_bytes")
+            && e.contains("less than limits.max_body_bytes = 4096"),
+        "{e}"
+    );
+    // The default budget is below a raised per-request limit: said the same way.
+    let text = format!("{GOOD}\n[limits]\nmax_body_bytes = 1073741824\n");
+    let e = parse(&text).unwrap_err().to_string();
+    assert!(e.contains("raise max_total_body_bytes"), "{e}");
+}
+
+#[test]
+fn trace_table_resolves_its_path_and_takes_defaults() {
+    assert_eq!(parse(GOOD).unwrap().trace, None, "no [trace]: no tracing");
+    let c = parse(&format!("{GOOD}\n[trace]\npath = \"traces/t.jsonl\"\n")).unwrap();
+    assert_eq!(
+        c.trace,
+        Some(TraceConfig {
+            path: PathBuf::from("dir/traces/t.jsonl"),
+            rotate_bytes: DEFAULT_TRACE_ROTATE_BYTES,
+            keep: DEFAULT_TRACE_KEEP,
+        })
+    );
+    let c = parse(&format!(
+        "{GOOD}\n[trace]\npath = \"/var/t.jsonl\"\nrotate_bytes = 10000\nkeep = 5\n"
+    ))
+    .unwrap();
+    let t = c.trace.unwrap();
+    assert_eq!(
+        (t.path, t.rotate_bytes, t.keep),
+        (PathBuf::from("/var/t.jsonl"), 10_000, 5)
+    );
+}
+
+#[test]
+fn trace_mistakes_name_line_and_key() {
+    let e = parse(&format!("{GOOD}\n[trace]\nrotate_bytes = 10000\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("dir/policy.toml:18: trace.path: missing"),
+        "{e}"
+    );
+    let e = parse(&format!(
+        "{GOOD}\n[trace]\npath = \"t\"\nrotate_bytes = 10\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        e,
+        "dir/policy.toml:20: trace.rotate_bytes: must be a whole number from 4096 to 1099511627776, got 10"
+    );
+    let e = parse(&format!("{GOOD}\n[trace]\npath = \"t\"\nrotate = 1\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown field `rotate`"), "{e}");
+    let e = parse(&format!("{GOOD}\n[trace]\npath = \" \"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("trace.path: is empty"), "{e}");
+}

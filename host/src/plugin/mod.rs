@@ -16,6 +16,14 @@
 //!   WASI bindings yield to tokio while the guest is blocked, so this deadline
 //!   fires there too.
 //!
+//! Under a paused (virtual) tokio clock, as `maitre simulate` runs, the
+//! wall-clock deadline is measured on that clock, and it still cannot cut a
+//! plugin that computes: virtual time moves only while every task waits, and
+//! a computing plugin's call never waits (with [`PluginLimits::virtual_time`]
+//! it does not even yield at epoch ticks). A plugin that waits (sleeps) is
+//! stopped after the same virtual deadline as `serve` would stop it after on
+//! the real clock, and the CPU budget stays real.
+//!
 //! A trapped or abandoned store is poisoned, so the instance is marked dead
 //! and the caller (the scheduler) falls back to FIFO for that arm.
 //!
@@ -33,6 +41,7 @@
 mod error;
 mod sandbox;
 mod v0_1_0;
+mod v0_2_0;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -47,7 +56,7 @@ use sandbox::State;
 use crate::policy::{Action, Admission, Request, View};
 
 /// The interface versions this host loads, newest first.
-pub const SUPPORTED: &[&str] = &[v0_1_0::PACKAGE];
+pub const SUPPORTED: &[&str] = &[v0_2_0::PACKAGE, v0_1_0::PACKAGE];
 
 /// Sandbox limits of one plugin instance.
 #[derive(Debug, Clone, Copy)]
@@ -58,9 +67,25 @@ pub struct PluginLimits {
     pub call_budget: u64,
     /// Largest linear memory, in bytes.
     pub memory_bytes: usize,
+    /// The host runs on a paused, virtual tokio clock (`maitre simulate`):
+    /// a call does not yield to the runtime at each epoch tick, so how fast
+    /// this machine runs a plugin never changes the order in which other
+    /// tasks see events, and the same inputs give the same decisions.
+    /// `serve` yields, so a long call does not hold up the other tasks of
+    /// its thread.
+    pub virtual_time: bool,
 }
 
 impl PluginLimits {
+    /// The limits a policy file's `[limits]` sets, on the real clock.
+    pub fn of(limits: &crate::config::Limits) -> PluginLimits {
+        PluginLimits {
+            call_budget: limits.plugin_call_ms,
+            memory_bytes: limits.plugin_memory_mib << 20,
+            virtual_time: false,
+        }
+    }
+
     /// Wall-clock deadline of one call (`init` included): the budget plus
     /// a quarter of it and 25 ms of slack for a busy host, so a plugin that
     /// computes within its budget is never cut by scheduling jitter, while one
@@ -75,6 +100,7 @@ impl Default for PluginLimits {
         PluginLimits {
             call_budget: 50,
             memory_bytes: 64 << 20,
+            virtual_time: false,
         }
     }
 }
@@ -82,11 +108,13 @@ impl Default for PluginLimits {
 /// A compiled component, matched to the interface version it implements.
 enum Pre {
     V0_1_0(v0_1_0::PolicyPre<State>),
+    V0_2_0(v0_2_0::PolicyPre<State>),
 }
 
 /// A live component instance of one interface version.
 enum Bound {
     V0_1_0(v0_1_0::Policy),
+    V0_2_0(v0_2_0::Policy),
 }
 
 /// The shared wasmtime engine, linker and epoch ticker.
@@ -110,6 +138,7 @@ impl Runtime {
         let mut linker = Linker::<State>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         v0_1_0::add_to_linker(&mut linker)?;
+        v0_2_0::add_to_linker(&mut linker)?;
         let weak = engine.weak();
         std::thread::Builder::new()
             .name("maitre-epoch".into())
@@ -133,15 +162,18 @@ impl Runtime {
             source_name: name.clone(),
             reason: format!("{e:#}"),
         })?;
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .and_then(v0_1_0::PolicyPre::new)
-            .map(Pre::V0_1_0)
-            .map_err(|e| PluginError::Interface {
-                source_name: name.clone(),
-                reason: format!("{e:#}"),
-            })?;
+        let interface = |e: wasmtime::Error| PluginError::Interface {
+            source_name: name.clone(),
+            reason: format!("{e:#}"),
+        };
+        let instance_pre = self.linker.instantiate_pre(&component).map_err(interface)?;
+        // Newest first; a component exports exactly one version's functions.
+        let pre = match v0_2_0::PolicyPre::new(instance_pre.clone()) {
+            Ok(p) => Pre::V0_2_0(p),
+            Err(_) => v0_1_0::PolicyPre::new(instance_pre)
+                .map(Pre::V0_1_0)
+                .map_err(interface)?,
+        };
         Ok(Compiled {
             inner: Arc::new(CompiledInner { pre, sha256, name }),
         })
@@ -165,11 +197,16 @@ impl Runtime {
         // all point at the same guest bytes, so without a bound a plugin could
         // make the host allocate far more than the plugin itself holds.
         store.set_hostcall_fuel(limits.memory_bytes);
-        store.epoch_deadline_callback(|mut cx| {
+        let virtual_time = limits.virtual_time;
+        store.epoch_deadline_callback(move |mut cx| {
             let s = cx.data_mut();
             if s.ticks_left > 0 {
                 s.ticks_left -= 1;
-                Ok(UpdateDeadline::Yield(1))
+                Ok(if virtual_time {
+                    UpdateDeadline::Continue(1)
+                } else {
+                    UpdateDeadline::Yield(1)
+                })
             } else {
                 Err(Trap::Interrupt.into())
             }
@@ -187,6 +224,9 @@ impl Runtime {
             Pre::V0_1_0(pre) => tokio::time::timeout(wall, pre.instantiate_async(&mut inst.store))
                 .await
                 .map(|r| r.map(Bound::V0_1_0)),
+            Pre::V0_2_0(pre) => tokio::time::timeout(wall, pre.instantiate_async(&mut inst.store))
+                .await
+                .map(|r| r.map(Bound::V0_2_0)),
         };
         let bound = match bound {
             Ok(Ok(b)) => b,
@@ -197,6 +237,7 @@ impl Runtime {
         let reason = inst
             .call("init", async |b, store| match b {
                 Bound::V0_1_0(p) => v0_1_0::init(p, store, config).await,
+                Bound::V0_2_0(p) => v0_2_0::init(p, store, config).await,
             })
             .await?;
         match reason {
@@ -230,6 +271,7 @@ impl Compiled {
     pub fn interface(&self) -> &'static str {
         match self.inner.pre {
             Pre::V0_1_0(_) => v0_1_0::PACKAGE,
+            Pre::V0_2_0(_) => v0_2_0::PACKAGE,
         }
     }
 }
@@ -333,10 +375,17 @@ impl Instance {
         }
     }
 
+    /// Whether it speaks an interface that takes a candidate window of the
+    /// queue (0.2.0 and later) rather than the whole queue.
+    pub fn windowed(&self) -> bool {
+        !matches!(self.bound, Some(Bound::V0_1_0(_)))
+    }
+
     /// Asks the plugin to classify an arriving request.
     pub async fn admit(&mut self, req: &Request, view: &View) -> Result<Admission, PluginError> {
         self.call("admit", async |b, store| match b {
             Bound::V0_1_0(p) => v0_1_0::admit(p, store, req, view).await,
+            Bound::V0_2_0(p) => v0_2_0::admit(p, store, req, view).await,
         })
         .await
     }
@@ -345,7 +394,11 @@ impl Instance {
     pub async fn schedule(&mut self, view: &View) -> Result<Vec<Action>, PluginError> {
         self.call("schedule", async |b, store| match b {
             Bound::V0_1_0(p) => v0_1_0::schedule(p, store, view).await,
+            Bound::V0_2_0(p) => v0_2_0::schedule(p, store, view).await,
         })
         .await
     }
 }
+
+#[cfg(test)]
+mod tests;

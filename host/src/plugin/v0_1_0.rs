@@ -191,11 +191,7 @@ mod tests {
             now_ms: 7,
             total_slots: 2,
             free_slots: 1,
-            backends: vec![policy::Backend {
-                name: "up".into(),
-                total_slots: 2,
-                free_slots: 1,
-            }],
+            backends: vec![policy::Backend::new("up".into(), 2, 1)],
             running: vec![policy::Running {
                 id: 1,
                 class: policy::Class::Batch,
@@ -203,6 +199,7 @@ mod tests {
                 model: model.clone(),
                 tenant: Some("t".into()),
                 backend: 0,
+                num_predict: None,
                 arrival_ms: 1,
                 started_ms: 2,
                 first_token_ms: Some(3),
@@ -223,6 +220,7 @@ mod tests {
                 enqueued_ms: 6,
                 preemptions: 0,
             }],
+            beyond: Vec::new(),
         };
         let w = to_view(&v);
         assert_eq!((w.now_ms, w.total_slots, w.free_slots), (7, 2, 1));

@@ -1,7 +1,8 @@
 //! HTTP in and out: the Ollama-transparent proxy.
 //!
-//! Generation and embedding requests are scheduled: their body is read (up to
-//! `limits.max_body_bytes`), a few fields are extracted the way Ollama reads
+//! Generation and embedding requests are scheduled: once the queue is known
+//! to have room, their body is read (up to `limits.max_body_bytes`, within
+//! the global `limits.max_total_body_bytes`), a few fields are extracted the way Ollama reads
 //! them, and the request waits for the scheduler's go-ahead before it is sent
 //! upstream, whatever its body. Everything else is
 //! passed straight through, streamed both ways. Streamed responses are never
@@ -11,28 +12,36 @@
 //! the upstream would have given.
 //!
 //! One job per file: this one holds [`Proxy`], the entry point and the
-//! passthrough; `scheduled` the scheduled path in phases; `body` the relayed
-//! response body; `rewrite` the body that asks the upstream for a stream;
-//! `whole` and `aggregate` the non-streamed answer folded from the stream;
-//! `link` the upstream connections, which maitre can give up on and knows
-//! when the upstream has let go of; `refusal` every answer maitre gives
-//! itself and its mapping to HTTP;
-//! `error_shape` the Ollama/OpenAI error shape; `headers` the header hygiene;
-//! `live` the settings hot reload swaps.
+//! passthrough; `scheduled` the scheduled path in phases; `room` the queue
+//! check made before a body is read; `read` the body read and `budget` the
+//! bytes all bodies may hold; `head` a request head that owns its bytes;
+//! `body` the relayed response body; `rewrite` the body that asks the
+//! upstream for a stream; `whole` and `aggregate` the non-streamed answer
+//! folded from the stream; `link` the upstream connections, which maitre can
+//! give up on and knows when the upstream has let go of; `refusal` every
+//! answer maitre gives itself and its mapping to HTTP; `error_shape` the
+//! Ollama/OpenAI error shape; `headers` the header hygiene; `live` the
+//! settings hot reload swaps.
 
 mod aggregate;
 mod body;
+mod budget;
 mod error_shape;
+mod head;
 mod headers;
 mod link;
 mod live;
+mod read;
 mod refusal;
 mod rewrite;
+mod room;
 mod scheduled;
 mod whole;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +58,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use self::budget::BodyBudget;
+use self::head::Head;
+use self::read::BodyLimits;
+use self::room::QueueRoom;
 use crate::config::{Config, Limits};
 use crate::escape::Escaped;
 use crate::metrics::Metrics;
@@ -78,6 +91,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// The future serving one request. Boxed: hyper keeps room for one per
+/// connection from the moment it opens, so an idle connection costs a
+/// pointer, and a request's future only its own size.
+pub type Handling = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
 /// The proxy's shared state.
 pub struct Proxy {
     sched: SchedulerHandle,
@@ -85,6 +103,9 @@ pub struct Proxy {
     base: String,
     host: HeaderValue,
     limits: Limits,
+    body_limits: BodyLimits,
+    budget: Arc<BodyBudget>,
+    room: QueueRoom,
     first_byte_timeout: Duration,
     metrics: Arc<Metrics>,
     /// Settings hot reload swaps.
@@ -113,6 +134,12 @@ impl Proxy {
             host: HeaderValue::from_str(&authority)
                 .unwrap_or(HeaderValue::from_static("localhost")),
             limits: cfg.limits.clone(),
+            body_limits: BodyLimits {
+                max_bytes: cfg.limits.max_body_bytes,
+                timeout: Duration::from_secs(cfg.limits.body_read_timeout_seconds),
+            },
+            budget: BodyBudget::new(cfg.limits.max_total_body_bytes, metrics.clone()),
+            room: QueueRoom::default(),
             first_byte_timeout: Duration::from_secs(cfg.upstream.first_byte_timeout_seconds),
             metrics,
             live: ArcSwap::from_pointee(LiveSettings::from_config(cfg)),
@@ -120,42 +147,31 @@ impl Proxy {
     }
 
     /// Serves one request; never fails (errors become Ollama-style answers).
-    pub async fn handle(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-        remote: SocketAddr,
-    ) -> Result<Response<ProxyBody>, Infallible> {
+    pub fn handle(self: Arc<Self>, req: Request<Incoming>, remote: SocketAddr) -> Handling {
         let arrival = Instant::now();
         // The path as Ollama's router will see it (percent-decoded): every
         // POST to a scheduled path takes a slot, however it is spelled.
         if let Some(path) = scheduled_path(req.method(), req.uri().path()) {
-            Ok(self.scheduled(req, remote, arrival, path.to_string()).await)
+            let path = path.to_string();
+            self.scheduled(req, remote, arrival, path)
         } else {
             self.metrics.passthrough.inc();
             let path = req.uri().path().to_string();
-            Ok(self.passthrough(req, &path).await)
+            Box::pin(async move { Ok(self.passthrough(req, &path).await) })
         }
     }
 
     /// The upstream twin of a client request: same method, path and query,
     /// headers minus hop-by-hop ones, and the upstream's `Host`.
-    fn upstream_request(
-        &self,
-        parts: &http::request::Parts,
-        body: ProxyBody,
-    ) -> Request<ProxyBody> {
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
+    fn upstream_request(&self, head: &Head, body: ProxyBody) -> Request<ProxyBody> {
+        let pq = head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let uri: Uri = format!("{}{}", self.base, pq)
             .parse()
             .unwrap_or_else(|_| Uri::from_static("/"));
         let mut r = Request::new(body);
-        *r.method_mut() = parts.method.clone();
+        *r.method_mut() = head.method.clone();
         *r.uri_mut() = uri;
-        *r.headers_mut() = strip_hop_by_hop(&parts.headers);
+        *r.headers_mut() = strip_hop_by_hop(&head.headers);
         // Ollama bound to loopback answers 403 to a foreign Host.
         r.headers_mut().insert(header::HOST, self.host.clone());
         r
@@ -165,7 +181,7 @@ impl Proxy {
     async fn passthrough(&self, req: Request<Incoming>, path: &str) -> Response<ProxyBody> {
         let (parts, body) = req.into_parts();
         let body = body.map_err(|e| Box::new(e) as BoxError).boxed();
-        match self.forward(&parts, body).await {
+        match self.forward(&Head::own(parts), body).await {
             Ok(r) => r,
             Err(refusal) => refusal.into_response(path, self.limits.retry_after_seconds),
         }
@@ -173,12 +189,8 @@ impl Proxy {
 
     /// Sends a request upstream without a slot and streams the answer back,
     /// hop-by-hop headers stripped both ways.
-    async fn forward(
-        &self,
-        parts: &http::request::Parts,
-        body: ProxyBody,
-    ) -> Result<Response<ProxyBody>, Refusal> {
-        let up = self.upstream_request(parts, body);
+    async fn forward(&self, head: &Head, body: ProxyBody) -> Result<Response<ProxyBody>, Refusal> {
+        let up = self.upstream_request(head, body);
         match self.client.request(up).await {
             Ok(resp) => {
                 let (mut p, b) = resp.into_parts();

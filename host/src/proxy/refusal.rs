@@ -37,6 +37,15 @@ pub enum Refusal {
         /// The timeout in force.
         seconds: u64,
     },
+    /// The request bodies maitre holds already fill
+    /// `limits.max_total_body_bytes` (503).
+    #[error(
+        "server busy, please try again.  maitre: the request bodies it holds already take {limit} bytes (limits.max_total_body_bytes)"
+    )]
+    BodyBudgetSpent {
+        /// The budget in force.
+        limit: usize,
+    },
     /// `limits.max_waiting` requests wait already (503).
     #[error(
         "server busy, please try again.  maitre: {max_waiting} requests are already waiting (limits.max_waiting)"
@@ -102,7 +111,9 @@ impl Refusal {
             Refusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::BodyUnreadable { .. } => StatusCode::BAD_REQUEST,
             Refusal::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            Refusal::QueueFull { .. } | Refusal::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::QueueFull { .. } | Refusal::BodyBudgetSpent { .. } | Refusal::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Refusal::RejectedByPolicy { status, .. }
             | Refusal::RejectedWhileWaiting { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
@@ -172,6 +183,7 @@ mod tests {
             ),
             (Refusal::BodyTimeout { seconds: 5 }, 408, false, None),
             (Refusal::QueueFull { max_waiting: 4 }, 503, true, None),
+            (Refusal::BodyBudgetSpent { limit: 1024 }, 503, true, None),
             (Refusal::ShuttingDown, 503, true, None),
             (rejected(503), 503, true, Some("main")),
             (rejected(429), 429, true, Some("main")),

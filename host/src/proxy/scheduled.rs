@@ -1,5 +1,6 @@
-//! The scheduled path, in phases: read the body → submit it to the scheduler →
-//! wait for a slot → dispatch it upstream → relay the answer.
+//! The scheduled path, in phases: check the queue has room → read the body →
+//! submit it to the scheduler → wait for a slot → dispatch it upstream →
+//! relay the answer.
 //!
 //! Each phase that can fail returns a [`Refusal`]; [`Proxy::scheduled`] turns
 //! it into the one HTTP answer. Pre-emption and upstream-busy answers loop back
@@ -10,28 +11,33 @@
 //! while the request is still pre-emptible and folded into the non-streamed
 //! answer (`whole`).
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
-use http::request::Parts;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use std::sync::Arc;
-
+use super::aggregate::Api;
 use super::body::{Framing, TrackedBody};
+use super::budget::Held;
+use super::head::Head;
 use super::headers::{set_header, strip_hop_by_hop};
 use super::link::Link;
+use super::read::{discard, read_body};
 use super::refusal::Refusal;
 use super::rewrite::ask_for_stream;
 use super::whole::{self, Whole};
 use super::{
-    BodyMeta, Grant, Outcome, Proxy, ProxyBody, RequestMeta, Run, SubmitError, Ticket, extract_meta,
+    BodyMeta, Grant, Handling, Outcome, Proxy, ProxyBody, RequestMeta, Run, SubmitError, Ticket,
+    extract_meta,
 };
 use crate::escape::Escaped;
 
@@ -55,69 +61,139 @@ enum Sent {
     Lost(hyper_util::client::legacy::Error),
 }
 
+/// Phases 3–5 of a queued request, boxed: while it waits, this future and
+/// its [`Queued`] state are all the memory a request has of its own.
+type Waiting = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Refusal>> + Send>>;
+
+/// A request that is read and queued: all it keeps while it waits.
+struct Queued {
+    head: Head,
+    /// The body sent upstream (rewritten to ask for a stream when the
+    /// client asked for none).
+    bytes: Bytes,
+    /// Set when the answer is folded back into a non-streamed one.
+    fold: Option<Api>,
+    /// The body's bytes in the budget, given back when the request ends.
+    _held: Held,
+    ticket: Ticket,
+}
+
 impl Proxy {
     /// Serves a scheduled request; every refusal becomes an error answer.
-    pub(super) async fn scheduled(
-        &self,
+    ///
+    /// Phases 0–2 (room, body, submit) run in a future of their own, freed
+    /// once the request is queued, so a waiting request's future holds only
+    /// its [`Queued`] state, not the request as hyper handed it over nor the
+    /// body read.
+    pub(super) fn scheduled(
+        self: Arc<Self>,
         req: Request<Incoming>,
         remote: SocketAddr,
         arrival: Instant,
         path: String,
-    ) -> Response<ProxyBody> {
-        match self.phases(req, remote, arrival, &path).await {
-            Ok(r) => r,
-            Err(refusal) => refusal.into_response(&path, self.limits.retry_after_seconds),
-        }
+    ) -> Handling {
+        let admit = Box::pin(self.clone().admit(req, remote, arrival, path.clone()));
+        Box::pin(async move {
+            let answer = match admit.await {
+                Ok(waiting) => waiting.await,
+                Err(refusal) => Err(refusal),
+            };
+            Ok(answer.unwrap_or_else(|refusal| {
+                refusal.into_response(&path, self.limits.retry_after_seconds)
+            }))
+        })
     }
 
-    /// The phases in order, with the loop back to waiting after a pre-emption
-    /// or an upstream-busy answer.
-    async fn phases(
-        &self,
+    /// Phases 0–2: room in the queue, the body, the place in the queue; then
+    /// the rest of the request's life, as a future of its own.
+    async fn admit(
+        self: Arc<Self>,
         req: Request<Incoming>,
         remote: SocketAddr,
         arrival: Instant,
-        path: &str,
-    ) -> Result<Response<ProxyBody>, Refusal> {
-        let (parts, body) = req.into_parts();
-        let bytes = self.read_body(body).await?;
+        path: String,
+    ) -> Result<Waiting, Refusal> {
+        let (parts, mut body) = req.into_parts();
+        // Phase 0: a full queue refuses before a byte of the body is read.
+        let Some(reading) = self
+            .room
+            .enter(self.sched.waiting(), self.limits.max_waiting)
+        else {
+            discard(body);
+            return Err(Refusal::QueueFull {
+                max_waiting: self.limits.max_waiting,
+            });
+        };
+        let head = Head::own(parts);
+        // Phase 1: the body, within its limit and the byte budget.
+        let (bytes, held) = match read_body(&mut body, &self.body_limits, &self.budget).await {
+            Ok(read) => read,
+            Err(refusal) => {
+                if matches!(
+                    refusal,
+                    Refusal::BodyTooLarge { .. } | Refusal::BodyBudgetSpent { .. }
+                ) {
+                    discard(body);
+                }
+                return Err(refusal);
+            }
+        };
         // Scheduled whatever the body: one maitre cannot read (bad JSON, no
         // model) gets an empty model, and Ollama answers it with its own
         // error when its turn comes. Passing it on without a slot would let
         // a body Ollama reads differently skip the scheduler.
-        let meta = extract_meta(path, &bytes);
+        let meta = extract_meta(&path, &bytes);
         // The upstream streams, whatever the client asked for.
-        let (upstream_body, fold) = match ask_for_stream(path, &bytes, meta.stream) {
+        let (upstream_body, fold) = match ask_for_stream(&path, &bytes, meta.stream) {
             Some(s) => (s.body, Some(s.api)),
             None => (bytes.clone(), None),
         };
-        let mut ticket = self
-            .submit(&parts, path, meta, bytes.len(), remote, arrival)
-            .await?;
+        let submitted = self
+            .submit(&head, &path, meta, bytes.len(), remote, arrival)
+            .await;
+        // Submitted: it counts among the waiting now (or was refused).
+        drop(reading);
+        drop(bytes);
+        let queued = Queued {
+            head,
+            bytes: upstream_body,
+            fold,
+            _held: held,
+            ticket: submitted?,
+        };
+        Ok(Box::pin(self.run(queued)))
+    }
+
+    /// Phases 3–5, with the loop back to waiting after a pre-emption or an
+    /// upstream-busy answer.
+    ///
+    /// `q`'s fields are used in place, not moved into locals: a copy would
+    /// double the state every waiting request keeps.
+    async fn run(self: Arc<Self>, mut q: Queued) -> Result<Response<ProxyBody>, Refusal> {
         let mut busy_retries = 0u32;
         let mut lost_retries = 0u32;
         loop {
-            let grant = wait_for_slot(&mut ticket).await?;
-            let sent = self
-                .dispatch(&parts, &upstream_body, &grant.run, &mut ticket)
-                .await;
+            let grant = wait_for_slot(&mut q.ticket).await?;
+            // Boxed, like the sleep below: these futures live only while
+            // they run, not in every waiting request's.
+            let sent = Box::pin(self.dispatch(&q.head, &q.bytes, &grant.run, &mut q.ticket)).await;
             let (resp, link) = match sent {
                 Ok(Sent::Answered(resp, link)) => (resp, link),
                 Ok(Sent::Preempted) => {
-                    ticket.requeue_after_preempt();
+                    q.ticket.requeue_after_preempt();
                     continue;
                 }
                 Ok(Sent::Lost(e)) if lost_retries < MAX_LOST_RETRIES => {
                     lost_retries += 1;
-                    self.retry_lost(&mut ticket, &super::error_chain(&e), lost_retries);
+                    self.retry_lost(&mut q.ticket, &super::error_chain(&e), lost_retries);
                     continue;
                 }
                 Ok(Sent::Lost(e)) => {
-                    ticket.finish(Outcome::UpstreamError);
+                    q.ticket.finish(Outcome::UpstreamError);
                     return Err(self.unreachable(&e));
                 }
                 Err(refusal) => {
-                    ticket.finish(Outcome::UpstreamError);
+                    q.ticket.finish(Outcome::UpstreamError);
                     return Err(refusal);
                 }
             };
@@ -125,40 +201,44 @@ impl Proxy {
                 // Ollama's own queue is full: wait in ours instead of failing.
                 busy_retries += 1;
                 drop(resp);
-                tokio::time::sleep(Duration::from_millis(50 * busy_retries as u64)).await;
-                ticket.requeue_after_busy();
+                Box::pin(tokio::time::sleep(Duration::from_millis(
+                    50 * busy_retries as u64,
+                )))
+                .await;
+                q.ticket.requeue_after_busy();
                 continue;
             }
-            if let Some(api) = fold.filter(|api| whole::folds(&resp, *api)) {
-                let (parts, folded) = match whole::read(resp, api, &grant.run).await {
+            if let Some(api) = q.fold.filter(|api| whole::folds(&resp, *api)) {
+                let read = Box::pin(whole::read(resp, api, &grant.run)).await;
+                let (parts, folded) = match read {
                     Whole::Folded(parts, folded) => (parts, folded),
                     Whole::Preempted => {
                         // The stream was dropped, closing its connection.
-                        ticket.requeue_after_preempt();
+                        q.ticket.requeue_after_preempt();
                         continue;
                     }
                     Whole::Lost(detail) if lost_retries < MAX_LOST_RETRIES => {
                         lost_retries += 1;
-                        self.retry_lost(&mut ticket, &detail, lost_retries);
+                        self.retry_lost(&mut q.ticket, &detail, lost_retries);
                         continue;
                     }
-                    Whole::Lost(detail) => return Err(whole::broke_off(ticket, detail)),
+                    Whole::Lost(detail) => return Err(whole::broke_off(q.ticket, detail)),
                 };
                 if !grant.run.mark_streaming() {
                     // Pre-empted as the stream ended: requeue, as before.
-                    ticket.requeue_after_preempt();
+                    q.ticket.requeue_after_preempt();
                     continue;
                 }
-                return whole::respond(parts, folded, api, &grant, ticket);
+                return whole::respond(parts, folded, api, &grant, q.ticket);
             }
             if !grant.run.mark_streaming() {
                 // Pre-empted between the upstream's answer and now: nothing
                 // reached the client, so requeue as if it came earlier.
                 drop(resp);
-                ticket.requeue_after_preempt();
+                q.ticket.requeue_after_preempt();
                 continue;
             }
-            return Ok(relay(resp, &grant, ticket, link));
+            return Ok(relay(resp, &grant, q.ticket, link));
         }
     }
 
@@ -176,32 +256,11 @@ impl Proxy {
         ticket.requeue_after_lost();
     }
 
-    /// Phase 1: the whole body, within `limits.max_body_bytes` and
-    /// `limits.body_read_timeout_seconds`.
-    async fn read_body(&self, body: Incoming) -> Result<Bytes, Refusal> {
-        let read = Limited::new(body, self.limits.max_body_bytes).collect();
-        let body_timeout = Duration::from_secs(self.limits.body_read_timeout_seconds);
-        match tokio::time::timeout(body_timeout, read).await {
-            Ok(Ok(c)) => Ok(c.to_bytes()),
-            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-                Err(Refusal::BodyTooLarge {
-                    limit: self.limits.max_body_bytes,
-                })
-            }
-            Ok(Err(e)) => Err(Refusal::BodyUnreadable {
-                detail: e.to_string(),
-            }),
-            Err(_) => Err(Refusal::BodyTimeout {
-                seconds: self.limits.body_read_timeout_seconds,
-            }),
-        }
-    }
-
     /// Phase 2: hands the request to the scheduler, which queues it or
     /// refuses it at once.
     async fn submit(
         &self,
-        parts: &Parts,
+        head: &Head,
         path: &str,
         meta: BodyMeta,
         body_bytes: usize,
@@ -210,8 +269,7 @@ impl Proxy {
     ) -> Result<Ticket, Refusal> {
         let live = self.live.load();
         let header_str = |h: &HeaderName| {
-            parts
-                .headers
+            head.headers
                 .get(h)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
@@ -220,7 +278,7 @@ impl Proxy {
             path: path.to_string(),
             model: meta.model.into(),
             stream: meta.stream,
-            priority_header: parts
+            priority_header: head
                 .headers
                 .get("x-priority")
                 .and_then(|v| v.to_str().ok())
@@ -255,12 +313,12 @@ impl Proxy {
     /// of its connection.
     async fn dispatch(
         &self,
-        parts: &Parts,
+        head: &Head,
         bytes: &Bytes,
         run: &Run,
         ticket: &mut Ticket,
     ) -> Result<Sent, Refusal> {
-        let mut up = self.upstream_request(parts, full(bytes.clone()));
+        let mut up = self.upstream_request(head, full(bytes.clone()));
         // The body may have been rewritten: hyper sets the length of the one
         // sent.
         up.headers_mut().remove(header::CONTENT_LENGTH);

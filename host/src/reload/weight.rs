@@ -42,6 +42,11 @@ impl Reloader {
     /// Runs `init` of each arm whose share would change, with that share.
     async fn check_weight(&self, host: &Host, arm: &str, weight: u32) -> Result<(), WeightError> {
         let cfg = host.config.load_full();
+        if cfg.arms.iter().any(|a| a.name == arm && a.shadow) {
+            return Err(WeightError::Refused(format!(
+                "arm {arm:?} is a shadow: it watches and takes no traffic, so it has no weight; set `shadow = false` for it in the policy file to make it serve"
+            )));
+        }
         // In switchback every arm owns every slot in its turn: no share moves.
         if cfg.ab.mode != AbMode::Weighted {
             return Ok(());
@@ -61,10 +66,7 @@ impl Reloader {
             return Ok(());
         }
         let shares = slot_shares(status.slots, &weights, None);
-        let limits = PluginLimits {
-            call_budget: cfg.limits.plugin_call_ms,
-            memory_bytes: cfg.limits.plugin_memory_mib << 20,
-        };
+        let limits = PluginLimits::of(&cfg.limits);
         for (a, share) in status.arms.iter().zip(shares) {
             // An arm left with no slot drains; one whose share is unchanged
             // was checked when it was loaded.

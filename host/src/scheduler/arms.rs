@@ -9,7 +9,9 @@ use tokio::time::Instant;
 
 use super::core::Core;
 use super::decider::Decider;
+use super::queue::Queue;
 use super::report::Sample;
+use super::shadow::Shadow;
 use crate::config::{AbMode, PluginSource};
 
 /// A ready-to-serve arm, built (compiled, instantiated, initialised) off the
@@ -25,6 +27,10 @@ pub struct ArmSpec {
     pub source: PluginSource,
     /// Its sha256.
     pub sha256: String,
+    /// Watches the first serving arm instead of serving ([`super::shadow`]).
+    pub shadow: bool,
+    /// The interface version its plugin speaks, e.g. `maitre:policy@0.2.0`.
+    pub interface: &'static str,
 }
 
 /// One arm as the scheduler keeps it.
@@ -40,9 +46,10 @@ pub(super) struct Arm {
     pub(super) fallback: bool,
     pub(super) source: PluginSource,
     pub(super) sha256: String,
+    pub(super) interface: &'static str,
     pub(super) loaded_at: SystemTime,
     pub(super) last_error: Option<String>,
-    pub(super) waiting: BTreeSet<u64>,
+    pub(super) waiting: Queue,
     pub(super) running: BTreeSet<u64>,
     /// Started by the policy, waiting for a pre-empted slot to be let go.
     pub(super) handoff: VecDeque<u64>,
@@ -68,9 +75,10 @@ impl Arm {
             fallback: false,
             source: s.source,
             sha256: s.sha256,
+            interface: s.interface,
             loaded_at: SystemTime::now(),
             last_error: None,
-            waiting: BTreeSet::new(),
+            waiting: Queue::default(),
             running: BTreeSet::new(),
             handoff: VecDeque::new(),
             preempting: 0,
@@ -90,6 +98,21 @@ impl Arm {
 impl Core {
     /// Replaces the arms; requests of vanished arms move to the heaviest arm.
     pub(super) fn install(&mut self, specs: Vec<ArmSpec>) {
+        // Shadows get no traffic: they live beside the arms, not among them.
+        let (shadows, specs): (Vec<ArmSpec>, Vec<ArmSpec>) =
+            specs.into_iter().partition(|s| s.shadow);
+        self.shadows = shadows
+            .into_iter()
+            .map(|s| {
+                Shadow::spawn(
+                    s.name.into(),
+                    s.source,
+                    s.sha256,
+                    s.decider,
+                    self.metrics.clone(),
+                )
+            })
+            .collect();
         let old: Vec<Arm> = std::mem::take(&mut self.arms);
         self.arms = specs.into_iter().map(Arm::new).collect();
         let heaviest = (0..self.arms.len())
@@ -171,7 +194,7 @@ impl Core {
                 continue;
             }
             let mut ids = std::mem::take(&mut self.arms[a].waiting);
-            for id in &ids {
+            for id in ids.iter() {
                 if let Some(e) = self.entries.get_mut(id) {
                     e.arm = to;
                 }
@@ -186,12 +209,11 @@ impl Core {
     /// live arm and each arm's turn is proportional to its weight, so with
     /// 50/50 and 60 s windows A serves 0–60 s, B 60–120 s, and so on.
     pub(super) fn active_switchback_arm(&self) -> usize {
-        let live = self.arms.iter().filter(|a| a.weight > 0).count() as u64;
         let total: u64 = self.arms.iter().map(|a| a.weight as u64).sum();
-        if live == 0 || total == 0 {
+        let cycle_ms = self.switchback_cycle_ms();
+        if total == 0 {
             return 0;
         }
-        let cycle_ms = ((self.ab.window_seconds * 1000.0) as u64).max(1) * live;
         let pos = (self.now_ms() % cycle_ms) as u128 * total as u128 / cycle_ms as u128;
         let mut acc = 0u128;
         for (i, a) in self.arms.iter().enumerate() {
@@ -201,6 +223,19 @@ impl Core {
             }
         }
         0
+    }
+
+    /// One switchback cycle (every live arm's turn once), at least 1 ms.
+    pub(super) fn switchback_cycle_ms(&self) -> u64 {
+        let live = self.arms.iter().filter(|a| a.weight > 0).count() as u64;
+        ((self.ab.window_seconds * 1000.0) as u64).max(1) * live.max(1)
+    }
+
+    /// The length of arm `i`'s switchback turn, seconds.
+    pub(super) fn switchback_turn_s(&self, i: usize) -> f64 {
+        let total: u64 = self.arms.iter().map(|a| a.weight as u64).sum();
+        let w = self.arms.get(i).map_or(0, |a| a.weight) as f64;
+        self.switchback_cycle_ms() as f64 / 1000.0 * w / (total.max(1) as f64)
     }
 
     /// At a switchback window change the new arm takes every slot, and the

@@ -214,11 +214,7 @@ mod tests {
             now_ms: 0,
             total_slots: 2,
             free_slots: free,
-            backends: vec![Backend {
-                name: "up".into(),
-                total_slots: 2,
-                free_slots: free,
-            }],
+            backends: vec![Backend::new("up".into(), 2, free)],
             running: running
                 .iter()
                 .map(|&(id, preemptible, streaming)| Running {
@@ -228,6 +224,7 @@ mod tests {
                     model: "".into(),
                     tenant: None,
                     backend: 0,
+                    num_predict: None,
                     arrival_ms: 0,
                     started_ms: 0,
                     first_token_ms: None,
@@ -252,6 +249,7 @@ mod tests {
                     preemptions: 0,
                 })
                 .collect(),
+            beyond: Vec::new(),
         }
     }
 

@@ -4,21 +4,23 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::arms::Arm;
 use super::check::{Invalid, check_answer, summarize_invalid, tidy_rejection};
 use super::decider::Fifo;
+use super::shadow::Shadow;
 use super::ticket::{RequestMeta, Run, Signal, SubmitError, Ticket, shutting_down};
 use super::{Msg, Setup};
-use crate::config::{AbConfig, Limits};
+use crate::config::{AbConfig, AbMode, Limits};
 use crate::escape::Escaped;
 use crate::metrics::{ArmKind, Metrics};
 use crate::plugin::PluginError;
-use crate::policy::{Action, Admission, Backend, Class, Request, Running, View, Waiting};
+use crate::policy::{Action, Admission, Class, Request, View};
 
 /// Messages handled between two decisions at most.
 pub(super) const MAX_MESSAGES_PER_TURN: usize = 64;
@@ -63,17 +65,24 @@ pub(super) struct Entry {
     pub(super) queued_total: Duration,
     pub(super) preemptions: u32,
     pub(super) busy_retries: u32,
+    /// Tokens its pre-emptions threw away: chunks already relayed, plus
+    /// what the caller reported the upstream had generated.
+    pub(super) thrown_tokens: u64,
     pub(super) state: State,
     pub(super) run: Option<Arc<Run>>,
     /// Upstream TTFB of a dispatch that was requeued (kept for the log).
     pub(super) first_upstream_ttfb: Option<Duration>,
-    pub(super) tx: mpsc::UnboundedSender<Signal>,
+    /// Where the next go-ahead (or rejection) goes: one channel per wait, so
+    /// a waiting request costs a small oneshot, not a channel block.
+    pub(super) tx: Option<oneshot::Sender<Signal>>,
 }
 
 /// The scheduler's state, owned by its task.
 pub(super) struct Core {
     pub(super) origin: Instant,
     pub(super) arms: Vec<Arm>,
+    /// Shadow arms: shown the serving arm's decisions, never acting.
+    pub(super) shadows: Vec<Shadow>,
     pub(super) ab: AbConfig,
     pub(super) entries: HashMap<u64, Entry>,
     pub(super) total_slots: u32,
@@ -84,7 +93,10 @@ pub(super) struct Core {
     pub(super) self_tx: mpsc::UnboundedSender<Msg>,
     pub(super) draining: bool,
     pub(super) reload_error: Option<String>,
-    upstream_name: Arc<str>,
+    pub(super) upstream_name: Arc<str>,
+    /// Requests waiting over all arms, for [`super::SchedulerHandle::waiting`].
+    waiting_now: Arc<AtomicUsize>,
+    pub(super) trace: Option<crate::trace::TraceSink>,
 }
 
 impl Core {
@@ -92,10 +104,12 @@ impl Core {
         setup: Setup,
         metrics: Arc<Metrics>,
         self_tx: mpsc::UnboundedSender<Msg>,
+        waiting_now: Arc<AtomicUsize>,
     ) -> Core {
         let mut core = Core {
             origin: Instant::now(),
             arms: Vec::new(),
+            shadows: Vec::new(),
             ab: setup.ab,
             entries: HashMap::new(),
             total_slots: setup.total_slots,
@@ -107,6 +121,8 @@ impl Core {
             draining: false,
             reload_error: None,
             upstream_name: setup.upstream_name.into(),
+            waiting_now,
+            trace: setup.trace,
         };
         core.metrics.slots_total.set(core.total_slots as i64);
         core.install(setup.arms);
@@ -122,7 +138,12 @@ impl Core {
         let mut tick = tokio::time::interval(Duration::from_millis(self.limits.tick_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Biased, so that under a paused clock (tests, the simulator)
+            // the same inputs give the same turns; the tick goes first, as
+            // it fires at most once a period and cannot starve messages.
             tokio::select! {
+                biased;
+                _ = tick.tick() => self.on_tick(),
                 m = rx.recv() => {
                     let Some(m) = m else { break };
                     self.handle(m).await;
@@ -133,7 +154,6 @@ impl Core {
                         self.handle(m).await;
                     }
                 }
-                _ = tick.tick() => self.on_tick(),
             }
             self.decide().await;
             self.publish_waiting();
@@ -156,7 +176,12 @@ impl Core {
             }
             Msg::Gone { id } => self.gone(id),
             Msg::Finished { id, outcome } => self.finished(id, outcome),
-            Msg::Requeue { id, why } => self.requeue(id, why),
+            Msg::Requeue {
+                id,
+                why,
+                signal,
+                lost_tokens,
+            } => self.requeue(id, why, signal, lost_tokens),
             Msg::LetGo { id } => self.let_go(id),
             Msg::Status { reply } => {
                 let _ = reply.send(self.status());
@@ -190,8 +215,10 @@ impl Core {
         }
     }
 
-    /// Publishes each arm's waiting count where it changed.
+    /// Publishes each arm's waiting count where it changed, and the total.
     fn publish_waiting(&mut self) {
+        self.waiting_now
+            .store(self.waiting_count(), Ordering::Release);
         for a in &mut self.arms {
             let n = a.queued();
             if a.published_waiting != Some(n) {
@@ -248,7 +275,7 @@ impl Core {
         } else {
             0.0
         };
-        let (stx, srx) = mpsc::unbounded_channel();
+        let (stx, srx) = oneshot::channel();
         self.entries.insert(
             id,
             Entry {
@@ -260,31 +287,62 @@ impl Core {
                 queued_total: Duration::ZERO,
                 preemptions: 0,
                 busy_retries: 0,
+                thrown_tokens: 0,
                 state: State::Waiting,
                 run: None,
                 first_upstream_ttfb: None,
-                tx: stx,
+                tx: Some(stx),
                 meta,
             },
         );
         let arm = &mut self.arms[a];
-        arm.waiting.insert(id);
+        arm.waiting.insert(id, placement.class, priority);
         arm.dirty = true;
+        self.waiting_now.fetch_add(1, Ordering::AcqRel);
         Ok(Ticket {
             id,
             arm: name,
-            rx: srx,
+            rx: Some(srx),
             tx: self.self_tx.clone(),
             ended: false,
             abandon: None,
         })
     }
 
+    /// The serving arm's admission; shadows watching it see it too.
     async fn admit(&mut self, a: usize, req: &Request) -> Admission {
-        if !self.arms[a].fallback {
-            let view = self.view(a);
+        let watched = self.watched_by_shadows(a);
+        let view = (watched || !self.arms[a].fallback).then(|| self.admit_view(a));
+        let adm = self.admit_live(a, req, view.as_ref()).await;
+        if let (true, Some(view)) = (watched, &view) {
+            for s in self.shadows.iter().filter(|s| s.active()) {
+                s.admit(req, view, &adm);
+            }
+        }
+        adm
+    }
+
+    /// Whether arm `a` is the one shadows watch now, and one is listening:
+    /// the first arm, or in switchback the arm whose turn it is.
+    pub(super) fn watched_by_shadows(&self, a: usize) -> bool {
+        !self.shadows.is_empty()
+            && a == self.watched_arm()
+            && self.shadows.iter().any(Shadow::active)
+    }
+
+    /// The serving arm shadows are shown.
+    pub(super) fn watched_arm(&self) -> usize {
+        if self.ab.mode == AbMode::Switchback {
+            self.active_switchback_arm()
+        } else {
+            0
+        }
+    }
+
+    async fn admit_live(&mut self, a: usize, req: &Request, view: Option<&View>) -> Admission {
+        if let (false, Some(view)) = (self.arms[a].fallback, view) {
             let t = std::time::Instant::now();
-            let r = self.arms[a].decider.admit(req, &view).await;
+            let r = self.arms[a].decider.admit(req, view).await;
             self.observe_call(a, "admit", t);
             match r {
                 // NaN has no place in any order: nonsense, like an invalid action.
@@ -396,71 +454,6 @@ impl Core {
             .min(self.total_slots.saturating_sub(self.busy))
     }
 
-    /// Builds the policy's snapshot of one arm: waiting requests oldest
-    /// arrival first (ids are given in arrival order), running ones oldest
-    /// start first.
-    pub(super) fn view(&self, a: usize) -> View {
-        let arm = &self.arms[a];
-        let free = self.free_slots(a);
-        let waiting = arm
-            .waiting
-            .iter()
-            .filter_map(|id| self.entries.get(id).map(|e| (id, e)))
-            .map(|(id, e)| Waiting {
-                id: *id,
-                class: e.class,
-                priority: e.priority,
-                model: e.meta.model.clone(),
-                tenant: e.meta.tenant.clone(),
-                stream: e.meta.stream,
-                num_predict: e.meta.num_predict,
-                arrival_ms: e.arrival_ms,
-                enqueued_ms: self.ms_of(e.enqueued_at),
-                preemptions: e.preemptions,
-            })
-            .collect();
-        let mut running: Vec<Running> = arm
-            .running
-            .iter()
-            .filter_map(|id| self.entries.get(id).map(|e| (id, e)))
-            .filter_map(|(id, e)| e.run.as_ref().map(|r| (id, e, r)))
-            .map(|(id, e, r)| {
-                let streaming = r.is_streaming();
-                Running {
-                    id: *id,
-                    class: e.class,
-                    priority: e.priority,
-                    model: e.meta.model.clone(),
-                    tenant: e.meta.tenant.clone(),
-                    backend: 0,
-                    arrival_ms: e.arrival_ms,
-                    started_ms: self.ms_of(r.started),
-                    first_token_ms: r.upstream_first_byte.get().map(|t| self.ms_of(*t)),
-                    tokens: r.tokens(),
-                    preemptible: e.state == State::Running
-                        && !streaming
-                        && e.preemptions < self.limits.max_preemptions,
-                    streaming,
-                    preemptions: e.preemptions,
-                }
-            })
-            .collect();
-        // A requeued request keeps its (older) id but starts later.
-        running.sort_by_key(|r| (r.started_ms, r.id));
-        View {
-            now_ms: self.now_ms(),
-            total_slots: arm.slots,
-            free_slots: free,
-            backends: vec![Backend {
-                name: self.upstream_name.clone(),
-                total_slots: arm.slots,
-                free_slots: free,
-            }],
-            running,
-            waiting,
-        }
-    }
-
     /// Asks every arm whose state changed what to do, and does it.
     pub(super) async fn decide(&mut self) {
         for a in 0..self.arms.len() {
@@ -504,6 +497,13 @@ impl Core {
                     Fifo::actions(&view)
                 }
             };
+            if self.watched_by_shadows(a) {
+                let arm = &self.arms[a];
+                let inflight = arm.preempting as i64 - arm.handoff.len() as i64;
+                for s in self.shadows.iter().filter(|s| s.active()) {
+                    s.schedule(&view, &actions, inflight);
+                }
+            }
             self.apply(a, actions);
         }
     }

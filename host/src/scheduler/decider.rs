@@ -20,6 +20,11 @@ pub trait Decider: Send {
     fn admit<'a>(&'a mut self, req: &'a Request, view: &'a View) -> Decision<'a, Admission>;
     /// What to do now, given the arm's view.
     fn schedule<'a>(&'a mut self, view: &'a View) -> Decision<'a, Vec<Action>>;
+    /// Whether it decides on a candidate window of the queue rather than
+    /// the whole queue (interface 0.2.0 and later; the built-in FIFO).
+    fn windowed(&self) -> bool {
+        false
+    }
 }
 
 impl Decider for Instance {
@@ -28,6 +33,9 @@ impl Decider for Instance {
     }
     fn schedule<'a>(&'a mut self, view: &'a View) -> Decision<'a, Vec<Action>> {
         Box::pin(Instance::schedule(self, view))
+    }
+    fn windowed(&self) -> bool {
+        Instance::windowed(self)
     }
 }
 
@@ -64,5 +72,10 @@ impl Decider for Fifo {
     fn schedule<'a>(&'a mut self, view: &'a View) -> Decision<'a, Vec<Action>> {
         let a = Fifo::actions(view);
         Box::pin(async move { Ok(a) })
+    }
+    /// The oldest requests of each class are always in the window, so the
+    /// oldest overall is too: FIFO needs no more.
+    fn windowed(&self) -> bool {
+        true
     }
 }

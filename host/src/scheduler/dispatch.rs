@@ -13,6 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::check::Invalid;
@@ -77,6 +78,7 @@ impl Core {
         }
         e.state = State::Preempting;
         let tokens = run.tokens();
+        e.thrown_tokens += tokens;
         let (class, model) = (e.class, e.meta.model.clone());
         if streaming {
             run.mark_cut();
@@ -148,7 +150,9 @@ impl Core {
             preemptions: e.preemptions,
             arm: self.arms[a].name.clone(),
         };
-        let _ = e.tx.send(Signal::Start(grant));
+        if let Some(tx) = e.tx.take() {
+            let _ = tx.send(Signal::Start(grant));
+        }
         let arm = &mut self.arms[a];
         arm.waiting.remove(&id);
         arm.running.insert(id);
@@ -238,10 +242,17 @@ impl Core {
     /// pre-emption, an upstream 503 or a lost upstream connection. A request
     /// whose arm lost its slots goes to a serving arm, so it is never
     /// stranded.
-    pub(super) fn requeue(&mut self, id: u64, why: super::Requeued) {
-        let Some(e) = self.entries.get(&id) else {
+    pub(super) fn requeue(
+        &mut self,
+        id: u64,
+        why: super::Requeued,
+        signal: oneshot::Sender<Signal>,
+        lost_tokens: u64,
+    ) {
+        let Some(e) = self.entries.get_mut(&id) else {
             return;
         };
+        e.tx = Some(signal);
         let state = e.state;
         if !matches!(state, State::Running | State::Preempting) {
             return;
@@ -256,7 +267,10 @@ impl Core {
             e.first_upstream_ttfb = run.upstream_ttfb();
         }
         match why {
-            super::Requeued::Preempted => e.preemptions += 1,
+            super::Requeued::Preempted => {
+                e.preemptions += 1;
+                e.thrown_tokens += lost_tokens;
+            }
             super::Requeued::Busy => {
                 e.busy_retries += 1;
                 self.metrics.upstream_busy_retries.inc();
@@ -268,7 +282,7 @@ impl Core {
         e.state = State::Waiting;
         e.enqueued_at = Instant::now();
         let arm = &mut self.arms[e.arm];
-        arm.waiting.insert(id);
+        arm.waiting.insert(id, e.class, e.priority);
         arm.dirty = true;
         if arm.slots == 0 {
             self.share_slots();
@@ -278,8 +292,8 @@ impl Core {
     /// Answers a waiting request with a rejection.
     pub(super) fn reject_waiting(&mut self, id: u64, rejection: Rejection) {
         self.remove_waiting(id);
-        if let Some(e) = self.entries.get(&id) {
-            let _ = e.tx.send(Signal::Reject(rejection));
+        if let Some(tx) = self.entries.get_mut(&id).and_then(|e| e.tx.take()) {
+            let _ = tx.send(Signal::Reject(rejection));
         }
         self.end(id, Outcome::Rejected);
     }
@@ -302,6 +316,7 @@ impl Core {
             ),
             None => (e.first_upstream_ttfb, None),
         };
+        let cut = e.run.as_ref().is_some_and(|r| r.is_cut());
         self.record_end(super::report::Ended {
             arm: e.arm,
             class: e.class,
@@ -310,7 +325,12 @@ impl Core {
             upstream_ttfb,
             client_ttfb,
             outcome,
-            preemptions: e.preemptions,
+            // A cut is a pre-emption too (a transparent one was counted
+            // when its request was requeued).
+            preemptions: e.preemptions + u32::from(cut),
+            thrown_tokens: e.thrown_tokens,
+            tokens: e.run.as_ref().map(|r| r.tokens()).unwrap_or(0),
+            cut,
         });
     }
 }

@@ -24,26 +24,39 @@
 //! - [`check`]: the answer check and its typed [`Invalid`] kinds;
 //! - [`decider`]: the seam between the state machine and a policy;
 //! - [`letgo`]: when an abandoned upstream connection is closed at both ends;
-//! - [`report`]: `/status` and the A/B report.
+//! - [`report`]: `/status` and the A/B report;
+//! - [`compare`]: whether an A/B difference is real (bootstrap intervals);
+//! - [`shadow`]: shadow arms, which watch the serving arm and never act.
 //!
 //! Time is tokio's clock ([`tokio::time::Instant`]), so the state machine
 //! runs unchanged under a paused (virtual) clock in tests.
 
 pub mod arms;
 pub mod check;
+pub mod compare;
 mod core;
 pub mod decider;
 mod dispatch;
 pub mod letgo;
+pub mod queue;
 pub mod report;
+pub mod shadow;
 pub mod ticket;
+mod view;
 
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_load;
+#[cfg(test)]
+mod tests_shadow;
+#[cfg(test)]
+mod tests_trace;
+#[cfg(test)]
+mod tests_window;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -54,6 +67,8 @@ pub use decider::{Decider, Fifo};
 pub use letgo::{LET_GO_TIMEOUT, LetGo};
 pub use report::{AbReport, AbRow, ArmStatus, RequestStatus, Status, percentile};
 pub use ticket::{Grant, Outcome, RequestMeta, Run, SubmitError, Ticket};
+
+use ticket::Signal;
 
 use crate::config::{AbConfig, Limits};
 use crate::metrics::Metrics;
@@ -74,6 +89,11 @@ pub(crate) enum Msg {
     Requeue {
         id: u64,
         why: Requeued,
+        /// Where the next go-ahead goes.
+        signal: oneshot::Sender<Signal>,
+        /// Tokens the upstream had generated for the aborted dispatch, when
+        /// the caller knows (the simulator does; the proxy cannot see them).
+        lost_tokens: u64,
     },
     /// The upstream connection of a cut stream is let go: its slot is free.
     LetGo {
@@ -97,7 +117,7 @@ pub(crate) enum Msg {
     },
     Report {
         window: Duration,
-        reply: oneshot::Sender<AbReport>,
+        reply: oneshot::Sender<(AbReport, compare::Inputs)>,
     },
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -119,9 +139,18 @@ pub(crate) enum Requeued {
 #[derive(Clone)]
 pub struct SchedulerHandle {
     tx: mpsc::UnboundedSender<Msg>,
+    waiting: Arc<AtomicUsize>,
 }
 
 impl SchedulerHandle {
+    /// Requests waiting now, over all arms, as the scheduler last counted
+    /// them (after each admission and each turn). Lets the proxy refuse a
+    /// request for a full queue before it reads the body; the exact check
+    /// is still made when the request is submitted.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
     /// Asks for a place in the queue.
     pub async fn submit(&self, meta: RequestMeta) -> Result<Ticket, SubmitError> {
         let (reply, rx) = oneshot::channel();
@@ -166,11 +195,17 @@ impl SchedulerHandle {
         rx.await.unwrap_or_else(|_| Err("scheduler stopped".into()))
     }
 
-    /// Per-arm comparison over the last `window`.
+    /// Per-arm comparison over the last `window`, with each arm's
+    /// differences from the first ([`compare`]). The resampling runs on a
+    /// blocking thread, not on the scheduler task, so it delays no decision.
     pub async fn report(&self, window: Duration) -> Option<AbReport> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Msg::Report { window, reply }).ok()?;
-        rx.await.ok()
+        let (mut report, inputs) = rx.await.ok()?;
+        report.comparisons = tokio::task::spawn_blocking(move || compare::compare(&inputs))
+            .await
+            .unwrap_or_default();
+        Some(report)
     }
 
     /// Stops admitting: waiting requests and new arrivals get 503 + Retry-After;
@@ -195,12 +230,15 @@ pub struct Setup {
     pub limits: Limits,
     /// The upstream's name in views (its URL).
     pub upstream_name: String,
+    /// Where each ended request is traced, if anywhere.
+    pub trace: Option<crate::trace::TraceSink>,
 }
 
 /// Starts the scheduler task on the current tokio runtime.
 pub fn spawn(setup: Setup, metrics: Arc<Metrics>) -> SchedulerHandle {
     let (tx, rx) = mpsc::unbounded_channel();
-    let core = core::Core::new(setup, metrics, tx.clone());
+    let waiting = Arc::new(AtomicUsize::new(0));
+    let core = core::Core::new(setup, metrics, tx.clone(), waiting.clone());
     tokio::spawn(core.run(rx));
-    SchedulerHandle { tx }
+    SchedulerHandle { tx, waiting }
 }

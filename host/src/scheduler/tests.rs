@@ -85,6 +85,8 @@ pub(super) fn arm(name: &str, weight: u32, decider: Box<dyn Decider>) -> ArmSpec
         decider,
         source: PluginSource::Builtin("test".into()),
         sha256: "0".repeat(64),
+        shadow: false,
+        interface: "test",
     }
 }
 
@@ -110,6 +112,7 @@ pub(super) fn start(slots: u32, arms: Vec<ArmSpec>, ab: AbConfig, limits: Limits
             total_slots: slots,
             limits,
             upstream_name: "http://upstream".into(),
+            trace: None,
         },
         metrics.clone(),
     );

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -227,7 +227,7 @@ pub struct Grant {
 }
 
 /// What the scheduler tells a waiting [`Ticket`].
-pub(super) enum Signal {
+pub(crate) enum Signal {
     Start(Grant),
     Reject(Rejection),
 }
@@ -269,7 +269,8 @@ pub type Abandon = Box<dyn FnOnce() -> Option<LetGo> + Send + Sync>;
 pub struct Ticket {
     pub(super) id: u64,
     pub(super) arm: Arc<str>,
-    pub(super) rx: mpsc::UnboundedReceiver<Signal>,
+    /// The go-ahead of the current wait; a requeue opens a new one.
+    pub(super) rx: Option<oneshot::Receiver<Signal>>,
     pub(super) tx: mpsc::UnboundedSender<Msg>,
     pub(super) ended: bool,
     /// How to give up the current dispatch's upstream connection.
@@ -287,8 +288,17 @@ impl Ticket {
     }
 
     /// Waits until the policy starts the request (or rejects it while waiting).
+    /// Each wait after the first follows a requeue. Cancel-safe.
     pub async fn wait_start(&mut self) -> Result<Grant, Rejection> {
-        match self.rx.recv().await {
+        debug_assert!(self.rx.is_some(), "a second wait without a requeue");
+        // Awaited in place, so a wait that is given up (a timeout) keeps
+        // the channel; it is closed once it has answered.
+        let signal = match self.rx.as_mut() {
+            Some(rx) => rx.await.ok(),
+            None => None,
+        };
+        self.rx = None;
+        match signal {
             Some(Signal::Start(g)) => Ok(g),
             Some(Signal::Reject(r)) => {
                 self.ended = true;
@@ -317,35 +327,44 @@ impl Ticket {
         });
     }
 
-    /// The upstream request of a pre-empted dispatch has been aborted: put the
-    /// request back in the queue (once its connection is let go).
-    pub fn requeue_after_preempt(&mut self) {
+    /// Puts the request back in the queue once its upstream connection is
+    /// let go, with a new channel for its next go-ahead.
+    fn requeue(&mut self, why: Requeued, lost_tokens: u64) {
+        let (signal, rx) = oneshot::channel();
+        self.rx = Some(rx);
         let id = self.id;
         self.after_let_go(Msg::Requeue {
             id,
-            why: Requeued::Preempted,
+            why,
+            signal,
+            lost_tokens,
         });
+    }
+
+    /// The upstream request of a pre-empted dispatch has been aborted: put the
+    /// request back in the queue (once its connection is let go).
+    pub fn requeue_after_preempt(&mut self) {
+        self.requeue_after_preempt_losing(0);
+    }
+
+    /// [`Ticket::requeue_after_preempt`], saying how many tokens the
+    /// upstream had generated and were thrown away (the simulator knows;
+    /// they are counted with the chunks maitre saw).
+    pub fn requeue_after_preempt_losing(&mut self, tokens: u64) {
+        self.requeue(Requeued::Preempted, tokens);
     }
 
     /// The upstream answered 503 busy before any byte reached the client: put
     /// the request back in the queue (once its connection is let go).
     pub fn requeue_after_busy(&mut self) {
-        let id = self.id;
-        self.after_let_go(Msg::Requeue {
-            id,
-            why: Requeued::Busy,
-        });
+        self.requeue(Requeued::Busy, 0);
     }
 
     /// The upstream connection failed before any byte reached the client (a
     /// kept-alive connection the upstream had closed, a stream lost while
     /// maitre was folding it): put the request back in the queue.
     pub fn requeue_after_lost(&mut self) {
-        let id = self.id;
-        self.after_let_go(Msg::Requeue {
-            id,
-            why: Requeued::Lost,
-        });
+        self.requeue(Requeued::Lost, 0);
     }
 
     /// The request ended; `outcome` is logged and counted. Unless it ended

@@ -11,8 +11,13 @@
 //!   `max_preemptions` times. Each victim at most once per decision.
 //! - Waiting batch requests age as in `reserved-aging`; one aged above a
 //!   waiting real-time request is served first and never overtaken.
+//! - Cost-aware: no pre-emption when a running request is expected to finish
+//!   within `max_wait_ms` (from its `num_predict` and the measured tokens per
+//!   second); the real-time request takes that slot when it frees.
 //!
 //! Parameters are documented in this crate's README.md.
+
+use std::cell::RefCell;
 
 use maitre_policy_sdk::{
     Action, Admission, Aging, Class, Config, Placement, Policy, Request, Running, View,
@@ -25,14 +30,21 @@ pub const PREEMPT_STREAMING: &str = "preempt_streaming";
 pub const MAX_PREEMPTIONS: &str = "max_preemptions";
 /// Config key: class of requests without a recognised `X-Priority` header.
 pub const DEFAULT_CLASS: &str = "default_class";
+/// Config key: don't pre-empt when a running request is expected to free its
+/// slot within this many milliseconds.
+pub const MAX_WAIT_MS: &str = "max_wait_ms";
 /// Every config key this policy knows (besides the host's `maitre.*`).
-pub const KEYS: [&str; 5] = [
+pub const KEYS: [&str; 6] = [
     Aging::THRESHOLD_KEY,
     Aging::BOOST_KEY,
     DEFAULT_CLASS,
     PREEMPT_STREAMING,
     MAX_PREEMPTIONS,
+    MAX_WAIT_MS,
 ];
+
+/// Weight of the newest measurement in the tokens-per-ms moving average.
+const RATE_WEIGHT: f64 = 0.2;
 
 /// Priority given to real-time requests at admission.
 pub const REALTIME_PRIORITY: f64 = 1.0;
@@ -50,6 +62,18 @@ pub struct Preemptive {
     pub preempt_streaming: bool,
     /// Never pre-empt a request whose `preemptions` reached this (default 2).
     pub max_preemptions: u32,
+    /// Wait instead of pre-empting when a running request should finish
+    /// within this many ms (default 30; 0 = always pre-empt).
+    pub max_wait_ms: u64,
+    /// What the policy learned from earlier views.
+    pub memory: RefCell<Memory>,
+}
+
+/// What `preemptive` measures across calls: the generation speed.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Memory {
+    /// Measured generation speed, tokens per ms (moving average), if any.
+    pub tokens_per_ms: Option<f64>,
 }
 
 impl Policy for Preemptive {
@@ -60,6 +84,8 @@ impl Policy for Preemptive {
             default_class: config.get_class(DEFAULT_CLASS, Class::Batch)?,
             preempt_streaming: config.get_bool(PREEMPT_STREAMING, false)?,
             max_preemptions: config.get_u32(MAX_PREEMPTIONS, 2)?,
+            max_wait_ms: config.get_u32(MAX_WAIT_MS, 30)?.into(),
+            memory: RefCell::new(Memory::default()),
         })
     }
 
@@ -73,6 +99,7 @@ impl Policy for Preemptive {
     }
 
     fn schedule(&self, view: &View) -> Vec<Action> {
+        self.learn(view);
         if view.waiting.is_empty() {
             return Vec::new();
         }
@@ -84,6 +111,9 @@ impl Policy for Preemptive {
         let mut actions = Vec::new();
         // Victim candidates, least work first; built only when needed.
         let mut victims: Option<Vec<(usize, bool)>> = None;
+        // Running requests (indices) whose imminent end a real-time request
+        // already waits for in this decision.
+        let mut awaited: Vec<usize> = Vec::new();
         for i in order_waiting(view, |w| self.aging.priority(w, view.now_ms)) {
             let w = &view.waiting[i];
             if free > 0 {
@@ -97,12 +127,22 @@ impl Policy for Preemptive {
                 break;
             }
             let effective = self.aging.priority(w, view.now_ms);
+            // A slot about to free costs less than thrown-away work; but a
+            // request that already waited max_wait_ms (the estimate was wrong)
+            // waits no longer.
+            let waited = view.now_ms.saturating_sub(w.enqueued_ms);
+            if waited < self.max_wait_ms
+                && let Some(r) = self.ending_soon(view, &awaited, victims.as_deref())
+            {
+                awaited.push(r);
+                continue;
+            }
             let candidates = victims.get_or_insert_with(|| self.victims(view));
-            let Some(slot) = candidates
-                .iter_mut()
-                .find(|(r, used)| {
-                    !*used && self.aging.running_priority(&view.running[*r], view.now_ms) < effective
-                })
+            let Some(slot) = candidates.iter_mut().find(|(r, used)| {
+                !*used
+                    && !awaited.contains(r)
+                    && self.aging.running_priority(&view.running[*r], view.now_ms) < effective
+            })
             else {
                 // Later requests have no higher priority: no victim for them either.
                 break;
@@ -120,6 +160,56 @@ impl Policy for Preemptive {
 }
 
 impl Preemptive {
+    /// Measures the generation speed of running requests that have
+    /// produced tokens.
+    fn learn(&self, view: &View) {
+        let mut m = self.memory.borrow_mut();
+        let speeds: Vec<f64> = view
+            .running
+            .iter()
+            .filter_map(|r| {
+                let first = r.first_token_ms?;
+                let since = view.now_ms.checked_sub(first).filter(|d| *d > 0)?;
+                (r.tokens >= 2).then(|| (r.tokens - 1) as f64 / since as f64)
+            })
+            .collect();
+        if !speeds.is_empty() {
+            let now = speeds.iter().sum::<f64>() / speeds.len() as f64;
+            m.tokens_per_ms = Some(match m.tokens_per_ms {
+                Some(old) => old + RATE_WEIGHT * (now - old),
+                None => now,
+            });
+        }
+    }
+
+    /// Expected ms until running request `r` ends: its tokens still to come
+    /// at the measured speed. None when its `num_predict` or the speed is unknown.
+    pub fn remaining_ms(&self, r: &Running) -> Option<f64> {
+        let total = r.num_predict.filter(|n| *n > 0)? as u64;
+        let rate = self.memory.borrow().tokens_per_ms.filter(|x| *x > 0.0)?;
+        Some(total.saturating_sub(r.tokens) as f64 / rate)
+    }
+
+    /// A running request (index) expected to free its slot within
+    /// `max_wait_ms`, not yet awaited nor chosen as a victim; the soonest.
+    fn ending_soon(
+        &self,
+        view: &View,
+        awaited: &[usize],
+        victims: Option<&[(usize, bool)]>,
+    ) -> Option<usize> {
+        if self.max_wait_ms == 0 {
+            return None;
+        }
+        let used = |i: usize| victims.is_some_and(|v| v.iter().any(|&(r, u)| u && r == i));
+        (0..view.running.len())
+            .filter(|&i| !awaited.contains(&i) && !used(i))
+            .filter_map(|i| Some((i, self.remaining_ms(&view.running[i])?)))
+            .filter(|&(_, ms)| ms <= self.max_wait_ms as f64)
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(i, _)| i)
+    }
+
     /// Whether a running request may be pre-empted at all.
     pub fn eligible(&self, r: &Running) -> bool {
         r.class == Class::Batch

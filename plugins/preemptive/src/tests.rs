@@ -35,6 +35,7 @@ fn defaults() {
     assert_eq!(p.default_class, BE);
     assert!(!p.preempt_streaming);
     assert_eq!(p.max_preemptions, 2);
+    assert_eq!(p.max_wait_ms, 30);
 }
 
 #[test]
@@ -258,4 +259,66 @@ fn each_bad_key_is_named() {
     for k in KEYS {
         assert!(e.contains(k), "{e} should list {k}");
     }
+}
+
+/// Running batch jobs `(id, num_predict, tokens)`, each producing 1 token
+/// per 20 ms since its first token; the policy has seen them running once
+/// (to measure the speed).
+fn learned_jobs(p: &Preemptive, jobs: &[(u64, i64, u64)], now: u64) -> Vec<Running> {
+    let running: Vec<Running> = jobs
+        .iter()
+        .map(|&(id, n, tokens)| Running {
+            tokens,
+            num_predict: Some(n),
+            first_token_ms: Some(now - (tokens - 1) * 20),
+            ..running(id, BE, BATCH_PRIORITY, 0)
+        })
+        .collect();
+    let _ = p.schedule(&view(now, 2, running.clone(), vec![]));
+    running
+}
+
+#[test]
+fn waits_for_a_batch_job_about_to_finish_instead_of_preempting() {
+    let p = policy(&[("max_wait_ms", "50")]);
+    let now = 10_000;
+    // Job 1 has 2 tokens to go (40 ms at the measured speed); job 2 has 300.
+    let jobs = learned_jobs(&p, &[(1, 100, 98), (2, 400, 100)], now);
+    assert_eq!(p.remaining_ms(&jobs[0]).map(f64::round), Some(40.0));
+    let v = view(now, 2, jobs.clone(), vec![rt(9, now)]);
+    assert!(
+        p.schedule(&v).is_empty(),
+        "the real-time request waits for job 1's slot: {:?}",
+        describe(&p.schedule(&v))
+    );
+    // Once it has waited max_wait_ms, the estimate is not trusted any more.
+    let later = view(now + 50, 2, jobs, vec![rt(9, now)]);
+    assert_eq!(started(&p.schedule(&later)), vec![9]);
+}
+
+#[test]
+fn preempts_the_least_work_when_no_job_ends_within_max_wait() {
+    let p = policy(&[("max_wait_ms", "50")]);
+    let now = 10_000;
+    // 10 tokens to go (200 ms) and 300 to go: neither ends within 50 ms.
+    let jobs = learned_jobs(&p, &[(1, 100, 90), (2, 400, 100)], now);
+    let v = view(now, 2, jobs, vec![rt(9, now)]);
+    assert_eq!(
+        describe(&p.schedule(&v)),
+        vec!["preempt 1".to_string(), "start 9".to_string()],
+        "job 1 has fewer tokens done"
+    );
+}
+
+#[test]
+fn max_wait_zero_or_an_unknown_speed_always_preempts() {
+    let now = 10_000;
+    let p = policy(&[("max_wait_ms", "0")]);
+    let jobs = learned_jobs(&p, &[(1, 100, 99)], now);
+    let v = view(now, 1, jobs, vec![rt(9, now)]);
+    assert_eq!(started(&p.schedule(&v)), vec![9]);
+    // No speed measured (no running request has produced tokens yet).
+    let p = policy(&[]);
+    let v = view(now, 1, vec![job(1, 0, 0)], vec![rt(9, now)]);
+    assert_eq!(started(&p.schedule(&v)), vec![9]);
 }

@@ -52,7 +52,7 @@ pub use config::{Config, invalid};
 #[allow(missing_docs, clippy::all, unsafe_code)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../../wit/v0.1.0",
+        path: "../../wit/v0.2.0",
         world: "policy",
         pub_export_macro: true,
         default_bindings_module: "maitre_policy_sdk::bindings",
@@ -121,6 +121,15 @@ pub use bindings::maitre::policy::types::{
     Action, Admission, Backend, Class, Placement, Preemption, RejectWaiting, Rejection, Request,
     Running, Start, View, Waiting,
 };
+
+impl View {
+    /// The model or tenant name a record's index points at
+    /// (`waiting.model`, `running.tenant`, `loaded-model.model`, ...).
+    /// Names are interned once per call, so equal names have equal indices.
+    pub fn name(&self, id: u32) -> &str {
+        self.names.get(id as usize).map_or("", String::as_str)
+    }
+}
 
 /// A scheduling policy: what a plugin implements.
 ///
@@ -431,6 +440,7 @@ mod tests {
             now_ms: 0,
             total_slots: 1,
             free_slots: 1,
+            names: vec!["m".into()],
             backends: vec![],
             running: vec![],
             waiting: vec![
@@ -439,7 +449,10 @@ mod tests {
                 waiting(3, Class::Realtime, 1.0, 20),
                 waiting(2, Class::Batch, 0.0, 5),
             ],
+            beyond: vec![],
         };
+        assert_eq!(view.name(view.waiting[0].model), "m");
+        assert_eq!(view.name(7), "");
         let ids: Vec<u64> = order_waiting(&view, |w| w.priority)
             .into_iter()
             .map(|i| view.waiting[i].id)

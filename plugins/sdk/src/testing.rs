@@ -1,5 +1,6 @@
 //! Builders of hand-made requests and views, for unit-testing a policy's
-//! decisions natively (`cargo test`) without a host.
+//! decisions natively (`cargo test`) without a host. Every model name is
+//! `view.names[0]` ("m").
 
 use crate::{Action, Class, Request, Running, View, Waiting};
 
@@ -25,7 +26,7 @@ pub fn waiting(id: u64, class: Class, priority: f64, arrival_ms: u64) -> Waiting
         id,
         class,
         priority,
-        model: "m".into(),
+        model: 0,
         tenant: None,
         stream: true,
         num_predict: None,
@@ -42,8 +43,9 @@ pub fn running(id: u64, class: Class, priority: f64, started_ms: u64) -> Running
         id,
         class,
         priority,
-        model: "m".into(),
+        model: 0,
         tenant: None,
+        num_predict: None,
         backend: 0,
         arrival_ms: started_ms,
         started_ms,
@@ -63,13 +65,18 @@ pub fn view(now_ms: u64, total_slots: u32, running: Vec<Running>, waiting: Vec<W
         now_ms,
         total_slots,
         free_slots,
+        names: vec!["m".into()],
         backends: vec![crate::Backend {
             name: "ollama".into(),
             total_slots,
             free_slots,
+            healthy: true,
+            loaded: Vec::new(),
+            speeds: Vec::new(),
         }],
         running,
         waiting,
+        beyond: Vec::new(),
     }
 }
 

@@ -1,4 +1,5 @@
-//! The hostile test plugins of `plugins/hostile/`, built on first use.
+//! The hostile test plugins of `plugins/hostile/` and the compat ones of
+//! `plugins/compat/` (built against older interfaces), built on first use.
 //!
 //! A production build (`host/build.rs`) builds only the built-in plugins;
 //! these exist for the tests alone. The first call in a test process builds
@@ -26,7 +27,7 @@ pub fn hostile_plugin(crate_name: &str) -> PathBuf {
     let path = dir.join(format!("{}.wasm", crate_name.replace('-', "_")));
     assert!(
         path.exists(),
-        "{} was not built: is {crate_name} a member of plugins/Cargo.toml, named hostile-*?",
+        "{} was not built: is {crate_name} a member of plugins/Cargo.toml, named hostile-* or compat-*?",
         path.display()
     );
     path
@@ -37,7 +38,7 @@ pub fn hostile_plugin(crate_name: &str) -> PathBuf {
 fn build_all() -> Result<PathBuf, String> {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/Cargo.toml");
     let target_dir = Path::new(maitre::builtins::PLUGIN_TARGET_DIR);
-    let status = plugin_cargo::build_plugins(&manifest, target_dir, &["hostile-*"])
+    let status = plugin_cargo::build_plugins(&manifest, target_dir, &["hostile-*", "compat-*"])
         .status()
         .map_err(|e| format!("could not run cargo to build the hostile plugins: {e}"))?;
     if !status.success() {

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use super::*;
@@ -186,6 +187,28 @@ async fn switchback_alternates_the_whole_upstream_between_arms() {
         slots == [2, 0] || slots == [0, 2],
         "one arm owns every slot: {slots:?}"
     );
+    // The comparison counts windows, not requests: the requests of one
+    // window share its load, so they are not independent samples.
+    let ab: Value = c
+        .get(format!("{}/ab?window=60", m.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ab["mode"], "switchback");
+    let p50 = ab["comparisons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["class"] == "batch" && c["metric"] == "ttft_p50_ms")
+        .unwrap_or_else(|| panic!("{ab}"));
+    assert_eq!(p50["unit"], "windows", "{p50}");
+    // About 1.5 s of 0.6 s cycles: one or two complete windows per arm.
+    for n in ["baseline_n", "arm_n"] {
+        assert!((1..=3).contains(&p50[n].as_u64().unwrap()), "{p50}");
+    }
 }
 
 // `maitre ab` prints the comparison of a running maitre.
@@ -250,6 +273,8 @@ async fn maitre_ab_prints_both_arms() {
         "queue_p50",
         "queue_p95",
         "done/min",
+        "preempt",
+        "lost_tok",
     ] {
         assert!(
             header.split_whitespace().any(|c| c == col),
@@ -263,7 +288,7 @@ async fn maitre_ab_prints_both_arms() {
             let row: Vec<&str> = stdout
                 .lines()
                 .map(|l| l.split_whitespace().collect::<Vec<_>>())
-                .find(|f| f.len() == 14 && f[0] == arm && f[1] == class)
+                .find(|f| f.len() == 16 && f[0] == arm && f[1] == class)
                 .unwrap_or_else(|| panic!("no row {arm} {class}:\n{stdout}"));
             let n = sent
                 .get(&(arm.to_string(), class))
@@ -275,6 +300,7 @@ async fn maitre_ab_prints_both_arms() {
                 (n.as_str(), n.as_str(), "0", "0", "0", n.as_str()),
                 "{stdout}"
             );
+            assert_eq!((row[14], row[15]), ("0", "0"), "no pre-emption: {stdout}");
         }
     }
     assert!(sent.keys().any(|(a, _)| a == "reserved") && sent.keys().any(|(a, _)| a == "fifo"));
@@ -286,6 +312,95 @@ async fn maitre_ab_prints_both_arms() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the admin API"));
+}
+
+// `/ab` and `maitre ab` say whether a difference between arms is real.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ab_says_which_arm_is_slower_with_a_confidence_interval() {
+    let fake = fake(4, 0).await;
+    let m = Arc::new(start(
+        &live_policy(&fake.url(), 4)
+            .arm(Arm::builtin("fast", "fifo").weight(50))
+            .arm(Arm::builtin("slow", "fifo").weight(50)),
+    ));
+    let c = client();
+    // Learn each key's arm (keys are sticky), then send three more requests
+    // per key; those of the "slow" arm take 60 ms to their first token, as a
+    // slower policy would make them.
+    let mut arm_of = Vec::new();
+    for i in 0..60 {
+        let (code, arm, _) = keyed(&c, &m, &format!("learn{i}"), Some(&format!("k{i}"))).await;
+        assert_eq!(code, 200);
+        arm_of.push(arm);
+    }
+    assert!(arm_of.iter().any(|a| a == "slow") && arm_of.iter().any(|a| a == "fast"));
+    let jobs = arm_of.iter().enumerate().flat_map(|(i, arm)| {
+        let (c, m) = (c.clone(), m.clone());
+        (0..3).map(move |j| {
+            let mut r = generate(&c, &m.url, &format!("k{i}-{j}"), None, 1)
+                .header("x-maitre-key", format!("k{i}"));
+            if arm == "slow" {
+                r = r.header("x-fake-prompt-ms", "60");
+            }
+            async move { r.send().await.map(|r| r.status().as_u16()).unwrap_or(0) }
+        })
+    });
+    let codes: Vec<u16> = futures_util::stream::iter(jobs)
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    assert!(codes.iter().all(|&c| c == 200), "{codes:?}");
+    wait_status(&m, "every request recorded", |s| {
+        s["requests"].as_array().unwrap().is_empty()
+    })
+    .await;
+
+    let ab: Value = c
+        .get(format!("{}/ab?window=60", m.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ab["mode"], "weighted");
+    let find = |class: &str, metric: &str| {
+        ab["comparisons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["class"] == class && c["metric"] == metric)
+            .unwrap_or_else(|| panic!("no {class} {metric} in {ab}"))
+            .clone()
+    };
+    let p50 = find("batch", "ttft_p50_ms");
+    assert_eq!(
+        (&p50["baseline"], &p50["arm"]),
+        (&json!("fast"), &json!("slow"))
+    );
+    let lo = p50["ci95"][0].as_f64().unwrap();
+    assert!(lo > 30.0, "the interval excludes 0 by far: {p50}");
+    let verdict = p50["verdict"].as_str().unwrap();
+    assert!(
+        verdict.starts_with("slow is slower than fast at TTFT p50"),
+        "{verdict}"
+    );
+    // No real-time request was sent: the verdict says what is missing.
+    assert_eq!(
+        find("realtime", "ttft_p95_ms")["verdict"],
+        "not enough data yet: about 20 more requests per arm needed"
+    );
+
+    let out = tokio::process::Command::new(BIN)
+        .args(["ab", "--admin", &m.admin, "--window", "60"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("differences from fast"), "{stdout}");
+    assert!(stdout.contains(verdict), "{stdout}");
 }
 
 /// The A/B example is valid as shipped: `maitre check` loads both plugins.

@@ -26,11 +26,15 @@ pub struct PolicyFile {
     admin_listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     admin_token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant_header: Option<String>,
     upstream: Upstream,
     #[serde(skip_serializing_if = "Option::is_none")]
     limits: Option<Limits>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ab: Option<Ab>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace: Option<Trace>,
     #[serde(rename = "policy", skip_serializing_if = "Vec::is_empty")]
     arms: Vec<Arm>,
 }
@@ -68,6 +72,18 @@ pub struct Limits {
     pub header_read_timeout_seconds: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub body_read_timeout_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_total_body_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u64>,
+}
+
+/// `[trace]`: where each scheduled request is recorded.
+#[derive(Clone, Debug, Serialize)]
+struct Trace {
+    path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rotate_bytes: Option<u64>,
 }
 
 /// `[ab]`: how traffic is split between the arms.
@@ -96,6 +112,8 @@ pub struct Arm {
     plugin: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     weight: Option<u32>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    shadow: bool,
     #[serde(skip_serializing_if = "toml::Table::is_empty")]
     config: toml::Table,
 }
@@ -108,6 +126,7 @@ impl Arm {
             name: name.into(),
             plugin: plugin.into(),
             weight: None,
+            shadow: false,
             config: toml::Table::new(),
         }
     }
@@ -120,6 +139,12 @@ impl Arm {
     /// Its A/B weight (maitre's default when not set).
     pub fn weight(mut self, weight: u32) -> Arm {
         self.weight = Some(weight);
+        self
+    }
+
+    /// Makes it a shadow arm (`shadow = true`): it watches, never serves.
+    pub fn shadow(mut self) -> Arm {
+        self.shadow = true;
         self
     }
 
@@ -144,6 +169,7 @@ impl PolicyFile {
             listen: "127.0.0.1:0".into(),
             admin_listen: Some("127.0.0.1:0".into()),
             admin_token: None,
+            tenant_header: None,
             upstream: Upstream {
                 url: upstream.into(),
                 slots,
@@ -151,8 +177,15 @@ impl PolicyFile {
             },
             limits: None,
             ab: None,
+            trace: None,
             arms: Vec::new(),
         }
+    }
+
+    /// Sets `tenant_header`: the header that names a request's tenant.
+    pub fn tenant_header(mut self, header: &str) -> PolicyFile {
+        self.tenant_header = Some(header.into());
+        self
     }
 
     /// Adds an arm (a `[[policy]]`); arms keep the order they are added in.
@@ -170,6 +203,16 @@ impl PolicyFile {
     /// Sets `[ab]`.
     pub fn ab(mut self, ab: Ab) -> PolicyFile {
         self.ab = Some(ab);
+        self
+    }
+
+    /// Sets `[trace]`: one JSON line per scheduled request to `path`
+    /// (relative to the policy file's folder), rotated past `rotate_bytes`.
+    pub fn trace(mut self, path: impl Into<String>, rotate_bytes: Option<u64>) -> PolicyFile {
+        self.trace = Some(Trace {
+            path: path.into(),
+            rotate_bytes,
+        });
         self
     }
 
