@@ -99,11 +99,14 @@ struct Measured {
     token_ms: f64,
 }
 
-/// A streamed answer that was not pre-empted: upstream TTFT = prompt + one
-/// token; chunks = tokens + Ollama's final frame; the time from the first
-/// token to the end holds the other tokens.
+/// An answer that streamed from the upstream and was not pre-empted: upstream
+/// TTFT = prompt + one token; chunks = tokens + Ollama's final frame; the
+/// time from the first token to the end holds the other tokens. maitre asks
+/// every upstream for a stream, so this holds for a client that asked for a
+/// whole answer too; a trace from before that (one chunk per whole answer)
+/// goes by the whole-answer estimate below.
 fn measured(r: &TraceRecord) -> Option<Measured> {
-    if r.outcome != TraceOutcome::Ok || r.preemptions > 0 || !r.stream || r.tokens < 3 {
+    if r.outcome != TraceOutcome::Ok || r.preemptions > 0 || r.tokens < 3 {
         return None;
     }
     let ttft = r.upstream_ttft_ms?;
