@@ -443,7 +443,12 @@ async fn reload_compiles_changed_plugins_and_caches_the_rest() {
         // watcher reloads it; its report is in /status.
         let bytes = with_custom_section(plugin_bytes("reserved-aging"), &format!("round {round}"));
         let sha = sha256_hex(&bytes);
-        std::fs::write(&ra_path, &bytes).unwrap();
+        // Written whole and renamed into place: an in-place write can be
+        // seen (and reloaded) twice, and the second reload, a cache hit,
+        // would be the report read below.
+        let tmp = ra_path.with_extension("wasm.tmp");
+        std::fs::write(&tmp, &bytes).unwrap();
+        std::fs::rename(&tmp, &ra_path).unwrap();
         let s = wait_status(&m, "the changed plugin", |s| {
             arm(s, "main")["plugin_sha256"] == sha
         })
