@@ -67,6 +67,11 @@ pub async fn serve(
     ready_file: Option<&Path>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        cfg.upstreams.len() == 1,
+        "{}: several [[upstream]] backends are not served yet; list one",
+        cfg.path.display()
+    );
     let metrics = Arc::new(Metrics::new());
     let reloader = reload::Reloader::new(metrics.clone());
     let arms = reloader.build_arms(&cfg).await?;
@@ -74,9 +79,9 @@ pub async fn serve(
         scheduler::Setup {
             arms,
             ab: cfg.ab.clone(),
-            total_slots: cfg.upstream.slots,
+            total_slots: cfg.total_slots(),
             limits: cfg.limits.clone(),
-            upstream_name: cfg.upstream.url.to_string(),
+            upstream_name: cfg.upstreams[0].url.to_string(),
         },
         metrics.clone(),
     );
@@ -96,8 +101,8 @@ pub async fn serve(
     let local = listener.local_addr()?;
     tracing::info!(
         listen = %local,
-        upstream = %cfg.upstream.url,
-        slots = cfg.upstream.slots,
+        upstream = %cfg.upstreams[0].url,
+        slots = cfg.total_slots(),
         arms = ?cfg.arms.iter().map(|a| format!("{}={}", a.name, a.plugin)).collect::<Vec<_>>(),
         "maitre serving; point Ollama clients at OLLAMA_HOST={local}"
     );

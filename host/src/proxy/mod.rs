@@ -74,11 +74,12 @@ impl Proxy {
     pub fn new(cfg: &Config, sched: SchedulerHandle, metrics: Arc<Metrics>) -> Proxy {
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
-        conn.set_connect_timeout(Some(Duration::from_millis(cfg.upstream.connect_timeout_ms)));
+        let up = &cfg.upstreams[0];
+        conn.set_connect_timeout(Some(Duration::from_millis(up.connect_timeout_ms)));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(conn);
-        let url = &cfg.upstream.url;
+        let url = &up.url;
         let authority = url
             .authority()
             .map(|a| a.as_str().to_string())
@@ -91,7 +92,7 @@ impl Proxy {
             host: HeaderValue::from_str(&authority)
                 .unwrap_or(HeaderValue::from_static("localhost")),
             limits: cfg.limits.clone(),
-            first_byte_timeout: Duration::from_secs(cfg.upstream.first_byte_timeout_seconds),
+            first_byte_timeout: Duration::from_secs(up.first_byte_timeout_seconds),
             metrics,
             live: ArcSwap::from_pointee(LiveSettings::from_config(cfg)),
         }
