@@ -20,6 +20,12 @@
 //! | `GET\|HEAD /`, `/api/version`, `/api/tags`; `GET /api/ps`, `/v1/models`, `/v1/models/{m}`; `POST /api/show`, `/api/pull` | no | as Ollama |
 //! | `GET /_fake/log`, `/_fake/stats`; `POST /_fake/reset`; any `/_fake/echo` | no | control (no Host check, not logged); 404 unless [`ModelConfig::control_routes`] |
 //!
+//! Residency (`residency.rs`): a model that is not loaded takes
+//! [`ModelConfig::load_time`] to load before its request asks for a slot
+//! (one load at a time); at most [`ModelConfig::max_loaded`] stay loaded, the
+//! least recently used going first; `/api/ps` lists them, `/api/tags` lists
+//! [`ModelConfig::models`].
+//!
 //! Per-request headers: `X-Fake-Token-Ms`, `X-Fake-Prompt-Ms`,
 //! `X-Fake-Tokens` (token count; pull: progress lines), `X-Fake-Fail-After: N`
 //! (error after N tokens; 0 = HTTP 500 before any byte), `X-Fake-Status: S`
@@ -41,6 +47,7 @@ mod generation;
 mod go_json;
 mod native;
 mod openai;
+mod residency;
 mod routes;
 pub mod slots;
 mod state;
@@ -91,6 +98,16 @@ pub struct ModelConfig {
     pub control_routes: bool,
     /// Events the log keeps (the most recent ones); 0 switches it off.
     pub log_capacity: usize,
+    /// Models on disk, as `/api/tags` and `/v1/models` list them (any model
+    /// whose name starts with "fake" can be used, listed or not).
+    pub models: Vec<String>,
+    /// Models loaded from the start (no load time for their first request).
+    pub preloaded: Vec<String>,
+    /// Time to load a model that is not loaded; loads run one at a time.
+    pub load_time: Duration,
+    /// Models loaded at once (`OLLAMA_MAX_LOADED_MODELS`); loading one more
+    /// evicts the least recently used.
+    pub max_loaded: usize,
 }
 
 impl ModelConfig {
@@ -118,6 +135,10 @@ impl Default for ModelConfig {
             embedding_dims: 8,
             control_routes: true,
             log_capacity: DEFAULT_LOG_CAPACITY,
+            models: vec!["fake".into()],
+            preloaded: Vec::new(),
+            load_time: Duration::ZERO,
+            max_loaded: 16,
         }
     }
 }
@@ -175,6 +196,21 @@ impl UpstreamModel {
     /// Live counters: max concurrent, active, waiting, slots.
     pub fn stats(&self) -> Stats {
         self.state.stats()
+    }
+
+    /// Models loaded now (and loading), as `/api/ps` lists them.
+    pub fn loaded_models(&self) -> Vec<String> {
+        self.state
+            .loaded()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect()
+    }
+
+    /// Models loaded since the start (the preloaded ones not counted): how
+    /// often a model had to be swapped in.
+    pub fn loads(&self) -> u64 {
+        self.state.loads()
     }
 
     /// Clears the log and resets `max_concurrent` to the current `active`.

@@ -40,6 +40,19 @@ struct Args {
     /// Events the log behind /_fake/log keeps (the most recent); 0 = no log.
     #[arg(long, default_value_t = upstream_model::DEFAULT_LOG_CAPACITY)]
     log_capacity: usize,
+    /// Models on disk, as /api/tags lists them (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "fake")]
+    models: Vec<String>,
+    /// Models loaded from the start (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    preload: Vec<String>,
+    /// Milliseconds to load a model that is not loaded (one load at a time).
+    #[arg(long, default_value_t = 0)]
+    load_ms: u64,
+    /// Models loaded at once (OLLAMA_MAX_LOADED_MODELS); the least recently
+    /// used one is evicted.
+    #[arg(long, default_value_t = 16)]
+    max_loaded: usize,
 }
 
 #[tokio::main]
@@ -53,6 +66,10 @@ async fn main() -> anyhow::Result<()> {
         check_host: !args.no_host_check,
         control_routes: !args.no_control_routes,
         log_capacity: args.log_capacity,
+        models: args.models,
+        preloaded: args.preload,
+        load_time: Duration::from_millis(args.load_ms),
+        max_loaded: args.max_loaded,
         ..ModelConfig::default()
     };
     let listener = tokio::net::TcpListener::bind(args.listen)

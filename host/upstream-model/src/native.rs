@@ -69,7 +69,7 @@ pub(crate) async fn generate(
             st.set_unloaded(model);
             "unload"
         } else {
-            st.set_loaded(model, keep_alive.as_ref());
+            st.load(model, keep_alive.as_ref()).await;
             "load"
         };
         let mut v = json!({
@@ -130,7 +130,7 @@ pub(crate) async fn embed(mut call: Call, model: &str, m: &Map<String, Value>) -
     let keep_alive = m.get("keep_alive");
     if inputs.is_empty() {
         // An empty input only loads the model.
-        st.set_loaded(model, keep_alive);
+        st.load(model, keep_alive).await;
         let v = if legacy {
             json!({ "embedding": [] })
         } else {
@@ -138,9 +138,9 @@ pub(crate) async fn embed(mut call: Call, model: &str, m: &Map<String, Value>) -
         };
         return call.ok(&v);
     }
+    st.load(model, keep_alive).await;
     let load = call.tracker.t0.elapsed();
     call.tracker.acquire().await;
-    st.set_loaded(model, keep_alive);
     util::Pacer::start()
         .until(call.shape.timing.token_ready(0))
         .await;
