@@ -14,6 +14,7 @@ pub mod admin;
 pub mod builtins;
 pub mod config;
 pub mod escape;
+pub mod fleet;
 pub mod metrics;
 pub mod plugin;
 pub mod policy;
@@ -67,11 +68,6 @@ pub async fn serve(
     ready_file: Option<&Path>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        cfg.upstreams.len() == 1,
-        "{}: several [[upstream]] backends are not served yet; list one",
-        cfg.path.display()
-    );
     let metrics = Arc::new(Metrics::new());
     let reloader = reload::Reloader::new(metrics.clone());
     let arms = reloader.build_arms(&cfg).await?;
@@ -79,9 +75,13 @@ pub async fn serve(
         scheduler::Setup {
             arms,
             ab: cfg.ab.clone(),
-            total_slots: cfg.total_slots(),
+            backends: cfg
+                .upstreams
+                .iter()
+                .map(fleet::BackendSpec::from_config)
+                .collect(),
+            max_failovers: cfg.fleet.max_failovers,
             limits: cfg.limits.clone(),
-            upstream_name: cfg.upstreams[0].url.to_string(),
         },
         metrics.clone(),
     );
@@ -96,12 +96,13 @@ pub async fn serve(
     let _watcher = reload::watch(host.clone())?;
 
     let stop = CancellationToken::new();
+    fleet::watch::spawn(proxy.clone(), sched.clone(), &cfg.fleet, stop.clone());
     let admin_addr = admin.as_ref().map(TcpListener::local_addr).transpose()?;
     let admin_task = admin.map(|l| tokio::spawn(admin::serve(l, host.clone(), stop.clone())));
     let local = listener.local_addr()?;
     tracing::info!(
         listen = %local,
-        upstream = %cfg.upstreams[0].url,
+        backends = ?cfg.upstreams.iter().map(|u| format!("{}={} ({} slots)", u.name, u.url, u.slots)).collect::<Vec<_>>(),
         slots = cfg.total_slots(),
         arms = ?cfg.arms.iter().map(|a| format!("{}={}", a.name, a.plugin)).collect::<Vec<_>>(),
         "maitre serving; point Ollama clients at OLLAMA_HOST={local}"

@@ -159,12 +159,12 @@ pub struct UpstreamConfig {
 /// The `[fleet]` table: how maitre watches its backends.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FleetConfig {
-    /// Period of the health probe (`GET /api/version`) of each backend (ms).
-    /// A backend that fails it (or refuses a connection) gets no new
-    /// requests until it answers again.
+    /// Period of the health probe (`GET /api/version`) of each backend (ms;
+    /// 0 = off, the default for a single backend). A backend that fails it
+    /// (or refuses a connection) gets no new requests until it answers again.
     pub probe_interval_ms: u64,
     /// Period of the `/api/ps` poll that tells which models each backend
-    /// has loaded (ms).
+    /// has loaded (ms; 0 = off, the default for a single backend).
     pub ps_interval_ms: u64,
     /// Most times one request is moved to another backend after its backend
     /// failed before anything reached the client.
@@ -172,6 +172,7 @@ pub struct FleetConfig {
 }
 
 impl Default for FleetConfig {
+    /// A fleet's defaults: probes every 2 s, polls every 5 s.
     fn default() -> Self {
         FleetConfig {
             probe_interval_ms: 2_000,

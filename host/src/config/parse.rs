@@ -151,7 +151,7 @@ impl Config {
         };
 
         let upstreams = upstream::upstreams(&cx, raw.upstream.as_ref())?;
-        let fleet = upstream::fleet(&cx, raw.fleet.as_ref())?;
+        let fleet = upstream::fleet(&cx, raw.fleet.as_ref(), upstreams.len())?;
         let total_slots: u32 = upstreams.iter().map(|u| u.slots).sum();
 
         let d = Limits::default();

@@ -62,7 +62,30 @@ fn a_single_upstream_table_is_one_backend_named_default() {
     assert_eq!(c.upstreams.len(), 1);
     assert_eq!(c.upstreams[0].name, DEFAULT_BACKEND_NAME);
     assert_eq!(c.total_slots(), 3);
-    assert_eq!(c.fleet, FleetConfig::default());
+    // One backend: no probes or polls unless asked for.
+    assert_eq!(
+        c.fleet,
+        FleetConfig {
+            probe_interval_ms: 0,
+            ps_interval_ms: 0,
+            max_failovers: 2,
+        }
+    );
+    let asked = parse(&format!("[fleet]\nps_interval_ms = 1000\n{ARM}")).unwrap();
+    assert_eq!(
+        (asked.fleet.probe_interval_ms, asked.fleet.ps_interval_ms),
+        (0, 1000)
+    );
+    let no_table = fleet().replace(
+        "[fleet]\nprobe_interval_ms = 500\nps_interval_ms = 1500\nmax_failovers = 1\n",
+        "",
+    );
+    let two = parse(&no_table).unwrap();
+    assert_eq!(
+        two.fleet,
+        FleetConfig::default(),
+        "a fleet probes and polls"
+    );
     // It may name itself; with no table at all it is a local Ollama.
     let named = parse(&format!("[upstream]\nname = \"box\"\n{ARM}")).unwrap();
     assert_eq!(named.upstreams[0].name, "box");
@@ -118,9 +141,11 @@ fn bad_values_name_the_entry_line_and_key() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.starts_with("dir/fleet.toml:14: fleet.probe_interval_ms: "),
+        e.starts_with("dir/fleet.toml:14: fleet.probe_interval_ms: must be 0 (off) or"),
         "{e}"
     );
+    let off = parse(&fleet().replace("probe_interval_ms = 500", "probe_interval_ms = 0"));
+    assert_eq!(off.unwrap().fleet.probe_interval_ms, 0);
     let e = parse(&fleet().replace("max_loaded_models = 2", "max_loaded = 2"))
         .unwrap_err()
         .to_string();

@@ -190,25 +190,45 @@ fn one(
     })
 }
 
-/// Checks the `[fleet]` table (defaults when absent).
-pub(super) fn fleet(cx: &Ctx<'_>, raw: Option<&RawFleet>) -> Result<FleetConfig, ConfigError> {
-    let d = FleetConfig::default();
+/// Checks the `[fleet]` table. Probes and polls default to on for a fleet
+/// and off for a single backend: with nowhere else to send a request, they
+/// would only add traffic to its log (0 switches one off; a single backend
+/// may switch them on to see health and residency in `/status`).
+pub(super) fn fleet(
+    cx: &Ctx<'_>,
+    raw: Option<&RawFleet>,
+    backends: usize,
+) -> Result<FleetConfig, ConfigError> {
+    let d = if backends > 1 {
+        FleetConfig::default()
+    } else {
+        FleetConfig {
+            probe_interval_ms: 0,
+            ps_interval_ms: 0,
+            ..FleetConfig::default()
+        }
+    };
     let Some(f) = raw else { return Ok(d) };
+    let interval = |v: &Option<Spanned<i64>>, key: &str, default: u64| match v {
+        Some(s) if *s.get_ref() == 0 => Ok(0),
+        Some(s) if !(100..=3_600_000).contains(s.get_ref()) => Err(cx.err(
+            s.span(),
+            key,
+            format!(
+                "must be 0 (off) or a whole number of ms from 100 to 3600000, got {}",
+                s.get_ref()
+            ),
+        )),
+        Some(s) => Ok(*s.get_ref() as u64),
+        None => Ok(default),
+    };
     Ok(FleetConfig {
-        probe_interval_ms: cx.int(
+        probe_interval_ms: interval(
             &f.probe_interval_ms,
             "fleet.probe_interval_ms",
-            100,
-            3_600_000,
-            d.probe_interval_ms as i64,
-        )? as u64,
-        ps_interval_ms: cx.int(
-            &f.ps_interval_ms,
-            "fleet.ps_interval_ms",
-            100,
-            3_600_000,
-            d.ps_interval_ms as i64,
-        )? as u64,
+            d.probe_interval_ms,
+        )?,
+        ps_interval_ms: interval(&f.ps_interval_ms, "fleet.ps_interval_ms", d.ps_interval_ms)?,
         max_failovers: cx.int(
             &f.max_failovers,
             "fleet.max_failovers",

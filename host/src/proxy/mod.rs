@@ -19,27 +19,22 @@ mod headers;
 mod live;
 mod refusal;
 mod scheduled;
+mod target;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
-use http::{Request, Response, Uri};
+use http::{Request, Response};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 
 use crate::config::{Config, Limits};
-use crate::escape::Escaped;
 use crate::metrics::Metrics;
 // The proxy's only door into the scheduler: the submodules use these items
 // through `super::`.
@@ -49,6 +44,7 @@ pub use self::error_shape::error_response;
 pub use self::headers::strip_hop_by_hop;
 pub use self::live::LiveSettings;
 pub use self::refusal::Refusal;
+pub use self::target::{Fetched, Target};
 pub use crate::request::{BodyMeta, SCHEDULED_PATHS, extract_meta, scheduled_path};
 
 /// Boxed error for bodies.
@@ -59,11 +55,9 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 /// The proxy's shared state.
 pub struct Proxy {
     sched: SchedulerHandle,
-    client: Client<HttpConnector, ProxyBody>,
-    base: String,
-    host: HeaderValue,
+    /// The backends, in config order (a grant names one by index).
+    backends: Vec<Target>,
     limits: Limits,
-    first_byte_timeout: Duration,
     metrics: Arc<Metrics>,
     /// Settings hot reload swaps.
     pub live: ArcSwap<LiveSettings>,
@@ -72,30 +66,18 @@ pub struct Proxy {
 impl Proxy {
     /// Builds the proxy for a validated config.
     pub fn new(cfg: &Config, sched: SchedulerHandle, metrics: Arc<Metrics>) -> Proxy {
-        let mut conn = HttpConnector::new();
-        conn.set_nodelay(true);
-        let up = &cfg.upstreams[0];
-        conn.set_connect_timeout(Some(Duration::from_millis(up.connect_timeout_ms)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(conn);
-        let url = &up.url;
-        let authority = url
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .unwrap_or_default();
-        let prefix = url.path().trim_end_matches('/');
         Proxy {
             sched,
-            client,
-            base: format!("http://{authority}{prefix}"),
-            host: HeaderValue::from_str(&authority)
-                .unwrap_or(HeaderValue::from_static("localhost")),
+            backends: cfg.upstreams.iter().map(Target::new).collect(),
             limits: cfg.limits.clone(),
-            first_byte_timeout: Duration::from_secs(up.first_byte_timeout_seconds),
             metrics,
             live: ArcSwap::from_pointee(LiveSettings::from_config(cfg)),
         }
+    }
+
+    /// The backends, in config order.
+    pub fn backends(&self) -> &[Target] {
+        &self.backends
     }
 
     /// Serves one request; never fails (errors become Ollama-style answers).
@@ -116,30 +98,6 @@ impl Proxy {
         }
     }
 
-    /// The upstream twin of a client request: same method, path and query,
-    /// headers minus hop-by-hop ones, and the upstream's `Host`.
-    fn upstream_request(
-        &self,
-        parts: &http::request::Parts,
-        body: ProxyBody,
-    ) -> Request<ProxyBody> {
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        let uri: Uri = format!("{}{}", self.base, pq)
-            .parse()
-            .unwrap_or_else(|_| Uri::from_static("/"));
-        let mut r = Request::new(body);
-        *r.method_mut() = parts.method.clone();
-        *r.uri_mut() = uri;
-        *r.headers_mut() = strip_hop_by_hop(&parts.headers);
-        // Ollama bound to loopback answers 403 to a foreign Host.
-        r.headers_mut().insert(header::HOST, self.host.clone());
-        r
-    }
-
     /// Sends a request upstream as it is and streams the answer back.
     async fn passthrough(&self, req: Request<Incoming>, path: &str) -> Response<ProxyBody> {
         let (parts, body) = req.into_parts();
@@ -157,8 +115,9 @@ impl Proxy {
         parts: &http::request::Parts,
         body: ProxyBody,
     ) -> Result<Response<ProxyBody>, Refusal> {
-        let up = self.upstream_request(parts, body);
-        match self.client.request(up).await {
+        let target = &self.backends[0];
+        let up = target.request(parts, body);
+        match target.client.request(up).await {
             Ok(resp) => {
                 let (mut p, b) = resp.into_parts();
                 p.headers = strip_hop_by_hop(&p.headers);
@@ -167,23 +126,7 @@ impl Proxy {
                     b.map_err(|e| Box::new(e) as BoxError).boxed(),
                 ))
             }
-            Err(e) => Err(self.unreachable(&e)),
-        }
-    }
-
-    /// The refusal for an upstream that cannot be reached, logged with the
-    /// whole chain of causes (the first one alone rarely says why).
-    fn unreachable(&self, e: &hyper_util::client::legacy::Error) -> Refusal {
-        let mut detail = e.to_string();
-        let mut src = std::error::Error::source(e);
-        while let Some(s) = src {
-            detail = format!("{detail}: {s}");
-            src = s.source();
-        }
-        tracing::warn!(upstream = %self.base, error = %Escaped(&detail), "upstream unreachable");
-        Refusal::UpstreamUnreachable {
-            upstream: self.base.clone(),
-            detail,
+            Err(e) => Err(target.unreachable(&e)),
         }
     }
 }

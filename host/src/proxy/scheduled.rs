@@ -73,10 +73,18 @@ impl Proxy {
         let mut busy_retries = 0u32;
         loop {
             let grant = wait_for_slot(&mut ticket).await?;
-            let resp = match self.dispatch(&parts, &bytes, &grant.run).await {
+            let resp = match self.dispatch(&parts, &bytes, &grant).await {
                 Ok(Sent::Answered(resp)) => resp,
                 Ok(Sent::Preempted) => {
                     ticket.requeue_after_preempt();
+                    continue;
+                }
+                // The backend failed before anything reached the client:
+                // another backend may answer instead.
+                Err(refusal @ Refusal::UpstreamUnreachable { .. })
+                    if ticket.failover(grant.backend).await =>
+                {
+                    tracing::debug!(error = %refusal, "failing over to another backend");
                     continue;
                 }
                 Err(refusal) => {
@@ -176,23 +184,25 @@ impl Proxy {
         })
     }
 
-    /// Phase 4: sends the request upstream and waits for the answer's head,
-    /// unless the policy pre-empts it first.
-    async fn dispatch(&self, parts: &Parts, bytes: &Bytes, run: &Run) -> Result<Sent, Refusal> {
-        let up = self.upstream_request(parts, full(bytes.clone()));
+    /// Phase 4: sends the request to the granted backend and waits for the
+    /// answer's head, unless the policy pre-empts it first.
+    async fn dispatch(&self, parts: &Parts, bytes: &Bytes, grant: &Grant) -> Result<Sent, Refusal> {
+        let run: &Run = &grant.run;
+        let target = &self.backends[grant.backend];
+        let up = target.request(parts, full(bytes.clone()));
         let sent = tokio::select! {
             biased;
             _ = run.preempt.cancelled() => None,
-            r = tokio::time::timeout(self.first_byte_timeout, self.client.request(up)) => Some(r),
+            r = tokio::time::timeout(target.first_byte_timeout, target.client.request(up)) => Some(r),
         };
         match sent {
             // The upstream request was dropped (its connection closed) when
             // the select ended.
             None => Ok(Sent::Preempted),
             Some(Err(_elapsed)) => Err(Refusal::UpstreamTimeout {
-                seconds: self.first_byte_timeout.as_secs(),
+                seconds: target.first_byte_timeout.as_secs(),
             }),
-            Some(Ok(Err(e))) => Err(self.unreachable(&e)),
+            Some(Ok(Err(e))) => Err(target.unreachable(&e)),
             Some(Ok(Ok(resp))) => {
                 run.mark_upstream_first_byte();
                 Ok(Sent::Answered(resp))
@@ -219,6 +229,7 @@ fn relay(resp: Response<Incoming>, grant: &Grant, ticket: Ticket) -> Response<Pr
     let (mut p, body) = resp.into_parts();
     p.headers = strip_hop_by_hop(&p.headers);
     set_header(&mut p.headers, "x-maitre-arm", &grant.arm);
+    set_header(&mut p.headers, "x-maitre-backend", &grant.backend_name);
     set_header(
         &mut p.headers,
         "x-maitre-queue-ms",

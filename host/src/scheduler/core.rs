@@ -17,9 +17,10 @@ use super::ticket::{RequestMeta, Run, Signal, SubmitError, Ticket, shutting_down
 use super::{Msg, Setup};
 use crate::config::{AbConfig, AbMode, Limits};
 use crate::escape::Escaped;
+use crate::fleet::Fleet;
 use crate::metrics::{ArmKind, Metrics};
 use crate::plugin::PluginError;
-use crate::policy::{Action, Admission, Backend, Class, Request, Running, View, Waiting};
+use crate::policy::{Action, Admission, Class, Request, View};
 
 /// Messages handled between two decisions at most.
 pub(super) const MAX_MESSAGES_PER_TURN: usize = 64;
@@ -64,6 +65,10 @@ pub(super) struct Entry {
     pub(super) queued_total: Duration,
     pub(super) preemptions: u32,
     pub(super) busy_retries: u32,
+    /// Times it moved to another backend after its backend failed.
+    pub(super) failovers: u32,
+    /// The backend its slot is on, while it holds one.
+    pub(super) backend: Option<usize>,
     pub(super) state: State,
     pub(super) run: Option<Arc<Run>>,
     /// Upstream TTFB of a dispatch that was requeued (kept for the log).
@@ -81,13 +86,16 @@ pub(super) struct Core {
     pub(super) entries: HashMap<u64, Entry>,
     pub(super) total_slots: u32,
     pub(super) busy: u32,
+    /// The backends: slots, health, residency; the host's choice.
+    pub(super) fleet: Fleet,
+    /// Most fail-overs of one request.
+    pub(super) max_failovers: u32,
     next_id: u64,
     pub(super) limits: Limits,
     pub(super) metrics: Arc<Metrics>,
     self_tx: mpsc::UnboundedSender<Msg>,
     pub(super) draining: bool,
     pub(super) reload_error: Option<String>,
-    upstream_name: Arc<str>,
 }
 
 impl Core {
@@ -96,21 +104,23 @@ impl Core {
         metrics: Arc<Metrics>,
         self_tx: mpsc::UnboundedSender<Msg>,
     ) -> Core {
+        let fleet = Fleet::new(setup.backends, metrics.clone());
         let mut core = Core {
             origin: Instant::now(),
             arms: Vec::new(),
             shadows: Vec::new(),
             ab: setup.ab,
             entries: HashMap::new(),
-            total_slots: setup.total_slots,
+            total_slots: fleet.total_slots(),
             busy: 0,
+            fleet,
+            max_failovers: setup.max_failovers,
             next_id: 1,
             limits: setup.limits,
             metrics,
             self_tx,
             draining: false,
             reload_error: None,
-            upstream_name: setup.upstream_name.into(),
         };
         core.metrics.slots_total.set(core.total_slots as i64);
         core.install(setup.arms);
@@ -161,6 +171,19 @@ impl Core {
             Msg::Gone { id } => self.gone(id),
             Msg::Finished { id, outcome } => self.finished(id, outcome),
             Msg::Requeue { id, busy } => self.requeue(id, busy),
+            Msg::Failover { id, backend, reply } => {
+                let _ = reply.send(self.failover(id, backend));
+            }
+            Msg::Health {
+                backend,
+                up,
+                version,
+            } => self.set_health(backend, up, version),
+            Msg::Residency {
+                backend,
+                sent_at,
+                models,
+            } => self.fleet.apply_poll(backend, sent_at, models),
             Msg::Status { reply } => {
                 let _ = reply.send(self.status());
             }
@@ -263,6 +286,8 @@ impl Core {
                 queued_total: Duration::ZERO,
                 preemptions: 0,
                 busy_retries: 0,
+                failovers: 0,
+                backend: None,
                 state: State::Waiting,
                 run: None,
                 first_upstream_ttfb: None,
@@ -397,11 +422,12 @@ impl Core {
             if !arm.waiting.is_empty() {
                 arm.dirty = true;
             }
-            // Starvation watchdog: every slot of the arm idle while requests wait.
+            // Starvation watchdog: every slot of the arm idle while requests
+            // wait, and a backend could take them.
             let starving = !arm.waiting.is_empty()
                 && arm.busy == 0
                 && arm.slots > 0
-                && self.busy < self.total_slots;
+                && self.fleet.free_total() > 0;
             match (starving, arm.idle_since) {
                 (false, _) => arm.idle_since = None,
                 (true, None) => arm.idle_since = Some(now),
@@ -417,78 +443,6 @@ impl Core {
                 }
                 _ => {}
             }
-        }
-    }
-
-    pub(super) fn free_slots(&self, a: usize) -> u32 {
-        let arm = &self.arms[a];
-        arm.slots
-            .saturating_sub(arm.busy)
-            .min(self.total_slots.saturating_sub(self.busy))
-    }
-
-    /// Builds the policy's snapshot of one arm: waiting requests oldest
-    /// arrival first (ids are given in arrival order), running ones oldest
-    /// start first.
-    pub(super) fn view(&self, a: usize) -> View {
-        let arm = &self.arms[a];
-        let free = self.free_slots(a);
-        let waiting = arm
-            .waiting
-            .iter()
-            .filter_map(|id| self.entries.get(id).map(|e| (id, e)))
-            .map(|(id, e)| Waiting {
-                id: *id,
-                class: e.class,
-                priority: e.priority,
-                model: e.meta.model.clone(),
-                tenant: e.meta.tenant.clone(),
-                stream: e.meta.stream,
-                num_predict: e.meta.num_predict,
-                arrival_ms: e.arrival_ms,
-                enqueued_ms: self.ms_of(e.enqueued_at),
-                preemptions: e.preemptions,
-            })
-            .collect();
-        let mut running: Vec<Running> = arm
-            .running
-            .iter()
-            .filter_map(|id| self.entries.get(id).map(|e| (id, e)))
-            .filter_map(|(id, e)| e.run.as_ref().map(|r| (id, e, r)))
-            .map(|(id, e, r)| {
-                let streaming = r.is_streaming();
-                Running {
-                    id: *id,
-                    class: e.class,
-                    priority: e.priority,
-                    model: e.meta.model.clone(),
-                    tenant: e.meta.tenant.clone(),
-                    backend: 0,
-                    arrival_ms: e.arrival_ms,
-                    started_ms: self.ms_of(r.started),
-                    first_token_ms: r.upstream_first_byte.get().map(|t| self.ms_of(*t)),
-                    tokens: r.tokens(),
-                    preemptible: e.state == State::Running
-                        && !streaming
-                        && e.preemptions < self.limits.max_preemptions,
-                    streaming,
-                    preemptions: e.preemptions,
-                }
-            })
-            .collect();
-        // A requeued request keeps its (older) id but starts later.
-        running.sort_by_key(|r| (r.started_ms, r.id));
-        View {
-            now_ms: self.now_ms(),
-            total_slots: arm.slots,
-            free_slots: free,
-            backends: vec![Backend {
-                name: self.upstream_name.clone(),
-                total_slots: arm.slots,
-                free_slots: free,
-            }],
-            running,
-            waiting,
         }
     }
 
@@ -550,7 +504,7 @@ impl Core {
     fn apply(&mut self, a: usize, actions: Vec<Action>) {
         for action in actions {
             match action {
-                Action::Start { id, .. } => self.act_start(a, id),
+                Action::Start { id, backend } => self.act_start(a, id, backend),
                 Action::Preempt { id, cut_streaming } => self.act_preempt(a, id, cut_streaming),
                 Action::Reject { id, mut rejection } => match self.entries.get(&id) {
                     Some(e) if e.arm == a && e.state == State::Waiting => {

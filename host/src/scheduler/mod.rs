@@ -20,6 +20,8 @@
 //! - [`ticket`]: a request's side (meta, ticket, grant, dispatch phases);
 //! - `core`: the task, its message loop, admission and the decide turn;
 //! - `dispatch`: the start / requeue / pre-empt / handoff state machine;
+//! - `view`: what a policy is shown, and the scheduler's side of the fleet
+//!   (backend health, fail-over);
 //! - [`arms`]: installing arms, slot shares, switchback, A/B key hashing;
 //! - [`check`]: the answer check and its typed [`Invalid`] kinds;
 //! - [`decider`]: the seam between the state machine and a policy;
@@ -39,9 +41,12 @@ mod dispatch;
 pub mod report;
 pub mod shadow;
 pub mod ticket;
+mod view;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_fleet;
 #[cfg(test)]
 mod tests_load;
 #[cfg(test)]
@@ -59,6 +64,7 @@ pub use report::{AbReport, AbRow, ArmStatus, RequestStatus, Status, percentile};
 pub use ticket::{Grant, Outcome, RequestMeta, Run, SubmitError, Ticket};
 
 use crate::config::{AbConfig, Limits};
+use crate::fleet::{BackendSpec, PsModel};
 use crate::metrics::Metrics;
 
 /// A message to the scheduler task.
@@ -77,6 +83,21 @@ pub(crate) enum Msg {
     Requeue {
         id: u64,
         busy: bool,
+    },
+    Failover {
+        id: u64,
+        backend: usize,
+        reply: oneshot::Sender<bool>,
+    },
+    Health {
+        backend: usize,
+        up: bool,
+        version: Option<String>,
+    },
+    Residency {
+        backend: usize,
+        sent_at: tokio::time::Instant,
+        models: Vec<PsModel>,
     },
     Status {
         reply: oneshot::Sender<Status>,
@@ -167,6 +188,31 @@ impl SchedulerHandle {
         Some(report)
     }
 
+    /// A health probe's verdict on backend `backend` (its `/api/version`
+    /// when it answered).
+    pub fn backend_health(&self, backend: usize, up: bool, version: Option<String>) {
+        let _ = self.tx.send(Msg::Health {
+            backend,
+            up,
+            version,
+        });
+    }
+
+    /// The models backend `backend` has loaded, from an `/api/ps` poll sent
+    /// at `sent_at`.
+    pub fn backend_residency(
+        &self,
+        backend: usize,
+        sent_at: tokio::time::Instant,
+        models: Vec<PsModel>,
+    ) {
+        let _ = self.tx.send(Msg::Residency {
+            backend,
+            sent_at,
+            models,
+        });
+    }
+
     /// Stops admitting: waiting requests and new arrivals get 503 + Retry-After;
     /// running ones continue.
     pub async fn shutdown(&self) {
@@ -183,12 +229,13 @@ pub struct Setup {
     pub arms: Vec<ArmSpec>,
     /// How traffic is split between them.
     pub ab: AbConfig,
-    /// Upstream slots in total.
-    pub total_slots: u32,
+    /// The backends, in config order (their slots add up to what the arms
+    /// share).
+    pub backends: Vec<BackendSpec>,
+    /// Most fail-overs of one request ([`crate::config::FleetConfig`]).
+    pub max_failovers: u32,
     /// Host limits.
     pub limits: Limits,
-    /// The upstream's name in views (its URL).
-    pub upstream_name: String,
 }
 
 /// Starts the scheduler task on the current tokio runtime.

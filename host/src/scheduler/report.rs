@@ -12,6 +12,7 @@ use super::shadow::ShadowReport;
 use super::ticket::{Outcome, RequestMeta};
 use crate::config::AbMode;
 use crate::escape::Escaped;
+use crate::fleet::BackendStatus;
 use crate::metrics::{ArmClass, OutcomeLabels};
 use crate::policy::Class;
 
@@ -155,6 +156,7 @@ impl Core {
                 age_ms: now.duration_since(e.meta.arrival).as_millis() as u64,
                 preemptions: e.preemptions,
                 tokens: e.run.as_ref().map(|r| r.tokens()).unwrap_or(0),
+                backend: e.backend.map(|b| self.fleet.name(b).to_string()),
             })
             .collect();
         requests.sort_by_key(|r| r.id);
@@ -189,6 +191,7 @@ impl Core {
                 })
                 .collect(),
             shadows: self.shadow_reports(),
+            backends: self.fleet.status(),
             requests,
         }
     }
@@ -327,6 +330,8 @@ pub struct Status {
     pub arms: Vec<ArmStatus>,
     /// Shadow arms (no traffic; see [`super::shadow`]).
     pub shadows: Vec<ShadowReport>,
+    /// The backends: slots, busy, health, loaded models.
+    pub backends: Vec<BackendStatus>,
     /// Waiting and running requests.
     pub requests: Vec<RequestStatus>,
 }
@@ -377,6 +382,8 @@ pub struct RequestStatus {
     pub preemptions: u32,
     /// Chunks received so far.
     pub tokens: u64,
+    /// The backend it runs on, while it holds a slot.
+    pub backend: Option<String>,
 }
 
 /// A/B comparison over a window.

@@ -1,0 +1,151 @@
+//! What a policy is shown (an arm's [`View`], with the fleet's backends),
+//! how many slots an arm may start on now, and the scheduler's side of the
+//! fleet: backend health, fail-over after a backend failed.
+
+use tokio::time::Instant;
+
+use super::core::{Core, State};
+use crate::policy::{Running, View, Waiting};
+
+impl Core {
+    /// Slots arm `a` may start requests on now: its own free share, within
+    /// what the backends that take new starts have free.
+    pub(super) fn free_slots(&self, a: usize) -> u32 {
+        let arm = &self.arms[a];
+        arm.slots
+            .saturating_sub(arm.busy)
+            .min(self.fleet.free_total())
+    }
+
+    /// Builds the policy's snapshot of one arm: waiting requests oldest
+    /// arrival first (ids are given in arrival order), running ones oldest
+    /// start first, and every backend with its slots.
+    pub(super) fn view(&self, a: usize) -> View {
+        let arm = &self.arms[a];
+        let free = self.free_slots(a);
+        let waiting = arm
+            .waiting
+            .iter()
+            .filter_map(|id| self.entries.get(id).map(|e| (id, e)))
+            .map(|(id, e)| Waiting {
+                id: *id,
+                class: e.class,
+                priority: e.priority,
+                model: e.meta.model.clone(),
+                tenant: e.meta.tenant.clone(),
+                stream: e.meta.stream,
+                num_predict: e.meta.num_predict,
+                arrival_ms: e.arrival_ms,
+                enqueued_ms: self.ms_of(e.enqueued_at),
+                preemptions: e.preemptions,
+            })
+            .collect();
+        let mut running: Vec<Running> = arm
+            .running
+            .iter()
+            .filter_map(|id| self.entries.get(id).map(|e| (id, e)))
+            .filter_map(|(id, e)| e.run.as_ref().map(|r| (id, e, r)))
+            .map(|(id, e, r)| {
+                let streaming = r.is_streaming();
+                Running {
+                    id: *id,
+                    class: e.class,
+                    priority: e.priority,
+                    model: e.meta.model.clone(),
+                    tenant: e.meta.tenant.clone(),
+                    backend: e.backend.unwrap_or(0) as u32,
+                    arrival_ms: e.arrival_ms,
+                    started_ms: self.ms_of(r.started),
+                    first_token_ms: r.upstream_first_byte.get().map(|t| self.ms_of(*t)),
+                    tokens: r.tokens(),
+                    preemptible: e.state == State::Running
+                        && !streaming
+                        && e.preemptions < self.limits.max_preemptions,
+                    streaming,
+                    preemptions: e.preemptions,
+                }
+            })
+            .collect();
+        // A requeued request keeps its (older) id but starts later.
+        running.sort_by_key(|r| (r.started_ms, r.id));
+        View {
+            now_ms: self.now_ms(),
+            total_slots: arm.slots,
+            free_slots: free,
+            backends: self.fleet.policy_view(),
+            running,
+            waiting,
+        }
+    }
+
+    /// The backend a start goes to: the one the policy named, if it has a
+    /// free slot that takes new starts; else the host's choice.
+    pub(super) fn place(&self, id: u64, named: Option<u32>) -> Option<usize> {
+        if let Some(b) = named.map(|b| b as usize)
+            && b < self.fleet.len()
+            && self.fleet.free(b) > 0
+        {
+            return Some(b);
+        }
+        let model = self.entries.get(&id).map(|e| e.meta.model.clone())?;
+        self.fleet.choose(&model)
+    }
+
+    /// A probe's verdict on a backend. A backend coming back gives waiting
+    /// requests slots again, so every arm with waiting requests decides.
+    pub(super) fn set_health(&mut self, b: usize, up: bool, version: Option<String>) {
+        if b < self.fleet.len() && self.fleet.set_health(b, up, version) {
+            for arm in &mut self.arms {
+                if !arm.waiting.is_empty() {
+                    arm.dirty = true;
+                }
+            }
+        }
+    }
+
+    /// Request `id` failed on backend `b` before anything reached its
+    /// client (the connection was refused or dropped). The backend is marked
+    /// down; the request goes back to its queue for another backend, if it
+    /// has fail-overs left and another backend is healthy. False: the
+    /// handler answers the failure (and ends the ticket).
+    pub(super) fn failover(&mut self, id: u64, b: usize) -> bool {
+        if b < self.fleet.len() {
+            self.set_health(b, false, None);
+        }
+        let max = self.max_failovers;
+        let Some(e) = self.entries.get(&id) else {
+            return false;
+        };
+        if !matches!(e.state, State::Running) || e.failovers >= max || !self.fleet.other_healthy(b)
+        {
+            return false;
+        }
+        self.release_slot(id, State::Running, false);
+        let Some(e) = self.entries.get_mut(&id) else {
+            return false;
+        };
+        if let Some(run) = e.run.take()
+            && e.first_upstream_ttfb.is_none()
+        {
+            e.first_upstream_ttfb = run.upstream_ttfb();
+        }
+        e.failovers += 1;
+        e.state = State::Waiting;
+        e.enqueued_at = Instant::now();
+        self.fleet.count_failover(b);
+        tracing::info!(
+            target: "maitre::failover",
+            id,
+            backend = %self.fleet.name(b),
+            failovers = e.failovers,
+            "backend failed before the answer started: the request waits for another backend"
+        );
+        let arm = &mut self.arms[e.arm];
+        arm.waiting.insert(id);
+        arm.dirty = true;
+        if arm.slots == 0 {
+            self.share_slots();
+        }
+        true
+    }
+}
