@@ -21,6 +21,7 @@ pub mod watch;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Serialize;
 
@@ -101,6 +102,36 @@ impl Backend {
 pub struct Fleet {
     backends: Vec<Backend>,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+/// Which backends are up, readable without a message to the scheduler (the
+/// passthrough picks a live backend with it); only the scheduler writes it.
+#[derive(Debug)]
+pub struct Health(Vec<AtomicBool>);
+
+impl Health {
+    /// Whether backend `b` answers.
+    pub fn is_up(&self, b: usize) -> bool {
+        self.0.get(b).is_some_and(|x| x.load(Ordering::Relaxed))
+    }
+
+    /// The backends that answer, in config order; every backend when none
+    /// does (then none is sheltered: the first to answer wins).
+    pub fn live(&self) -> Vec<usize> {
+        let up: Vec<usize> = (0..self.0.len()).filter(|&b| self.is_up(b)).collect();
+        if up.is_empty() {
+            (0..self.0.len()).collect()
+        } else {
+            up
+        }
+    }
+
+    fn set(&self, b: usize, up: bool) {
+        if let Some(x) = self.0.get(b) {
+            x.store(up, Ordering::Relaxed);
+        }
+    }
 }
 
 /// One backend in `/status`.
@@ -152,7 +183,19 @@ impl Fleet {
             let _ = metrics.backend_model_loads.get_or_create(&b.label);
             let _ = metrics.backend_failovers.get_or_create(&b.label);
         }
-        Fleet { backends, metrics }
+        let health = Arc::new(Health(
+            backends.iter().map(|_| AtomicBool::new(true)).collect(),
+        ));
+        Fleet {
+            backends,
+            metrics,
+            health,
+        }
+    }
+
+    /// The backends' health, shared with the proxy.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
     }
 
     /// How many backends there are.
@@ -268,6 +311,7 @@ impl Fleet {
             // It answered: it is up (a single backend has no probe to say so).
             if !x.healthy {
                 x.healthy = true;
+                self.health.set(b, true);
                 self.metrics.backend_up.get_or_create(&x.label).set(1);
                 tracing::info!(backend = %x.spec.name, "backend answered again: it takes new requests");
             }
@@ -293,6 +337,7 @@ impl Fleet {
         }
         let changed = x.healthy != up;
         x.healthy = up;
+        self.health.set(b, up);
         self.metrics
             .backend_up
             .get_or_create(&x.label)

@@ -11,10 +11,14 @@
 //! passthrough; `scheduled` the scheduled path in phases; `body` the relayed
 //! response body; `refusal` every answer maitre gives itself and its mapping
 //! to HTTP; `error_shape` the Ollama/OpenAI error shape; `headers` the header
-//! hygiene; `live` the settings hot reload swaps.
+//! hygiene; `live` the settings hot reload swaps; `target` one backend's
+//! address and client; [`fleet`] and `fanout` the passthrough across
+//! several backends.
 
 mod body;
 mod error_shape;
+mod fanout;
+mod fleet;
 mod headers;
 mod live;
 mod refusal;
@@ -41,6 +45,7 @@ use crate::metrics::Metrics;
 use crate::scheduler::{Grant, Outcome, RequestMeta, Run, SchedulerHandle, SubmitError, Ticket};
 
 pub use self::error_shape::error_response;
+pub use self::fleet::BACKEND_HEADER;
 pub use self::headers::strip_hop_by_hop;
 pub use self::live::LiveSettings;
 pub use self::refusal::Refusal;
@@ -98,8 +103,15 @@ impl Proxy {
         }
     }
 
-    /// Sends a request upstream as it is and streams the answer back.
+    /// Sends a request upstream as it is and streams the answer back; with
+    /// several backends, answers for the whole fleet ([`fleet`]).
     async fn passthrough(&self, req: Request<Incoming>, path: &str) -> Response<ProxyBody> {
+        if self.backends.len() > 1 {
+            return match self.fleet_passthrough(req, path).await {
+                Ok(r) => r,
+                Err(refusal) => refusal.into_response(path, self.limits.retry_after_seconds),
+            };
+        }
         let (parts, body) = req.into_parts();
         let body = body.map_err(|e| Box::new(e) as BoxError).boxed();
         match self.forward(&parts, body).await {

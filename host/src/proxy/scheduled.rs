@@ -113,7 +113,7 @@ impl Proxy {
 
     /// Phase 1: the whole body, within `limits.max_body_bytes` and
     /// `limits.body_read_timeout_seconds`.
-    async fn read_body(&self, body: Incoming) -> Result<Bytes, Refusal> {
+    pub(super) async fn read_body(&self, body: Incoming) -> Result<Bytes, Refusal> {
         let read = Limited::new(body, self.limits.max_body_bytes).collect();
         let body_timeout = Duration::from_secs(self.limits.body_read_timeout_seconds);
         match tokio::time::timeout(body_timeout, read).await {

@@ -76,12 +76,7 @@ impl Target {
     /// The refusal for this backend when it cannot be reached, logged with
     /// the whole chain of causes (the first one alone rarely says why).
     pub fn unreachable(&self, e: &hyper_util::client::legacy::Error) -> Refusal {
-        let mut detail = e.to_string();
-        let mut src = std::error::Error::source(e);
-        while let Some(s) = src {
-            detail = format!("{detail}: {s}");
-            src = s.source();
-        }
+        let detail = causes(e);
         tracing::warn!(backend = %self.name, upstream = %self.base, error = %Escaped(&detail), "upstream unreachable");
         Refusal::UpstreamUnreachable {
             upstream: self.base.clone(),
@@ -101,8 +96,8 @@ pub enum Fetched {
 }
 
 impl Target {
-    /// Sends `method path` with `body` and reads the whole answer, within
-    /// `timeout`.
+    /// Sends `method path` with `body` (maitre's own call: a probe, a poll)
+    /// and reads the whole answer, within `timeout`.
     pub async fn fetch(
         &self,
         method: http::Method,
@@ -110,16 +105,11 @@ impl Target {
         body: bytes::Bytes,
         timeout: Duration,
     ) -> Fetched {
-        use http_body_util::BodyExt;
         let uri: Uri = match format!("{}{}", self.base, path).parse() {
             Ok(u) => u,
             Err(e) => return Fetched::Failed(e.to_string()),
         };
-        let mut r = Request::new(
-            http_body_util::Full::new(body)
-                .map_err(|e| match e {})
-                .boxed(),
-        );
+        let mut r = Request::new(full(body));
         *r.method_mut() = method;
         *r.uri_mut() = uri;
         r.headers_mut().insert(header::HOST, self.host.clone());
@@ -127,16 +117,25 @@ impl Target {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        self.call(r, timeout).await
+    }
+
+    /// Sends a client's request (`parts`, with `body`) and reads the whole
+    /// answer, within `timeout`.
+    pub async fn send(
+        &self,
+        parts: &http::request::Parts,
+        body: bytes::Bytes,
+        timeout: Duration,
+    ) -> Fetched {
+        self.call(self.request(parts, full(body)), timeout).await
+    }
+
+    /// Sends `r` and reads the whole answer, within `timeout`.
+    pub async fn call(&self, r: Request<ProxyBody>, timeout: Duration) -> Fetched {
+        use http_body_util::BodyExt;
         let call = async {
-            let resp = self.client.request(r).await.map_err(|e| {
-                let mut detail = e.to_string();
-                let mut src = std::error::Error::source(&e);
-                while let Some(s) = src {
-                    detail = format!("{detail}: {s}");
-                    src = s.source();
-                }
-                detail
-            })?;
+            let resp = self.client.request(r).await.map_err(|e| causes(&e))?;
             let status = resp.status();
             let ctype = resp.headers().get(header::CONTENT_TYPE).cloned();
             let body = resp
@@ -153,4 +152,23 @@ impl Target {
             Err(_) => Fetched::Failed(format!("no answer within {} ms", timeout.as_millis())),
         }
     }
+}
+
+/// An error with its chain of causes (the first one alone rarely says why).
+pub fn causes(e: &dyn std::error::Error) -> String {
+    let mut detail = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        detail = format!("{detail}: {s}");
+        src = s.source();
+    }
+    detail
+}
+
+/// A body already in memory.
+fn full(bytes: bytes::Bytes) -> ProxyBody {
+    use http_body_util::BodyExt;
+    http_body_util::Full::new(bytes)
+        .map_err(|e| match e {})
+        .boxed()
 }

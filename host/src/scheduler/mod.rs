@@ -64,7 +64,7 @@ pub use report::{AbReport, AbRow, ArmStatus, RequestStatus, Status, percentile};
 pub use ticket::{Grant, Outcome, RequestMeta, Run, SubmitError, Ticket};
 
 use crate::config::{AbConfig, Limits};
-use crate::fleet::{BackendSpec, PsModel};
+use crate::fleet::{BackendSpec, Health, PsModel};
 use crate::metrics::Metrics;
 
 /// A message to the scheduler task.
@@ -128,9 +128,15 @@ pub(crate) enum Msg {
 #[derive(Clone)]
 pub struct SchedulerHandle {
     tx: mpsc::UnboundedSender<Msg>,
+    health: Arc<Health>,
 }
 
 impl SchedulerHandle {
+    /// Which backends answer (kept by the scheduler, read lock-free).
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
     /// Asks for a place in the queue.
     pub async fn submit(&self, meta: RequestMeta) -> Result<Ticket, SubmitError> {
         let (reply, rx) = oneshot::channel();
@@ -242,6 +248,7 @@ pub struct Setup {
 pub fn spawn(setup: Setup, metrics: Arc<Metrics>) -> SchedulerHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     let core = core::Core::new(setup, metrics, tx.clone());
+    let health = core.fleet.health();
     tokio::spawn(core.run(rx));
-    SchedulerHandle { tx }
+    SchedulerHandle { tx, health }
 }

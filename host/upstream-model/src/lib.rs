@@ -98,8 +98,9 @@ pub struct ModelConfig {
     pub control_routes: bool,
     /// Events the log keeps (the most recent ones); 0 switches it off.
     pub log_capacity: usize,
-    /// Models on disk, as `/api/tags` and `/v1/models` list them (any model
-    /// whose name starts with "fake" can be used, listed or not).
+    /// Models on disk, as `/api/tags` and `/v1/models` list them and
+    /// `/api/show` describes them (any model whose name starts with "fake"
+    /// can generate, listed or not).
     pub models: Vec<String>,
     /// Models loaded from the start (no load time for their first request).
     pub preloaded: Vec<String>,

@@ -169,6 +169,9 @@ pub(crate) fn show(call: Call, model: &str, _m: &Map<String, Value>) -> Response
     if let Some((status, msg)) = model_error(model) {
         return call.error(status, &msg);
     }
+    if !crate::residency::on_disk(&call.tracker.state().cfg, model) {
+        return call.error(StatusCode::NOT_FOUND, &util::not_found_msg(model));
+    }
     let dims = call.tracker.state().cfg.embedding_dims;
     let caps = if model.contains("embed") {
         json!(["embedding"])

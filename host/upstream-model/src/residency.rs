@@ -176,6 +176,13 @@ pub(crate) fn tags(cfg: &ModelConfig) -> Value {
     json!({ "models": models })
 }
 
+/// Whether `model` is on disk ([`ModelConfig::models`]): `/api/show` knows
+/// only those, as Ollama's does.
+pub(crate) fn on_disk(cfg: &ModelConfig, model: &str) -> bool {
+    let name = full_name(model);
+    cfg.models.iter().any(|m| full_name(m) == name)
+}
+
 /// `GET /v1/models`.
 pub(crate) fn oa_models(cfg: &ModelConfig) -> Value {
     let data: Vec<Value> = cfg.models.iter().map(|m| oa_model(m)).collect();

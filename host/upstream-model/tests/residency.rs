@@ -107,6 +107,11 @@ async fn tags_and_v1_models_list_the_models_on_disk() {
     assert!(tags["models"][0]["size"].as_u64().is_some());
     let oa = json(get(a, "/v1/models").await).await;
     assert_eq!(oa["data"][1]["id"], "fake-b:7b");
+    // /api/show knows the models on disk only.
+    let show = post(a, "/api/show", &[], r#"{"model":"fake-b:7b"}"#).await;
+    assert_eq!(show.status(), 200);
+    let show = post(a, "/api/show", &[], r#"{"model":"fake-elsewhere"}"#).await;
+    assert_eq!(show.status(), 404);
     // Nothing loaded until used; then /api/ps has Ollama's fields.
     assert!(ps_names(a).await.is_empty());
     generate(a, "fake-a").await;
