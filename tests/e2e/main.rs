@@ -9,6 +9,7 @@ mod admin_hardening;
 mod bypass;
 mod clients;
 mod faults;
+mod fleet;
 mod hostile;
 mod live;
 mod preemption;
