@@ -167,6 +167,14 @@ async fn requests_land_where_their_model_is_resident() {
         .await;
         assert_eq!((r[0].0, &r[0].1), (200, &home), "{:?}", r[0].2);
     }
+    // The request log names the backend.
+    assert!(
+        f.m.logs().iter().any(|l| l.contains("request ended")
+            && l.contains("model=fake-beta")
+            && l.contains("backend=\"b\"")),
+        "{:#?}",
+        f.m.logs()
+    );
     let loads: u64 = f.fakes.iter().map(UpstreamModel::loads).sum();
     assert_eq!(loads, 1, "fake-shared was loaded once, on {home}");
     let scrape = Scrape::get(&f.m.admin).await;

@@ -69,6 +69,8 @@ pub(super) struct Entry {
     pub(super) failovers: u32,
     /// The backend its slot is on, while it holds one.
     pub(super) backend: Option<usize>,
+    /// The backend of its last dispatch (kept for the log).
+    pub(super) served_by: Option<usize>,
     pub(super) state: State,
     pub(super) run: Option<Arc<Run>>,
     /// Upstream TTFB of a dispatch that was requeued (kept for the log).
@@ -288,6 +290,7 @@ impl Core {
                 busy_retries: 0,
                 failovers: 0,
                 backend: None,
+                served_by: None,
                 state: State::Waiting,
                 run: None,
                 first_upstream_ttfb: None,

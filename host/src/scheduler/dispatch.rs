@@ -128,6 +128,7 @@ impl Core {
         e.state = State::Running;
         e.run = Some(run.clone());
         e.backend = Some(b);
+        e.served_by = Some(b);
         self.fleet.acquire(b, &e.meta.model);
         let grant = Grant {
             run,
@@ -294,6 +295,7 @@ impl Core {
         };
         self.record_end(super::report::Ended {
             arm: e.arm,
+            backend: e.served_by,
             class: e.class,
             meta: &e.meta,
             queued,

@@ -34,6 +34,8 @@ const MAX_SAMPLES: usize = 100_000;
 /// How a request ended, for [`Core::record_end`].
 pub(super) struct Ended<'a> {
     pub(super) arm: usize,
+    /// The backend of its last dispatch, if it was dispatched.
+    pub(super) backend: Option<usize>,
     pub(super) class: Class,
     pub(super) meta: &'a RequestMeta,
     pub(super) queued: Duration,
@@ -53,6 +55,7 @@ impl Core {
     ) {
         self.record_end(Ended {
             arm,
+            backend: None,
             class,
             meta,
             queued: Duration::ZERO,
@@ -67,6 +70,7 @@ impl Core {
     pub(super) fn record_end(&mut self, end: Ended<'_>) {
         let Ended {
             arm: a,
+            backend,
             class,
             meta,
             queued,
@@ -78,9 +82,11 @@ impl Core {
         let arm = &mut self.arms[a];
         let total = meta.arrival.elapsed();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let backend = backend.map(|b| self.fleet.name(b).clone());
         tracing::info!(
             target: "maitre::request",
             arm = %arm.name,
+            backend = backend.as_deref(),
             class = class.name(),
             path = %Escaped(&meta.path),
             model = %Escaped(&meta.model),
