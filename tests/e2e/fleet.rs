@@ -23,8 +23,9 @@ struct Fleet3 {
     m: Maitre,
 }
 
-async fn upstream(own: &str, slots: usize, token_ms: u64) -> UpstreamModel {
-    UpstreamModel::start(ModelConfig {
+/// An upstream model with `own` loaded and on disk, and `fake-shared` on disk.
+fn model_cfg(own: &str, slots: usize, token_ms: u64) -> ModelConfig {
+    ModelConfig {
         slots,
         token_delay: Duration::from_millis(token_ms),
         models: vec![own.into(), "fake-shared".into()],
@@ -32,9 +33,13 @@ async fn upstream(own: &str, slots: usize, token_ms: u64) -> UpstreamModel {
         load_time: Duration::from_millis(400),
         max_loaded: 2,
         ..ModelConfig::default()
-    })
-    .await
-    .expect("start an upstream model")
+    }
+}
+
+async fn upstream(own: &str, slots: usize, token_ms: u64) -> UpstreamModel {
+    UpstreamModel::start(model_cfg(own, slots, token_ms))
+        .await
+        .expect("start an upstream model")
 }
 
 /// Three upstream models behind maitre, with `arm`; probes and polls fast.
@@ -214,6 +219,7 @@ async fn a_backend_killed_mid_run_loses_no_request() {
         .filter(|e| e.kind == EventKind::Received)
         .filter_map(|e| e.tag.clone())
         .collect();
+    let b_addr = f.fakes[1].addr();
     drop(f.fakes.remove(1));
     let answers = answers.await.unwrap();
     let mut per_backend = BTreeMap::new();
@@ -251,6 +257,18 @@ async fn a_backend_killed_mid_run_loses_no_request() {
         later.iter().all(|(s, b, _)| *s == 200 && b != "b"),
         "{later:?}"
     );
+    // b back on its address: its probe says so, and its model goes to it again.
+    let listener = tokio::net::TcpListener::bind(b_addr).await.unwrap();
+    let _b = UpstreamModel::start_on(listener, model_cfg("fake-beta", 2, 10))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + T;
+    while f.m.status().await["backends"][1]["healthy"] != true {
+        assert!(tokio::time::Instant::now() < deadline, "b never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let back = all(vec![gen_for(&c, &f.m.url, "fake-beta", "back")]).await;
+    assert_eq!((back[0].0, back[0].1.as_str()), (200, "b"), "{back:?}");
 }
 
 #[tokio::test]
