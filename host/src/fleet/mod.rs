@@ -384,6 +384,25 @@ impl Fleet {
             .collect()
     }
 
+    /// Whether backend `b` answers (its probe, its connections).
+    pub fn is_healthy(&self, b: usize) -> bool {
+        self.backends[b].healthy
+    }
+
+    /// The models loaded on backend `b` as a policy may see them: name,
+    /// size in bytes (0 when unknown) and time left before it expires (None
+    /// when unknown); models of running requests count as loaded.
+    pub fn loaded(&self, b: usize) -> Vec<(Arc<str>, u64, Option<std::time::Duration>)> {
+        let x = &self.backends[b];
+        let mut out = x.resident.loaded();
+        for m in x.running.keys() {
+            if !out.iter().any(|(n, _, _)| n == m) {
+                out.push((m.clone(), 0, None));
+            }
+        }
+        out
+    }
+
     /// Every backend, for `/status`.
     pub fn status(&self) -> Vec<BackendStatus> {
         self.backends

@@ -122,6 +122,20 @@ impl Residency {
         self.models.is_empty()
     }
 
+    /// Every loaded model not past its expiry: name, size in bytes (0 when
+    /// unknown) and the time left before it expires (None when unknown).
+    pub fn loaded(&self) -> Vec<(Arc<str>, u64, Option<std::time::Duration>)> {
+        let now = SystemTime::now();
+        self.models
+            .iter()
+            .filter(|(k, _)| self.has(k))
+            .map(|(k, r)| {
+                let left = r.expires.map(|t| t.duration_since(now).unwrap_or_default());
+                (k.clone(), r.ps.size.unwrap_or(0), left)
+            })
+            .collect()
+    }
+
     /// Every loaded model, as `/status` shows it.
     pub fn snapshot(&self) -> Vec<PsModel> {
         self.models.values().map(|r| r.ps.clone()).collect()

@@ -103,6 +103,11 @@ async fn policies_and_status_see_every_backend() {
     assert_eq!(st[0].busy, 0);
     assert_eq!(st[0].loaded[0].name, "x:latest");
     assert!(st[0].running_models.is_empty());
+    // What a policy may be shown: loaded models, and those in use.
+    f.acquire(1, &m("y"));
+    assert!(f.is_healthy(1));
+    assert_eq!(f.loaded(0), vec![(m("x:latest"), 0, None)]);
+    assert_eq!(f.loaded(1), vec![(m("y:latest"), 0, None)]);
 }
 
 #[tokio::test(start_paused = true)]

@@ -449,6 +449,15 @@ impl Core {
         }
     }
 
+    pub(super) fn free_slots(&self, a: usize) -> u32 {
+        let arm = &self.arms[a];
+        // Its own free share, within what the backends that take new
+        // starts have free.
+        arm.slots
+            .saturating_sub(arm.busy)
+            .min(self.fleet.free_total())
+    }
+
     /// Asks every arm whose state changed what to do, and does it.
     pub(super) async fn decide(&mut self) {
         for a in 0..self.arms.len() {

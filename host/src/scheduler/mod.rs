@@ -20,8 +20,8 @@
 //! - [`ticket`]: a request's side (meta, ticket, grant, dispatch phases);
 //! - `core`: the task, its message loop, admission and the decide turn;
 //! - `dispatch`: the start / requeue / pre-empt / handoff state machine;
-//! - `view`: what a policy is shown, and the scheduler's side of the fleet
-//!   (backend health, fail-over);
+//! - `backends`: the scheduler's side of the fleet (what a policy is shown,
+//!   where a start goes, backend health, fail-over);
 //! - [`arms`]: installing arms, slot shares, switchback, A/B key hashing;
 //! - [`check`]: the answer check and its typed [`Invalid`] kinds;
 //! - [`decider`]: the seam between the state machine and a policy;
@@ -33,6 +33,7 @@
 //! runs unchanged under a paused (virtual) clock in tests.
 
 pub mod arms;
+mod backends;
 pub mod check;
 pub mod compare;
 mod core;
@@ -41,7 +42,6 @@ mod dispatch;
 pub mod report;
 pub mod shadow;
 pub mod ticket;
-mod view;
 
 #[cfg(test)]
 mod tests;

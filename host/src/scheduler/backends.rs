@@ -1,6 +1,6 @@
-//! What a policy is shown (an arm's [`View`], with the fleet's backends),
-//! how many slots an arm may start on now, and the scheduler's side of the
-//! fleet: backend health, fail-over after a backend failed.
+//! The scheduler's side of the fleet: what a policy is shown of the
+//! backends (in an arm's [`View`]), where a start goes, backend health, and
+//! fail-over after a backend failed.
 
 use tokio::time::Instant;
 
@@ -8,15 +8,6 @@ use super::core::{Core, State};
 use crate::policy::{Running, View, Waiting};
 
 impl Core {
-    /// Slots arm `a` may start requests on now: its own free share, within
-    /// what the backends that take new starts have free.
-    pub(super) fn free_slots(&self, a: usize) -> u32 {
-        let arm = &self.arms[a];
-        arm.slots
-            .saturating_sub(arm.busy)
-            .min(self.fleet.free_total())
-    }
-
     /// Builds the policy's snapshot of one arm: waiting requests oldest
     /// arrival first (ids are given in arrival order), running ones oldest
     /// start first, and every backend with its slots.
