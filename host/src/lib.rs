@@ -15,6 +15,7 @@ pub mod builtins;
 pub mod config;
 pub mod conns;
 pub mod escape;
+pub mod fleet;
 pub mod metrics;
 pub mod plugin;
 pub mod policy;
@@ -82,9 +83,13 @@ pub async fn serve(
         scheduler::Setup {
             arms,
             ab: cfg.ab.clone(),
-            total_slots: cfg.upstream.slots,
+            backends: cfg
+                .upstreams
+                .iter()
+                .map(fleet::BackendSpec::from_config)
+                .collect(),
+            max_failovers: cfg.fleet.max_failovers,
             limits: cfg.limits.clone(),
-            upstream_name: cfg.upstream.url.to_string(),
             trace,
         },
         metrics.clone(),
@@ -100,13 +105,14 @@ pub async fn serve(
     let _watcher = reload::watch(host.clone())?;
 
     let stop = CancellationToken::new();
+    fleet::watch::spawn(proxy.clone(), sched.clone(), &cfg.fleet, stop.clone());
     let admin_addr = admin.as_ref().map(TcpListener::local_addr).transpose()?;
     let admin_task = admin.map(|l| tokio::spawn(admin::serve(l, host.clone(), stop.clone())));
     let local = listener.local_addr()?;
     tracing::info!(
         listen = %local,
-        upstream = %cfg.upstream.url,
-        slots = cfg.upstream.slots,
+        backends = ?cfg.upstreams.iter().map(|u| format!("{}={} ({} slots)", u.name, u.url, u.slots)).collect::<Vec<_>>(),
+        slots = cfg.total_slots(),
         arms = ?cfg.arms.iter().map(|a| format!("{}={}", a.name, a.plugin)).collect::<Vec<_>>(),
         "maitre serving; point Ollama clients at OLLAMA_HOST={local}"
     );
@@ -121,7 +127,7 @@ pub async fn serve(
 
     let header_timeout = Duration::from_secs(cfg.limits.header_read_timeout_seconds);
     let (max_connections, lowered_by) =
-        conns::fit_to_fd_limit(cfg.limits.max_connections, cfg.upstream.slots);
+        conns::fit_to_fd_limit(cfg.limits.max_connections, cfg.total_slots());
     if let Some(nofile) = lowered_by {
         tracing::warn!(
             max_connections,

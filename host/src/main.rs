@@ -40,7 +40,8 @@ struct ServeArgs {
     /// Client listener, overriding `listen`.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Upstream Ollama URL, overriding `[upstream] url`.
+    /// Upstream Ollama URL, overriding `[upstream] url` (a file with several
+    /// `[[upstream]]` backends refuses it).
     #[arg(long)]
     upstream: Option<String>,
     /// Admin listener, overriding `admin_listen`.
@@ -187,22 +188,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cfg.admin_listen = Some(a);
     }
     if let Some(u) = upstream {
-        cfg.upstream.url =
-            parse_upstream_url(&u).map_err(|e| anyhow::anyhow!("--upstream: {e}"))?;
+        let url = parse_upstream_url(&u).map_err(|e| anyhow::anyhow!("--upstream: {e}"))?;
+        cfg.override_upstream(url)
+            .map_err(|e| anyhow::anyhow!("--upstream: {e}"))?;
     }
-    let _fake = if demo {
-        // No control routes and no event log: the demo shows Ollama's
-        // surface only, and its memory stays flat however long it runs.
-        let model = upstream_model::ModelConfig::demo(cfg.upstream.slots as usize);
-        let fake = upstream_model::UpstreamModel::start(model)
-            .await
-            .context("starting the demo upstream")?;
-        tracing::info!(upstream = %fake.url(), "demo: serving the project's model of Ollama (model \"fake\") as the upstream");
-        cfg.upstream.url = parse_upstream_url(&fake.url()).map_err(|e| anyhow::anyhow!(e))?;
-        Some(fake)
-    } else {
-        None
-    };
+    let mut _fakes = Vec::new();
+    if demo {
+        // One model of Ollama per backend. No control routes and no event
+        // log: the demo shows Ollama's surface only, and its memory stays
+        // flat however long it runs.
+        for up in &mut cfg.upstreams {
+            let model = upstream_model::ModelConfig::demo(up.slots as usize);
+            let fake = upstream_model::UpstreamModel::start(model)
+                .await
+                .context("starting the demo upstream")?;
+            tracing::info!(backend = %up.name, upstream = %fake.url(), "demo: serving the project's model of Ollama (model \"fake\") as the upstream");
+            up.url = parse_upstream_url(&fake.url()).map_err(|e| anyhow::anyhow!(e))?;
+            _fakes.push(fake);
+        }
+    }
     if let Some(a) = cfg.admin_listen
         && !a.ip().is_loopback()
         && cfg.admin_token.is_none()
@@ -244,8 +248,10 @@ async fn check(file: PathBuf) -> anyhow::Result<()> {
     let arms = reloader.build_arms(&cfg).await?;
     println!("{}: ok", file.display());
     println!(
-        "  listen {}  upstream {} ({} slots)",
-        cfg.listen, cfg.upstream.url, cfg.upstream.slots
+        "  listen {}  {} backend(s), {} slots in all",
+        cfg.listen,
+        cfg.upstreams.len(),
+        cfg.total_slots()
     );
     match &cfg.trace {
         Some(t) => println!(
@@ -255,6 +261,12 @@ async fn check(file: PathBuf) -> anyhow::Result<()> {
             t.keep
         ),
         None => println!("  trace off"),
+    }
+    for u in &cfg.upstreams {
+        println!(
+            "  backend {:<16} {}  slots {}  max_loaded_models {}",
+            u.name, u.url, u.slots, u.max_loaded_models
+        );
     }
     for (a, spec) in cfg.arms.iter().zip(&arms) {
         let role = if a.shadow {

@@ -49,6 +49,13 @@ pub struct ArmKind {
     pub kind: String,
 }
 
+/// Backend label: one Ollama server of the fleet.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabel {
+    /// Backend name (`[[upstream]] name`, `default` for a single `[upstream]`).
+    pub backend: String,
+}
+
 /// A shadow arm's comparison results.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ShadowLabels {
@@ -152,6 +159,20 @@ pub struct Metrics {
     /// Trace records not written: the writer was behind (its queue full)
     /// or the file could not be written.
     pub trace_dropped: Counter,
+    /// Slots of each backend.
+    pub backend_slots: Family<BackendLabel, Gauge>,
+    /// Slots in use on each backend.
+    pub backend_busy: Family<BackendLabel, Gauge>,
+    /// 1 while a backend answers its probes, 0 while it is down.
+    pub backend_up: Family<BackendLabel, Gauge>,
+    /// Requests dispatched to each backend (each attempt).
+    pub backend_requests: Family<BackendLabel, Counter>,
+    /// Model loads seen on each backend (a model newly in its `/api/ps`, or
+    /// newly answered from).
+    pub backend_model_loads: Family<BackendLabel, Counter>,
+    /// Requests moved to another backend after this one failed before
+    /// anything reached the client.
+    pub backend_failovers: Family<BackendLabel, Counter>,
 }
 
 impl Metrics {
@@ -182,6 +203,12 @@ impl Metrics {
             client_connections: Gauge::default(),
             held_body_bytes: Gauge::default(),
             trace_dropped: Counter::default(),
+            backend_slots: Family::default(),
+            backend_busy: Family::default(),
+            backend_up: Family::default(),
+            backend_requests: Family::default(),
+            backend_model_loads: Family::default(),
+            backend_failovers: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -272,6 +299,36 @@ impl Metrics {
             "held_body_bytes",
             "Request body bytes held, being read or waiting (at most limits.max_total_body_bytes)",
             m.held_body_bytes.clone(),
+        );
+        registry.register(
+            "backend_slots",
+            "Slots of each backend",
+            m.backend_slots.clone(),
+        );
+        registry.register(
+            "backend_slots_busy",
+            "Slots in use on each backend",
+            m.backend_busy.clone(),
+        );
+        registry.register(
+            "backend_up",
+            "1 while a backend answers, 0 while it is down",
+            m.backend_up.clone(),
+        );
+        registry.register(
+            "backend_requests",
+            "Requests dispatched to each backend",
+            m.backend_requests.clone(),
+        );
+        registry.register(
+            "backend_model_loads",
+            "Model loads seen on each backend",
+            m.backend_model_loads.clone(),
+        );
+        registry.register(
+            "backend_failovers",
+            "Requests moved to another backend after this one failed before anything reached the client",
+            m.backend_failovers.clone(),
         );
         // Both reload results exist from the start, so a dashboard sees 0
         // failures rather than no series at all.

@@ -128,14 +128,15 @@ pub struct Waiting {
     pub preemptions: u32,
 }
 
-/// One upstream model server as a policy sees it.
+/// One upstream model server (a backend of the fleet) as a policy sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Backend {
-    /// Name (today the upstream URL).
+    /// Name (`[[upstream]] name`; `default` for a single `[upstream]`).
     pub name: Arc<str>,
-    /// Slots of this arm on it.
+    /// Its slots.
     pub total_slots: u32,
-    /// Of which free.
+    /// Of which free for new starts (0 while it is down). The arm's own
+    /// [`View::free_slots`] bounds how many it may start in all.
     pub free_slots: u32,
     /// Answers its probe and accepts connections.
     pub healthy: bool,
@@ -204,7 +205,8 @@ pub struct View {
     pub total_slots: u32,
     /// Of those, free now.
     pub free_slots: u32,
-    /// The upstreams.
+    /// The backends, in config order ([`Running::backend`] and
+    /// [`Action::Start`] index into it).
     pub backends: Vec<Backend>,
     /// Running requests, oldest start first.
     pub running: Vec<Running>,

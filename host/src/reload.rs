@@ -11,7 +11,7 @@
 //!
 //! What a reload changes: the arms (plugins, weights, `[policy.config]`), the
 //! `[ab]` table, `tenant_header` and `admin_token`. What it cannot change
-//! (`listen`, `admin_listen`, `[upstream]`, `[limits]`, `[trace]`: sockets
+//! (`listen`, `admin_listen`, `[upstream]`, `[fleet]`, `[limits]`, `[trace]`: sockets
 //! are bound, the scheduler is sized, the trace file is open) keeps its running value, including command-line
 //! overrides, and a change to it in the file is logged as needing a restart.
 
@@ -217,9 +217,9 @@ impl Reloader {
     ) -> Result<(Vec<ArmSpec>, Vec<ArmBuild>), LoadError> {
         let weights: Vec<u32> = cfg.arms.iter().map(|a| a.weight).collect();
         let mut shares = match cfg.ab.mode {
-            AbMode::Weighted => slot_shares(cfg.upstream.slots, &weights, None),
+            AbMode::Weighted => slot_shares(cfg.total_slots(), &weights, None),
             // In switchback each arm owns every slot during its windows.
-            AbMode::Switchback => vec![cfg.upstream.slots; cfg.arms.len()],
+            AbMode::Switchback => vec![cfg.total_slots(); cfg.arms.len()],
         };
         // A shadow sees the first serving arm's view, so it is initialised
         // with that arm's share.
@@ -242,11 +242,7 @@ impl Reloader {
             let (compiled, fresh) = self.compile(&arm.plugin).await.map_err(err)?;
             let compile_ms = ms(t.elapsed());
             // A weight-0 arm owns no slot yet; check its config against them all.
-            let slots = if share == 0 {
-                cfg.upstream.slots
-            } else {
-                share
-            };
+            let slots = if share == 0 { cfg.total_slots() } else { share };
             let config = init_config(arm, slots);
             let t = Instant::now();
             let instance = Runtime::global()
@@ -281,7 +277,8 @@ impl Reloader {
         let mut cfg = file.clone();
         cfg.listen = running.listen;
         cfg.admin_listen = running.admin_listen;
-        cfg.upstream = running.upstream.clone();
+        cfg.upstreams = running.upstreams.clone();
+        cfg.fleet = running.fleet.clone();
         cfg.limits = running.limits.clone();
         cfg.trace = running.trace.clone();
         let previous = self
@@ -293,7 +290,8 @@ impl Reloader {
         for (what, changed) in [
             ("listen", file.listen != before.listen),
             ("admin_listen", file.admin_listen != before.admin_listen),
-            ("[upstream]", file.upstream != before.upstream),
+            ("[upstream]", file.upstreams != before.upstreams),
+            ("[fleet]", file.fleet != before.fleet),
             ("[limits]", file.limits != before.limits),
             ("[trace]", file.trace != before.trace),
         ] {
@@ -304,13 +302,13 @@ impl Reloader {
                 );
             }
         }
-        if cfg.ab.mode == AbMode::Weighted && cfg.arms.len() as u32 > cfg.upstream.slots {
+        if cfg.ab.mode == AbMode::Weighted && cfg.arms.len() as u32 > cfg.total_slots() {
             return Err(LoadError::NotLive {
                 file: running.path.clone(),
                 message: format!(
                     "{} arms in weighted mode need at least one slot each, but maitre runs with {} slot(s); use [ab] mode = \"switchback\" or fewer arms (changing [upstream] slots needs a restart)",
                     cfg.arms.len(),
-                    cfg.upstream.slots
+                    cfg.total_slots()
                 ),
             });
         }

@@ -10,6 +10,7 @@ mod aggregate;
 mod bypass;
 mod clients;
 mod faults;
+mod fleet;
 mod hostile;
 mod interfaces;
 mod live;

@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
         match config::Config::parse(std::path::Path::new("fuzz.toml"), text) {
             Ok(c) => {
                 assert!(!c.arms.is_empty());
-                assert!(c.upstream.slots >= 1);
+                assert!(c.upstreams.iter().all(|u| u.slots >= 1));
             }
             Err(e) => {
                 let msg = e.to_string();

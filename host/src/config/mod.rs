@@ -15,8 +15,12 @@ use serde::Deserialize;
 mod parse;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_fleet;
+mod upstream;
 
 pub use parse::{DEFAULT_TRACE_KEEP, DEFAULT_TRACE_ROTATE_BYTES, parse_upstream_url};
+pub use upstream::DEFAULT_BACKEND_NAME;
 
 /// Default client listener: Ollama's port + 1, so clients set `OLLAMA_HOST=127.0.0.1:11435`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:11435";
@@ -148,13 +152,20 @@ impl Default for Limits {
     }
 }
 
-/// The `[upstream]` table: the Ollama server maitre schedules for.
+/// One backend: the `[upstream]` table, or one `[[upstream]]` entry of a fleet.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
+    /// Unique name, shown in `/status`, metrics (`backend` label) and
+    /// `X-Maitre-Backend`; `default` for a single unnamed `[upstream]`.
+    pub name: String,
     /// Base URL, e.g. `http://127.0.0.1:11434`.
     pub url: http::Uri,
     /// Parallel slots (= `OLLAMA_NUM_PARALLEL`).
     pub slots: u32,
+    /// Models the server keeps loaded at once (= `OLLAMA_MAX_LOADED_MODELS`):
+    /// the host's choice counts a backend below it as having room to load one
+    /// more without evicting.
+    pub max_loaded_models: u32,
     /// TCP connect timeout (ms): an unreachable upstream answers 502 quickly.
     pub connect_timeout_ms: u64,
     /// Longest wait for the upstream's response headers (s). Ollama sends them
@@ -176,6 +187,32 @@ pub struct TraceConfig {
     pub keep: u32,
 }
 
+/// The `[fleet]` table: how maitre watches its backends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetConfig {
+    /// Period of the health probe (`GET /api/version`) of each backend (ms;
+    /// 0 = off, the default for a single backend). A backend that fails it
+    /// (or refuses a connection) gets no new requests until it answers again.
+    pub probe_interval_ms: u64,
+    /// Period of the `/api/ps` poll that tells which models each backend
+    /// has loaded (ms; 0 = off, the default for a single backend).
+    pub ps_interval_ms: u64,
+    /// Most times one request is moved to another backend after its backend
+    /// failed before anything reached the client.
+    pub max_failovers: u32,
+}
+
+impl Default for FleetConfig {
+    /// A fleet's defaults: probes every 2 s, polls every 5 s.
+    fn default() -> Self {
+        FleetConfig {
+            probe_interval_ms: 2_000,
+            ps_interval_ms: 5_000,
+            max_failovers: 2,
+        }
+    }
+}
+
 /// A validated policy file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -189,8 +226,10 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// Header carrying a tenant name, passed to plugins.
     pub tenant_header: Option<String>,
-    /// The model server.
-    pub upstream: UpstreamConfig,
+    /// The model servers (backends), at least one, in file order.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// How the backends are watched.
+    pub fleet: FleetConfig,
     /// Host limits.
     pub limits: Limits,
     /// A/B settings.
@@ -199,6 +238,33 @@ pub struct Config {
     pub arms: Vec<ArmConfig>,
     /// Request tracing, when the file has a `[trace]` table.
     pub trace: Option<TraceConfig>,
+}
+
+impl Config {
+    /// Slots over every backend: what the A/B arms share.
+    pub fn total_slots(&self) -> u32 {
+        self.upstreams.iter().map(|u| u.slots).sum()
+    }
+
+    /// Points a single-backend config at another URL (`--upstream`, `--demo`).
+    /// A fleet has no one upstream to replace: that is refused, saying so.
+    pub fn override_upstream(&mut self, url: http::Uri) -> Result<(), String> {
+        match self.upstreams.as_mut_slice() {
+            [one] => {
+                one.url = url;
+                Ok(())
+            }
+            many => Err(format!(
+                "{} lists {} backends ({}); --upstream replaces the URL of a single [upstream] only: edit the [[upstream]] entries instead",
+                self.path.display(),
+                many.len(),
+                many.iter()
+                    .map(|u| u.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
 }
 
 /// What is wrong with a policy file.

@@ -11,9 +11,10 @@ use toml::Spanned;
 
 use crate::builtins;
 
+use super::upstream::{self, RawFleet, RawUpstreams};
 use super::{
-    AbConfig, AbMode, ArmConfig, Config, ConfigError, DEFAULT_LISTEN, DEFAULT_UPSTREAM, Limits,
-    PluginSource, TraceConfig, UpstreamConfig,
+    AbConfig, AbMode, ArmConfig, Config, ConfigError, DEFAULT_LISTEN, Limits, PluginSource,
+    TraceConfig,
 };
 
 #[derive(Deserialize)]
@@ -23,20 +24,12 @@ struct RawFile {
     admin_listen: Option<Spanned<String>>,
     admin_token: Option<String>,
     tenant_header: Option<String>,
-    upstream: Option<Spanned<RawUpstream>>,
+    upstream: Option<Spanned<RawUpstreams>>,
+    fleet: Option<RawFleet>,
     limits: Option<RawLimits>,
     ab: Option<RawAb>,
     trace: Option<Spanned<RawTrace>>,
     policy: Option<Spanned<Vec<Spanned<RawPolicy>>>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawUpstream {
-    url: Option<Spanned<String>>,
-    slots: Option<Spanned<i64>>,
-    connect_timeout_ms: Option<Spanned<i64>>,
-    first_byte_timeout_seconds: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -88,7 +81,8 @@ struct RawPolicy {
     shadow: Option<bool>,
 }
 
-struct Ctx<'a> {
+/// The file being read, to point errors at a line.
+pub(super) struct Ctx<'a> {
     path: &'a Path,
     text: &'a str,
 }
@@ -99,7 +93,12 @@ impl Ctx<'_> {
         self.text[..end].matches('\n').count() + 1
     }
 
-    fn err(&self, span: Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
+    pub(super) fn err(
+        &self,
+        span: Range<usize>,
+        key: &str,
+        message: impl Into<String>,
+    ) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.to_path_buf(),
             line: self.line_of(span),
@@ -109,7 +108,7 @@ impl Ctx<'_> {
     }
 
     /// A whole number within `min..=max`, or the default when absent.
-    fn int(
+    pub(super) fn int(
         &self,
         v: &Option<Spanned<i64>>,
         key: &str,
@@ -169,35 +168,9 @@ impl Config {
             Some(s) => Some(parse_addr(&cx, Some(s), "admin_listen", "")?),
         };
 
-        let up = raw.upstream.as_ref().map(|u| u.get_ref());
-        let url = match up.and_then(|u| u.url.as_ref()) {
-            None => DEFAULT_UPSTREAM.parse().expect("valid default"),
-            Some(s) => {
-                parse_upstream_url(s.get_ref()).map_err(|m| cx.err(s.span(), "upstream.url", m))?
-            }
-        };
-        let slots = match up.and_then(|u| u.slots.as_ref()) {
-            None => 1,
-            Some(s) => cx.int(&Some(s.clone()), "upstream.slots", 1, 4096, 1)? as u32,
-        };
-        let upstream = UpstreamConfig {
-            url,
-            slots,
-            connect_timeout_ms: cx.int(
-                &up.and_then(|u| u.connect_timeout_ms.clone()),
-                "upstream.connect_timeout_ms",
-                1,
-                600_000,
-                3_000,
-            )? as u64,
-            first_byte_timeout_seconds: cx.int(
-                &up.and_then(|u| u.first_byte_timeout_seconds.clone()),
-                "upstream.first_byte_timeout_seconds",
-                1,
-                86_400,
-                900,
-            )? as u64,
-        };
+        let upstreams = upstream::upstreams(&cx, raw.upstream.as_ref())?;
+        let fleet = upstream::fleet(&cx, raw.fleet.as_ref(), upstreams.len())?;
+        let total_slots: u32 = upstreams.iter().map(|u| u.slots).sum();
 
         let d = Limits::default();
         let limits = match &raw.limits {
@@ -459,14 +432,14 @@ impl Config {
             ));
         }
         let serving = arms.iter().filter(|a| !a.shadow).count();
-        if ab.mode == AbMode::Weighted && serving as u32 > upstream.slots {
+        if ab.mode == AbMode::Weighted && serving as u32 > total_slots {
             return Err(cx.err(
                 policies.span(),
                 "policy",
                 format!(
-                    "{} arms in weighted mode need at least one slot each, but [upstream] slots = {}; use [ab] mode = \"switchback\" (the whole upstream alternates between arms) or fewer arms",
+                    "{} arms in weighted mode need at least one slot each, but the upstream slots add up to {}; use [ab] mode = \"switchback\" (the whole upstream alternates between arms) or fewer arms",
                     serving,
-                    upstream.slots
+                    total_slots
                 ),
             ));
         }
@@ -477,7 +450,8 @@ impl Config {
             admin_listen,
             admin_token: raw.admin_token.clone().filter(|t| !t.is_empty()),
             tenant_header: raw.tenant_header.clone().filter(|t| !t.is_empty()),
-            upstream,
+            upstreams,
+            fleet,
             limits,
             ab,
             arms,
@@ -530,7 +504,8 @@ fn parse_trace(
     })
 }
 
-fn valid_name(n: &str) -> bool {
+/// A name that can go in a header, a metric label and a log line as it is.
+pub(super) fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 64
         && n.chars()

@@ -31,7 +31,7 @@ aging_boost = 0.5
 fn parses_the_documented_example() {
     let c = parse(GOOD).unwrap();
     assert_eq!(c.listen, "127.0.0.1:11435".parse().unwrap());
-    assert_eq!(c.upstream.slots, 2);
+    assert_eq!(c.upstreams[0].slots, 2);
     assert_eq!(c.arms.len(), 1);
     assert_eq!(
         c.arms[0].plugin,

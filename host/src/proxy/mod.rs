@@ -21,12 +21,15 @@
 //! give up on and knows when the upstream has let go of; `refusal` every
 //! answer maitre gives itself and its mapping to HTTP; `error_shape` the
 //! Ollama/OpenAI error shape; `headers` the header hygiene; `live` the
-//! settings hot reload swaps.
+//! settings hot reload swaps; `target` one backend's address and client;
+//! [`fleet`] and `fanout` the passthrough across several backends.
 
 mod aggregate;
 mod body;
 mod budget;
 mod error_shape;
+mod fanout;
+mod fleet;
 mod head;
 mod headers;
 mod link;
@@ -36,6 +39,7 @@ mod refusal;
 mod rewrite;
 mod room;
 mod scheduled;
+mod target;
 mod whole;
 
 use std::convert::Infallible;
@@ -49,47 +53,33 @@ use tokio::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
-use http::{Request, Response, Uri};
+use http::{Request, Response};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 
 use self::budget::BodyBudget;
 use self::head::Head;
 use self::read::BodyLimits;
 use self::room::QueueRoom;
 use crate::config::{Config, Limits};
-use crate::escape::Escaped;
 use crate::metrics::Metrics;
 // The proxy's only door into the scheduler: the submodules use these items
 // through `super::`.
 use crate::scheduler::{Grant, Outcome, RequestMeta, Run, SchedulerHandle, SubmitError, Ticket};
 
 pub use self::error_shape::error_response;
+pub use self::fleet::BACKEND_HEADER;
 pub use self::headers::strip_hop_by_hop;
 pub use self::live::LiveSettings;
 pub use self::refusal::Refusal;
+pub use self::target::{Fetched, Target};
 pub use crate::request::{BodyMeta, SCHEDULED_PATHS, extract_meta, scheduled_path};
 
 /// Boxed error for bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type of every response maitre sends.
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
-
-/// An error with its causes, `a: b: c` (the first one alone rarely says why).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s = format!("{s}: {c}");
-        src = c.source();
-    }
-    s
-}
 
 /// The future serving one request. Boxed: hyper keeps room for one per
 /// connection from the moment it opens, so an idle connection costs a
@@ -99,14 +89,12 @@ pub type Handling = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infa
 /// The proxy's shared state.
 pub struct Proxy {
     sched: SchedulerHandle,
-    client: Client<link::Connector, ProxyBody>,
-    base: String,
-    host: HeaderValue,
+    /// The backends, in config order (a grant names one by index).
+    backends: Vec<Target>,
     limits: Limits,
     body_limits: BodyLimits,
     budget: Arc<BodyBudget>,
     room: QueueRoom,
-    first_byte_timeout: Duration,
     metrics: Arc<Metrics>,
     /// Settings hot reload swaps.
     pub live: ArcSwap<LiveSettings>,
@@ -115,24 +103,9 @@ pub struct Proxy {
 impl Proxy {
     /// Builds the proxy for a validated config.
     pub fn new(cfg: &Config, sched: SchedulerHandle, metrics: Arc<Metrics>) -> Proxy {
-        let mut conn = HttpConnector::new();
-        conn.set_nodelay(true);
-        conn.set_connect_timeout(Some(Duration::from_millis(cfg.upstream.connect_timeout_ms)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(link::Connector(conn));
-        let url = &cfg.upstream.url;
-        let authority = url
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .unwrap_or_default();
-        let prefix = url.path().trim_end_matches('/');
         Proxy {
             sched,
-            client,
-            base: format!("http://{authority}{prefix}"),
-            host: HeaderValue::from_str(&authority)
-                .unwrap_or(HeaderValue::from_static("localhost")),
+            backends: cfg.upstreams.iter().map(Target::new).collect(),
             limits: cfg.limits.clone(),
             body_limits: BodyLimits {
                 max_bytes: cfg.limits.max_body_bytes,
@@ -140,10 +113,21 @@ impl Proxy {
             },
             budget: BodyBudget::new(cfg.limits.max_total_body_bytes, metrics.clone()),
             room: QueueRoom::default(),
-            first_byte_timeout: Duration::from_secs(cfg.upstream.first_byte_timeout_seconds),
             metrics,
             live: ArcSwap::from_pointee(LiveSettings::from_config(cfg)),
         }
+    }
+
+    /// The backends, in config order.
+    pub fn backends(&self) -> &[Target] {
+        &self.backends
+    }
+
+    /// The whole body of a passthrough request maitre reads itself (a
+    /// fan-out to every backend, a model lookup), within the same limits
+    /// as a scheduled one; the bytes count against the budget while held.
+    async fn read_body(&self, mut body: Incoming) -> Result<(Bytes, budget::Held), Refusal> {
+        read::read_body(&mut body, &self.body_limits, &self.budget).await
     }
 
     /// Serves one request; never fails (errors become Ollama-style answers).
@@ -161,24 +145,15 @@ impl Proxy {
         }
     }
 
-    /// The upstream twin of a client request: same method, path and query,
-    /// headers minus hop-by-hop ones, and the upstream's `Host`.
-    fn upstream_request(&self, head: &Head, body: ProxyBody) -> Request<ProxyBody> {
-        let pq = head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let uri: Uri = format!("{}{}", self.base, pq)
-            .parse()
-            .unwrap_or_else(|_| Uri::from_static("/"));
-        let mut r = Request::new(body);
-        *r.method_mut() = head.method.clone();
-        *r.uri_mut() = uri;
-        *r.headers_mut() = strip_hop_by_hop(&head.headers);
-        // Ollama bound to loopback answers 403 to a foreign Host.
-        r.headers_mut().insert(header::HOST, self.host.clone());
-        r
-    }
-
-    /// Sends a request upstream as it is and streams the answer back.
+    /// Sends a request upstream as it is and streams the answer back; with
+    /// several backends, answers for the whole fleet ([`fleet`]).
     async fn passthrough(&self, req: Request<Incoming>, path: &str) -> Response<ProxyBody> {
+        if self.backends.len() > 1 {
+            return match self.fleet_passthrough(req, path).await {
+                Ok(r) => r,
+                Err(refusal) => refusal.into_response(path, self.limits.retry_after_seconds),
+            };
+        }
         let (parts, body) = req.into_parts();
         let body = body.map_err(|e| Box::new(e) as BoxError).boxed();
         match self.forward(&Head::own(parts), body).await {
@@ -190,8 +165,9 @@ impl Proxy {
     /// Sends a request upstream without a slot and streams the answer back,
     /// hop-by-hop headers stripped both ways.
     async fn forward(&self, head: &Head, body: ProxyBody) -> Result<Response<ProxyBody>, Refusal> {
-        let up = self.upstream_request(head, body);
-        match self.client.request(up).await {
+        let target = &self.backends[0];
+        let up = target.upstream(head, body);
+        match target.client.request(up).await {
             Ok(resp) => {
                 let (mut p, b) = resp.into_parts();
                 p.headers = strip_hop_by_hop(&p.headers);
@@ -200,18 +176,7 @@ impl Proxy {
                     b.map_err(|e| Box::new(e) as BoxError).boxed(),
                 ))
             }
-            Err(e) => Err(self.unreachable(&e)),
-        }
-    }
-
-    /// The refusal for an upstream that cannot be reached, logged with the
-    /// whole chain of causes (the first one alone rarely says why).
-    fn unreachable(&self, e: &hyper_util::client::legacy::Error) -> Refusal {
-        let detail = error_chain(e);
-        tracing::warn!(upstream = %self.base, error = %Escaped(&detail), "upstream unreachable");
-        Refusal::UpstreamUnreachable {
-            upstream: self.base.clone(),
-            detail,
+            Err(e) => Err(target.unreachable(&e)),
         }
     }
 }

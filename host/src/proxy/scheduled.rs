@@ -36,8 +36,8 @@ use super::refusal::Refusal;
 use super::rewrite::ask_for_stream;
 use super::whole::{self, Whole};
 use super::{
-    BodyMeta, Grant, Handling, Outcome, Proxy, ProxyBody, RequestMeta, Run, SubmitError, Ticket,
-    extract_meta,
+    BodyMeta, Grant, Handling, Outcome, Proxy, ProxyBody, RequestMeta, Run, SubmitError, Target,
+    Ticket, extract_meta,
 };
 use crate::escape::Escaped;
 
@@ -176,7 +176,7 @@ impl Proxy {
             let grant = wait_for_slot(&mut q.ticket).await?;
             // Boxed, like the sleep below: these futures live only while
             // they run, not in every waiting request's.
-            let sent = Box::pin(self.dispatch(&q.head, &q.bytes, &grant.run, &mut q.ticket)).await;
+            let sent = Box::pin(self.dispatch(&q.head, &q.bytes, &grant, &mut q.ticket)).await;
             let (resp, link) = match sent {
                 Ok(Sent::Answered(resp, link)) => (resp, link),
                 Ok(Sent::Preempted) => {
@@ -185,12 +185,33 @@ impl Proxy {
                 }
                 Ok(Sent::Lost(e)) if lost_retries < MAX_LOST_RETRIES => {
                     lost_retries += 1;
-                    self.retry_lost(&mut q.ticket, &super::error_chain(&e), lost_retries);
+                    let target = &self.backends[grant.backend];
+                    retry_lost(
+                        target,
+                        &mut q.ticket,
+                        &super::target::causes(&e),
+                        lost_retries,
+                    );
                     continue;
                 }
+                // Lost again and again: the backend itself may be gone, and
+                // another backend may answer instead.
                 Ok(Sent::Lost(e)) => {
+                    let refusal = self.backends[grant.backend].unreachable(&e);
+                    if q.ticket.failover(grant.backend).await {
+                        tracing::debug!(error = %refusal, "failing over to another backend");
+                        continue;
+                    }
                     q.ticket.finish(Outcome::UpstreamError);
-                    return Err(self.unreachable(&e));
+                    return Err(refusal);
+                }
+                // The backend failed before anything reached the client:
+                // another backend may answer instead.
+                Err(refusal @ Refusal::UpstreamUnreachable { .. })
+                    if q.ticket.failover(grant.backend).await =>
+                {
+                    tracing::debug!(error = %refusal, "failing over to another backend");
+                    continue;
                 }
                 Err(refusal) => {
                     q.ticket.finish(Outcome::UpstreamError);
@@ -219,7 +240,12 @@ impl Proxy {
                     }
                     Whole::Lost(detail) if lost_retries < MAX_LOST_RETRIES => {
                         lost_retries += 1;
-                        self.retry_lost(&mut q.ticket, &detail, lost_retries);
+                        retry_lost(
+                            &self.backends[grant.backend],
+                            &mut q.ticket,
+                            &detail,
+                            lost_retries,
+                        );
                         continue;
                     }
                     Whole::Lost(detail) => return Err(whole::broke_off(q.ticket, detail)),
@@ -240,20 +266,6 @@ impl Proxy {
             }
             return Ok(relay(resp, &grant, q.ticket, link));
         }
-    }
-
-    /// Puts a request whose upstream connection failed before anything
-    /// reached its client back in the queue, logged; the client does not
-    /// notice.
-    fn retry_lost(&self, ticket: &mut Ticket, detail: &str, retry: u32) {
-        tracing::warn!(
-            upstream = %self.base,
-            error = %Escaped(detail),
-            retry,
-            max_retries = MAX_LOST_RETRIES,
-            "upstream connection failed before anything reached the client; request requeued"
-        );
-        ticket.requeue_after_lost();
     }
 
     /// Phase 2: hands the request to the scheduler, which queues it or
@@ -307,18 +319,20 @@ impl Proxy {
         })
     }
 
-    /// Phase 4: sends the request upstream and waits for the answer's head,
-    /// unless the policy pre-empts it first. From now on, unless the request
-    /// completes, `ticket` frees its slot only once the upstream has let go
-    /// of its connection.
+    /// Phase 4: sends the request to the granted backend and waits for the
+    /// answer's head, unless the policy pre-empts it first. From now on,
+    /// unless the request completes, `ticket` frees its slot only once the
+    /// upstream has let go of its connection.
     async fn dispatch(
         &self,
         head: &Head,
         bytes: &Bytes,
-        run: &Run,
+        grant: &Grant,
         ticket: &mut Ticket,
     ) -> Result<Sent, Refusal> {
-        let mut up = self.upstream_request(head, full(bytes.clone()));
+        let run: &Run = &grant.run;
+        let target = &self.backends[grant.backend];
+        let mut up = target.upstream(head, full(bytes.clone()));
         // The body may have been rewritten: hyper sets the length of the one
         // sent.
         up.headers_mut().remove(header::CONTENT_LENGTH);
@@ -328,18 +342,18 @@ impl Proxy {
         let sent = tokio::select! {
             biased;
             _ = run.preempt.cancelled() => None,
-            r = tokio::time::timeout(self.first_byte_timeout, self.client.request(up)) => Some(r),
+            r = tokio::time::timeout(target.first_byte_timeout, target.client.request(up)) => Some(r),
         };
         match sent {
             // The upstream request was dropped (its connection closed) when
             // the select ended.
             None => Ok(Sent::Preempted),
             Some(Err(_elapsed)) => Err(Refusal::UpstreamTimeout {
-                seconds: self.first_byte_timeout.as_secs(),
+                seconds: target.first_byte_timeout.as_secs(),
             }),
             // Connected, then lost: worth another try on another connection.
             Some(Ok(Err(e))) if !e.is_connect() => Ok(Sent::Lost(e)),
-            Some(Ok(Err(e))) => Err(self.unreachable(&e)),
+            Some(Ok(Err(e))) => Err(target.unreachable(&e)),
             Some(Ok(Ok(resp))) => {
                 run.mark_upstream_first_byte();
                 link.answered(&resp);
@@ -386,6 +400,7 @@ fn relay(
 /// the request was pre-empted (when it was).
 pub(super) fn maitre_headers(h: &mut HeaderMap, grant: &Grant) {
     set_header(h, "x-maitre-arm", &grant.arm);
+    set_header(h, "x-maitre-backend", &grant.backend_name);
     set_header(
         h,
         "x-maitre-queue-ms",
@@ -399,4 +414,19 @@ pub(super) fn maitre_headers(h: &mut HeaderMap, grant: &Grant) {
 /// A body already in memory, as a [`ProxyBody`].
 fn full(bytes: Bytes) -> ProxyBody {
     Full::new(bytes).map_err(|e| match e {}).boxed()
+}
+
+/// Puts a request whose upstream connection failed before anything
+/// reached its client back in the queue, logged; the client does not
+/// notice.
+fn retry_lost(target: &Target, ticket: &mut Ticket, detail: &str, retry: u32) {
+    tracing::warn!(
+        backend = %target.name,
+        upstream = %target.base,
+        error = %Escaped(detail),
+        retry,
+        max_retries = MAX_LOST_RETRIES,
+        "upstream connection failed before anything reached the client; request requeued"
+    );
+    ticket.requeue_after_lost();
 }

@@ -18,6 +18,7 @@ use super::ticket::{RequestMeta, Run, Signal, SubmitError, Ticket, shutting_down
 use super::{Msg, Setup};
 use crate::config::{AbConfig, AbMode, Limits};
 use crate::escape::Escaped;
+use crate::fleet::Fleet;
 use crate::metrics::{ArmKind, Metrics};
 use crate::plugin::PluginError;
 use crate::policy::{Action, Admission, Class, Request, View};
@@ -68,6 +69,12 @@ pub(super) struct Entry {
     /// Tokens its pre-emptions threw away: chunks already relayed, plus
     /// what the caller reported the upstream had generated.
     pub(super) thrown_tokens: u64,
+    /// Times it moved to another backend after its backend failed.
+    pub(super) failovers: u32,
+    /// The backend its slot is on, while it holds one.
+    pub(super) backend: Option<usize>,
+    /// The backend of its last dispatch (kept for the log).
+    pub(super) served_by: Option<usize>,
     pub(super) state: State,
     pub(super) run: Option<Arc<Run>>,
     /// Upstream TTFB of a dispatch that was requeued (kept for the log).
@@ -87,13 +94,16 @@ pub(super) struct Core {
     pub(super) entries: HashMap<u64, Entry>,
     pub(super) total_slots: u32,
     pub(super) busy: u32,
+    /// The backends: slots, health, residency; the host's choice.
+    pub(super) fleet: Fleet,
+    /// Most fail-overs of one request.
+    pub(super) max_failovers: u32,
     next_id: u64,
     pub(super) limits: Limits,
     pub(super) metrics: Arc<Metrics>,
     pub(super) self_tx: mpsc::UnboundedSender<Msg>,
     pub(super) draining: bool,
     pub(super) reload_error: Option<String>,
-    pub(super) upstream_name: Arc<str>,
     /// Requests waiting over all arms, for [`super::SchedulerHandle::waiting`].
     waiting_now: Arc<AtomicUsize>,
     pub(super) trace: Option<crate::trace::TraceSink>,
@@ -106,21 +116,23 @@ impl Core {
         self_tx: mpsc::UnboundedSender<Msg>,
         waiting_now: Arc<AtomicUsize>,
     ) -> Core {
+        let fleet = Fleet::new(setup.backends, metrics.clone());
         let mut core = Core {
             origin: Instant::now(),
             arms: Vec::new(),
             shadows: Vec::new(),
             ab: setup.ab,
             entries: HashMap::new(),
-            total_slots: setup.total_slots,
+            total_slots: fleet.total_slots(),
             busy: 0,
+            fleet,
+            max_failovers: setup.max_failovers,
             next_id: 1,
             limits: setup.limits,
             metrics,
             self_tx,
             draining: false,
             reload_error: None,
-            upstream_name: setup.upstream_name.into(),
             waiting_now,
             trace: setup.trace,
         };
@@ -183,6 +195,24 @@ impl Core {
                 lost_tokens,
             } => self.requeue(id, why, signal, lost_tokens),
             Msg::LetGo { id } => self.let_go(id),
+            Msg::Failover {
+                id,
+                backend,
+                reply,
+                signal,
+            } => {
+                let _ = reply.send(self.failover(id, backend, signal));
+            }
+            Msg::Health {
+                backend,
+                up,
+                version,
+            } => self.set_health(backend, up, version),
+            Msg::Residency {
+                backend,
+                sent_at,
+                models,
+            } => self.fleet.apply_poll(backend, sent_at, models),
             Msg::Status { reply } => {
                 let _ = reply.send(self.status());
             }
@@ -288,6 +318,9 @@ impl Core {
                 preemptions: 0,
                 busy_retries: 0,
                 thrown_tokens: 0,
+                failovers: 0,
+                backend: None,
+                served_by: None,
                 state: State::Waiting,
                 run: None,
                 first_upstream_ttfb: None,
@@ -424,11 +457,12 @@ impl Core {
             if !arm.waiting.is_empty() {
                 arm.dirty = true;
             }
-            // Starvation watchdog: every slot of the arm idle while requests wait.
+            // Starvation watchdog: every slot of the arm idle while requests
+            // wait, and a backend could take them.
             let starving = !arm.waiting.is_empty()
                 && arm.busy == 0
                 && arm.slots > 0
-                && self.busy < self.total_slots;
+                && self.fleet.free_total() > 0;
             match (starving, arm.idle_since) {
                 (false, _) => arm.idle_since = None,
                 (true, None) => arm.idle_since = Some(now),
@@ -449,9 +483,11 @@ impl Core {
 
     pub(super) fn free_slots(&self, a: usize) -> u32 {
         let arm = &self.arms[a];
+        // Its own free share, within what the backends that take new
+        // starts have free.
         arm.slots
             .saturating_sub(arm.busy)
-            .min(self.total_slots.saturating_sub(self.busy))
+            .min(self.fleet.free_total())
     }
 
     /// Asks every arm whose state changed what to do, and does it.
@@ -512,7 +548,7 @@ impl Core {
     fn apply(&mut self, a: usize, actions: Vec<Action>) {
         for action in actions {
             match action {
-                Action::Start { id, .. } => self.act_start(a, id),
+                Action::Start { id, backend } => self.act_start(a, id, backend),
                 Action::Preempt { id, cut_streaming } => self.act_preempt(a, id, cut_streaming),
                 Action::Reject { id, mut rejection } => match self.entries.get(&id) {
                     Some(e) if e.arm == a && e.state == State::Waiting => {

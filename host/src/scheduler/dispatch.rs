@@ -26,14 +26,14 @@ use crate::policy::Rejection;
 impl Core {
     /// A checked `start`: dispatch now, or wait for a slot that a
     /// pre-emption is freeing (a handoff).
-    pub(super) fn act_start(&mut self, a: usize, id: u64) {
+    pub(super) fn act_start(&mut self, a: usize, id: u64, backend: Option<u32>) {
         match self.entries.get(&id) {
             Some(e) if e.arm == a && e.state == State::Waiting => {}
             Some(e) if e.arm == a => return self.count_invalid(a, Invalid::DuplicateStart),
             _ => return self.count_invalid(a, Invalid::UnknownId),
         }
         if self.free_slots(a) > 0 {
-            self.dispatch(id);
+            self.dispatch(id, backend);
         } else if self.arms[a].preempting as usize > self.arms[a].handoff.len() {
             // The slot of a pre-empted request goes to this one the moment
             // its upstream connection is closed.
@@ -127,15 +127,20 @@ impl Core {
             e.state == State::Preempting && e.run.as_ref().is_some_and(|r| r.is_cut())
         });
         if cut {
-            self.release_slot(id, State::Preempting);
+            self.release_slot(id, State::Preempting, false);
             if let Some(e) = self.entries.get_mut(&id) {
                 e.state = State::Cut;
             }
         }
     }
 
-    /// Gives a waiting (or handed-off) request its slot and tells its handler.
-    fn dispatch(&mut self, id: u64) {
+    /// Gives a waiting (or handed-off) request its slot, on the backend the
+    /// policy named if it can take it, else on the host's choice, and tells
+    /// its handler.
+    fn dispatch(&mut self, id: u64, named: Option<u32>) {
+        // Callers checked there is a free slot; on the first backend
+        // otherwise, so the request still ends (a 502 at worst).
+        let b = self.place(id, named).unwrap_or(0);
         let Some(e) = self.entries.get_mut(&id) else {
             return;
         };
@@ -144,11 +149,16 @@ impl Core {
         e.queued_total += e.enqueued_at.elapsed();
         e.state = State::Running;
         e.run = Some(run.clone());
+        e.backend = Some(b);
+        e.served_by = Some(b);
+        self.fleet.acquire(b, &e.meta.model);
         let grant = Grant {
             run,
             queue_wait: e.queued_total,
             preemptions: e.preemptions,
             arm: self.arms[a].name.clone(),
+            backend: b,
+            backend_name: self.fleet.name(b).clone(),
         };
         if let Some(tx) = e.tx.take() {
             let _ = tx.send(Signal::Start(grant));
@@ -166,11 +176,15 @@ impl Core {
     /// to a request waiting for a pre-empted slot, at once. Any slot of the
     /// arm will do: a pre-empted request slow to let go of its slot must not
     /// keep the request started in its place from one that frees meanwhile.
-    fn release_slot(&mut self, id: u64, was: State) {
-        let Some(e) = self.entries.get(&id) else {
+    /// `completed`: it was answered, so its model is loaded on its backend.
+    pub(super) fn release_slot(&mut self, id: u64, was: State, completed: bool) {
+        let Some(e) = self.entries.get_mut(&id) else {
             return;
         };
         let a = e.arm;
+        if let Some(b) = e.backend.take() {
+            self.fleet.release(b, &e.meta.model, completed);
+        }
         let arm = &mut self.arms[a];
         arm.running.remove(&id);
         arm.busy = arm.busy.saturating_sub(1);
@@ -203,7 +217,7 @@ impl Core {
             && let Some(n) = self.entries.get_mut(&next)
         {
             n.state = State::Waiting;
-            self.dispatch(next);
+            self.dispatch(next, None);
         }
     }
 
@@ -231,7 +245,9 @@ impl Core {
             return;
         };
         match e.state {
-            state @ (State::Running | State::Preempting) => self.release_slot(id, state),
+            state @ (State::Running | State::Preempting) => {
+                self.release_slot(id, state, outcome == Outcome::Ok)
+            }
             State::Waiting | State::Handoff => self.remove_waiting(id),
             State::Cut => {}
         }
@@ -257,7 +273,7 @@ impl Core {
         if !matches!(state, State::Running | State::Preempting) {
             return;
         }
-        self.release_slot(id, state);
+        self.release_slot(id, state, false);
         let Some(e) = self.entries.get_mut(&id) else {
             return;
         };
@@ -319,6 +335,7 @@ impl Core {
         let cut = e.run.as_ref().is_some_and(|r| r.is_cut());
         self.record_end(super::report::Ended {
             arm: e.arm,
+            backend: e.served_by,
             class: e.class,
             meta: &e.meta,
             queued,

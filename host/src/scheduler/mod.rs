@@ -20,6 +20,8 @@
 //! - [`ticket`]: a request's side (meta, ticket, grant, dispatch phases);
 //! - `core`: the task, its message loop, admission and the decide turn;
 //! - `dispatch`: the start / requeue / pre-empt / handoff state machine;
+//! - `backends`: the scheduler's side of the fleet (what a policy is shown,
+//!   where a start goes, backend health, fail-over);
 //! - [`arms`]: installing arms, slot shares, switchback, A/B key hashing;
 //! - [`check`]: the answer check and its typed [`Invalid`] kinds;
 //! - [`decider`]: the seam between the state machine and a policy;
@@ -32,6 +34,7 @@
 //! runs unchanged under a paused (virtual) clock in tests.
 
 pub mod arms;
+mod backends;
 pub mod check;
 pub mod compare;
 mod core;
@@ -46,6 +49,8 @@ mod view;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_fleet;
 #[cfg(test)]
 mod tests_load;
 #[cfg(test)]
@@ -71,6 +76,7 @@ pub use ticket::{Grant, Outcome, RequestMeta, Run, SubmitError, Ticket};
 use ticket::Signal;
 
 use crate::config::{AbConfig, Limits};
+use crate::fleet::{BackendSpec, Health, PsModel};
 use crate::metrics::Metrics;
 
 /// A message to the scheduler task.
@@ -98,6 +104,23 @@ pub(crate) enum Msg {
     /// The upstream connection of a cut stream is let go: its slot is free.
     LetGo {
         id: u64,
+    },
+    Failover {
+        id: u64,
+        backend: usize,
+        reply: oneshot::Sender<bool>,
+        /// Where the next go-ahead goes, if the request goes back in line.
+        signal: oneshot::Sender<Signal>,
+    },
+    Health {
+        backend: usize,
+        up: bool,
+        version: Option<String>,
+    },
+    Residency {
+        backend: usize,
+        sent_at: tokio::time::Instant,
+        models: Vec<PsModel>,
     },
     Status {
         reply: oneshot::Sender<Status>,
@@ -140,6 +163,7 @@ pub(crate) enum Requeued {
 pub struct SchedulerHandle {
     tx: mpsc::UnboundedSender<Msg>,
     waiting: Arc<AtomicUsize>,
+    health: Arc<Health>,
 }
 
 impl SchedulerHandle {
@@ -149,6 +173,11 @@ impl SchedulerHandle {
     /// is still made when the request is submitted.
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Acquire)
+    }
+
+    /// Which backends answer (kept by the scheduler, read lock-free).
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
     }
 
     /// Asks for a place in the queue.
@@ -208,6 +237,31 @@ impl SchedulerHandle {
         Some(report)
     }
 
+    /// A health probe's verdict on backend `backend` (its `/api/version`
+    /// when it answered).
+    pub fn backend_health(&self, backend: usize, up: bool, version: Option<String>) {
+        let _ = self.tx.send(Msg::Health {
+            backend,
+            up,
+            version,
+        });
+    }
+
+    /// The models backend `backend` has loaded, from an `/api/ps` poll sent
+    /// at `sent_at`.
+    pub fn backend_residency(
+        &self,
+        backend: usize,
+        sent_at: tokio::time::Instant,
+        models: Vec<PsModel>,
+    ) {
+        let _ = self.tx.send(Msg::Residency {
+            backend,
+            sent_at,
+            models,
+        });
+    }
+
     /// Stops admitting: waiting requests and new arrivals get 503 + Retry-After;
     /// running ones continue.
     pub async fn shutdown(&self) {
@@ -224,12 +278,13 @@ pub struct Setup {
     pub arms: Vec<ArmSpec>,
     /// How traffic is split between them.
     pub ab: AbConfig,
-    /// Upstream slots in total.
-    pub total_slots: u32,
+    /// The backends, in config order (their slots add up to what the arms
+    /// share).
+    pub backends: Vec<BackendSpec>,
+    /// Most fail-overs of one request ([`crate::config::FleetConfig`]).
+    pub max_failovers: u32,
     /// Host limits.
     pub limits: Limits,
-    /// The upstream's name in views (its URL).
-    pub upstream_name: String,
     /// Where each ended request is traced, if anywhere.
     pub trace: Option<crate::trace::TraceSink>,
 }
@@ -239,6 +294,11 @@ pub fn spawn(setup: Setup, metrics: Arc<Metrics>) -> SchedulerHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     let waiting = Arc::new(AtomicUsize::new(0));
     let core = core::Core::new(setup, metrics, tx.clone(), waiting.clone());
+    let health = core.fleet.health();
     tokio::spawn(core.run(rx));
-    SchedulerHandle { tx, waiting }
+    SchedulerHandle {
+        tx,
+        waiting,
+        health,
+    }
 }

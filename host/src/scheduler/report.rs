@@ -13,6 +13,7 @@ use super::shadow::ShadowReport;
 use super::ticket::{Outcome, RequestMeta};
 use crate::config::AbMode;
 use crate::escape::Escaped;
+use crate::fleet::BackendStatus;
 use crate::metrics::{ArmClass, OutcomeLabels};
 use crate::policy::Class;
 
@@ -36,6 +37,8 @@ const MAX_SAMPLES: usize = 100_000;
 /// How a request ended, for [`Core::record_end`].
 pub(super) struct Ended<'a> {
     pub(super) arm: usize,
+    /// The backend of its last dispatch, if it was dispatched.
+    pub(super) backend: Option<usize>,
     pub(super) class: Class,
     pub(super) meta: &'a RequestMeta,
     pub(super) queued: Duration,
@@ -61,6 +64,7 @@ impl Core {
     ) {
         self.record_end(Ended {
             arm,
+            backend: None,
             class,
             meta,
             queued: Duration::ZERO,
@@ -78,6 +82,7 @@ impl Core {
     pub(super) fn record_end(&mut self, end: Ended<'_>) {
         let Ended {
             arm: a,
+            backend,
             class,
             meta,
             queued,
@@ -92,9 +97,11 @@ impl Core {
         let arm = &mut self.arms[a];
         let total = meta.arrival.elapsed();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let backend = backend.map(|b| self.fleet.name(b).clone());
         tracing::info!(
             target: "maitre::request",
             arm = %arm.name,
+            backend = backend.as_deref(),
             class = class.name(),
             path = %Escaped(&meta.path),
             model = %Escaped(&meta.model),
@@ -176,7 +183,7 @@ impl Core {
                 num_predict: meta.num_predict,
                 body_bytes: meta.body_bytes,
                 client: Some(sink.client_id(&meta.client_key)),
-                backend: self.upstream_name.to_string(),
+                backend: backend.as_deref().unwrap_or_default().to_string(),
                 arm: arm.name.to_string(),
                 queue_ms: round_ms(ms(queued)),
                 upstream_ttft_ms: upstream_ttfb.map(|d| round_ms(ms(d))),
@@ -210,6 +217,7 @@ impl Core {
                 age_ms: now.duration_since(e.meta.arrival).as_millis() as u64,
                 preemptions: e.preemptions,
                 tokens: e.run.as_ref().map(|r| r.tokens()).unwrap_or(0),
+                backend: e.backend.map(|b| self.fleet.name(b).to_string()),
             })
             .collect();
         requests.sort_by_key(|r| r.id);
@@ -245,6 +253,7 @@ impl Core {
                 })
                 .collect(),
             shadows: self.shadow_reports(),
+            backends: self.fleet.status(),
             requests,
         }
     }
@@ -385,6 +394,8 @@ pub struct Status {
     pub arms: Vec<ArmStatus>,
     /// Shadow arms (no traffic; see [`super::shadow`]).
     pub shadows: Vec<ShadowReport>,
+    /// The backends: slots, busy, health, loaded models.
+    pub backends: Vec<BackendStatus>,
     /// Waiting and running requests.
     pub requests: Vec<RequestStatus>,
 }
@@ -437,6 +448,8 @@ pub struct RequestStatus {
     pub preemptions: u32,
     /// Chunks received so far.
     pub tokens: u64,
+    /// The backend it runs on, while it holds a slot.
+    pub backend: Option<String>,
 }
 
 /// A/B comparison over a window.

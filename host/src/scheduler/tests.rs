@@ -109,9 +109,9 @@ pub(super) fn start(slots: u32, arms: Vec<ArmSpec>, ab: AbConfig, limits: Limits
         Setup {
             arms,
             ab,
-            total_slots: slots,
+            backends: vec![crate::fleet::BackendSpec::single("default", slots)],
+            max_failovers: 2,
             limits,
-            upstream_name: "http://upstream".into(),
             trace: None,
         },
         metrics.clone(),

@@ -37,9 +37,9 @@ async fn each_ended_request_is_traced_with_its_preemptions_and_lost_tokens() {
         Setup {
             arms: vec![arm("a", 100, d)],
             ab: weighted(),
-            total_slots: 1,
+            backends: vec![crate::fleet::BackendSpec::single("up", 1)],
+            max_failovers: 2,
             limits: Limits::default(),
-            upstream_name: "http://up/".into(),
             trace: Some(sink),
         },
         Arc::new(Metrics::new()),
@@ -89,7 +89,7 @@ async fn each_ended_request_is_traced_with_its_preemptions_and_lost_tokens() {
         (&"realtime".into(), &"realtime".into(), &"ok".into())
     );
     assert_eq!(first["tokens"], 3);
-    assert_eq!(first["backend"], "http://up/");
+    assert_eq!(first["backend"], "up");
     let cut = &l[1];
     assert_eq!(cut["outcome"], "cut");
     assert_eq!(cut["preemptions"], 2);

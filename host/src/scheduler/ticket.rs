@@ -224,6 +224,10 @@ pub struct Grant {
     /// The arm that started it (it may have moved from the arm that admitted
     /// it when an arm drained or a switchback window turned).
     pub arm: Arc<str>,
+    /// The backend to send it to (index in the config's upstream order).
+    pub backend: usize,
+    /// That backend's name.
+    pub backend_name: Arc<str>,
 }
 
 /// What the scheduler tells a waiting [`Ticket`].
@@ -365,6 +369,31 @@ impl Ticket {
     /// maitre was folding it): put the request back in the queue.
     pub fn requeue_after_lost(&mut self) {
         self.requeue(Requeued::Lost, 0);
+    }
+
+    /// The upstream request failed on `backend` before anything reached the
+    /// client (connection refused or dropped). True: the request is back in
+    /// the queue for another backend (wait for the next grant). False: no
+    /// fail-over is left, or no other backend is healthy; answer the failure.
+    pub async fn failover(&mut self, backend: usize) -> bool {
+        // The connection failed: it is not reused, and there is nothing
+        // left to wait for on it.
+        if let Some(abandon) = self.abandon.take() {
+            drop(abandon());
+        }
+        let (reply, rx) = oneshot::channel();
+        let (signal, next) = oneshot::channel();
+        let sent = self.tx.send(Msg::Failover {
+            id: self.id,
+            backend,
+            reply,
+            signal,
+        });
+        let moved = sent.is_ok() && rx.await.unwrap_or(false);
+        if moved {
+            self.rx = Some(next);
+        }
+        moved
     }
 
     /// The request ended; `outcome` is logged and counted. Unless it ended

@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 
 use super::core::{Core, State};
-use crate::policy::{Backend, Beyond, Class, Running, View, Waiting};
+use crate::policy::{Beyond, Class, Running, View, Waiting};
 
 impl Core {
     /// Arm `a`'s view for its decider: windowed when the decider asks for it.
@@ -89,7 +89,7 @@ impl Core {
                     priority: e.priority,
                     model: e.meta.model.clone(),
                     tenant: e.meta.tenant.clone(),
-                    backend: 0,
+                    backend: e.backend.unwrap_or(0) as u32,
                     num_predict: e.meta.num_predict,
                     arrival_ms: e.arrival_ms,
                     started_ms: self.ms_of(r.started),
@@ -109,7 +109,7 @@ impl Core {
             now_ms: self.now_ms(),
             total_slots: arm.slots,
             free_slots: free,
-            backends: vec![Backend::new(self.upstream_name.clone(), arm.slots, free)],
+            backends: self.fleet.policy_view(self.now_ms()),
             running,
             waiting,
             beyond,

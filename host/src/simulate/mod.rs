@@ -128,7 +128,7 @@ pub fn simulate(
         runs.push(PolicyRun {
             policy: path.clone(),
             name: name_of(path, policies),
-            slots: cfg.upstream.slots,
+            slots: cfg.total_slots(),
             simulated_seconds: r.span.as_secs_f64(),
             upstream_max_active: r.upstream_max_active,
             report: r.report,
@@ -157,7 +157,9 @@ fn policy_config(path: &Path, opts: &Options) -> Result<Config, SimError> {
                 cfg.arms.len()
             )));
         }
-        cfg.upstream.slots = slots;
+        // The fleet becomes one backend of `slots` slots.
+        cfg.upstreams.truncate(1);
+        cfg.upstreams[0].slots = slots;
     }
     Ok(cfg)
 }

@@ -20,6 +20,7 @@ use super::SimError;
 use super::upstream::{Lease, Upstream};
 use super::workload::Job;
 use crate::config::Config;
+use crate::fleet::BackendSpec;
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
 use crate::scheduler::{self, AbReport, Outcome, RequestMeta, Run, SchedulerHandle, Setup, Ticket};
@@ -47,14 +48,15 @@ pub fn replay(cfg: &Config, jobs: &Arc<[Job]>, reloader: &Reloader) -> Result<Re
             Setup {
                 arms,
                 ab: cfg.ab.clone(),
-                total_slots: cfg.upstream.slots,
+                // The simulated upstream is one pool of the fleet's slots.
+                backends: vec![BackendSpec::single("default", cfg.total_slots())],
+                max_failovers: cfg.fleet.max_failovers,
                 limits: cfg.limits.clone(),
-                upstream_name: cfg.upstream.url.to_string(),
                 trace: None,
             },
             Arc::new(Metrics::new()),
         );
-        let up = Upstream::new(cfg.upstream.slots as usize);
+        let up = Upstream::new(cfg.total_slots() as usize);
         let origin = Instant::now();
         let mut clients = JoinSet::new();
         for i in 0..jobs.len() {

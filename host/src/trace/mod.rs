@@ -75,8 +75,8 @@ pub struct TraceRecord {
     /// within one maitre process only.
     #[serde(default)]
     pub client: Option<String>,
-    /// The upstream that served it (its URL; one name per backend once
-    /// maitre schedules fleets).
+    /// The backend that served it (`[[upstream]] name`; `default` for a
+    /// single `[upstream]`); empty when it was never dispatched.
     pub backend: String,
     /// The arm that served (or refused) it.
     pub arm: String,

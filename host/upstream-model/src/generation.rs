@@ -157,10 +157,11 @@ impl Gen {
     /// Takes a slot, waits out the prompt delay, and then either produces the
     /// first frame of a stream or the whole text.
     pub async fn run(mut self, stream: bool) -> Outcome {
+        // The model first (its load time if it is not loaded), then a slot.
+        let state = self.tracker.state().clone();
+        state.load(&self.model, self.keep_alive.as_ref()).await;
         self.load_dur = self.tracker.t0.elapsed();
         self.tracker.acquire().await;
-        let state = self.tracker.state().clone();
-        state.set_loaded(&self.model, self.keep_alive.as_ref());
         let started = Instant::now();
         self.pacer = Pacer::start();
         self.pacer.until(self.plan.timing.prompt).await;

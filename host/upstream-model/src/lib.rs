@@ -26,6 +26,11 @@
 //! `reasoning_effort`) thinks for half its tokens first, one offering tools
 //! calls up to two of them, and one asking for a `format` answers a JSON
 //! object, streamed or not, in Ollama's shapes (module `content`).
+//! Residency (`residency.rs`): a model that is not loaded takes
+//! [`ModelConfig::load_time`] to load before its request asks for a slot
+//! (one load at a time); at most [`ModelConfig::max_loaded`] stay loaded, the
+//! least recently used going first; `/api/ps` lists them, `/api/tags` lists
+//! [`ModelConfig::models`].
 //!
 //! Per-request headers: `X-Fake-Token-Ms`, `X-Fake-Prompt-Ms`,
 //! `X-Fake-Tokens` (token count; pull: progress lines), `X-Fake-Fail-After: N`
@@ -52,6 +57,7 @@ mod go_json;
 mod late_notice;
 mod native;
 mod openai;
+mod residency;
 mod routes;
 pub mod slots;
 mod state;
@@ -115,6 +121,17 @@ pub struct ModelConfig {
     /// ms; a proxy that frees the slot before the upstream lets go of the
     /// connection overruns such an engine.
     pub disconnect_notice: Duration,
+    /// Models on disk, as `/api/tags` and `/v1/models` list them and
+    /// `/api/show` describes them (any model whose name starts with "fake"
+    /// can generate, listed or not).
+    pub models: Vec<String>,
+    /// Models loaded from the start (no load time for their first request).
+    pub preloaded: Vec<String>,
+    /// Time to load a model that is not loaded; loads run one at a time.
+    pub load_time: Duration,
+    /// Models loaded at once (`OLLAMA_MAX_LOADED_MODELS`); loading one more
+    /// evicts the least recently used.
+    pub max_loaded: usize,
 }
 
 impl ModelConfig {
@@ -144,6 +161,10 @@ impl Default for ModelConfig {
             log_capacity: DEFAULT_LOG_CAPACITY,
             ignore_disconnect_non_streaming: false,
             disconnect_notice: Duration::ZERO,
+            models: vec!["fake".into()],
+            preloaded: Vec::new(),
+            load_time: Duration::ZERO,
+            max_loaded: 16,
         }
     }
 }
@@ -201,6 +222,21 @@ impl UpstreamModel {
     /// Live counters: max concurrent, active, waiting, slots.
     pub fn stats(&self) -> Stats {
         self.state.stats()
+    }
+
+    /// Models loaded now (and loading), as `/api/ps` lists them.
+    pub fn loaded_models(&self) -> Vec<String> {
+        self.state
+            .loaded()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect()
+    }
+
+    /// Models loaded since the start (the preloaded ones not counted): how
+    /// often a model had to be swapped in.
+    pub fn loads(&self) -> u64 {
+        self.state.loads()
     }
 
     /// Clears the log and resets `max_concurrent` to the current `active`.

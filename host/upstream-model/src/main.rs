@@ -48,6 +48,19 @@ struct Args {
     /// generation goes on meanwhile (llama-server: tens of ms).
     #[arg(long, default_value_t = 0)]
     disconnect_notice_ms: u64,
+    /// Models on disk, as /api/tags lists them (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "fake")]
+    models: Vec<String>,
+    /// Models loaded from the start (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    preload: Vec<String>,
+    /// Milliseconds to load a model that is not loaded (one load at a time).
+    #[arg(long, default_value_t = 0)]
+    load_ms: u64,
+    /// Models loaded at once (OLLAMA_MAX_LOADED_MODELS); the least recently
+    /// used one is evicted.
+    #[arg(long, default_value_t = 16)]
+    max_loaded: usize,
 }
 
 #[tokio::main]
@@ -63,6 +76,10 @@ async fn main() -> anyhow::Result<()> {
         log_capacity: args.log_capacity,
         ignore_disconnect_non_streaming: args.ignore_disconnect_non_streaming,
         disconnect_notice: Duration::from_millis(args.disconnect_notice_ms),
+        models: args.models,
+        preloaded: args.preload,
+        load_time: Duration::from_millis(args.load_ms),
+        max_loaded: args.max_loaded,
         ..ModelConfig::default()
     };
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -70,7 +70,7 @@ pub(crate) async fn generate(
             st.set_unloaded(model);
             "unload"
         } else {
-            st.set_loaded(model, keep_alive.as_ref());
+            st.load(model, keep_alive.as_ref()).await;
             "load"
         };
         let mut v = json!({
@@ -132,7 +132,7 @@ pub(crate) async fn embed(mut call: Call, model: &str, m: &Map<String, Value>) -
     let keep_alive = m.get("keep_alive");
     if inputs.is_empty() {
         // An empty input only loads the model.
-        st.set_loaded(model, keep_alive);
+        st.load(model, keep_alive).await;
         let v = if legacy {
             json!({ "embedding": [] })
         } else {
@@ -140,9 +140,9 @@ pub(crate) async fn embed(mut call: Call, model: &str, m: &Map<String, Value>) -
         };
         return call.ok(&v);
     }
+    st.load(model, keep_alive).await;
     let load = call.tracker.t0.elapsed();
     call.tracker.acquire().await;
-    st.set_loaded(model, keep_alive);
     util::Pacer::start()
         .until(call.shape.timing.token_ready(0))
         .await;
@@ -170,6 +170,9 @@ pub(crate) async fn embed(mut call: Call, model: &str, m: &Map<String, Value>) -
 pub(crate) fn show(call: Call, model: &str, _m: &Map<String, Value>) -> Response<Body> {
     if let Some((status, msg)) = model_error(model) {
         return call.error(status, &msg);
+    }
+    if !crate::residency::on_disk(&call.tracker.state().cfg, model) {
+        return call.error(StatusCode::NOT_FOUND, &util::not_found_msg(model));
     }
     let dims = call.tracker.state().cfg.embedding_dims;
     let caps = if model.contains("embed") {

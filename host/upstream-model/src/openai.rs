@@ -100,8 +100,8 @@ pub(crate) async fn embeddings(
         return call.error(http::StatusCode::BAD_REQUEST, "invalid input");
     }
     let st = call.tracker.state().clone();
+    st.load(model, None).await;
     call.tracker.acquire().await;
-    st.set_loaded(model, None);
     util::Pacer::start()
         .until(call.shape.timing.token_ready(0))
         .await;

@@ -12,9 +12,9 @@ use hyper::body::Incoming;
 use percent_encoding::percent_decode_str;
 use serde_json::{Value, json};
 
-use crate::state::{State, Tracker, full_name};
+use crate::state::{State, Tracker};
 use crate::util::{self, Body, Shape};
-use crate::{native, openai};
+use crate::{native, openai, residency};
 
 /// Every Ollama route the model knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -271,22 +271,12 @@ impl Call {
                 util::response(StatusCode::OK, util::TEXT, "Ollama is running")
             }
             Route::Version => self.ok(&json!({ "version": crate::VERSION })),
-            Route::Tags => self.ok(&json!({ "models": [tag_entry("fake:latest")] })),
-            Route::Ps => {
-                let models: Vec<Value> = st
-                    .loaded()
-                    .into_iter()
-                    .map(|(name, expires)| ps_entry(&name, expires))
-                    .collect();
-                self.ok(&json!({ "models": models }))
-            }
-            Route::OaModels => self.ok(&json!({
-                "object": "list",
-                "data": [oa_model("fake:latest")],
-            })),
+            Route::Tags => self.ok(&residency::tags(&st.cfg)),
+            Route::Ps => self.ok(&residency::ps(&st.loaded())),
+            Route::OaModels => self.ok(&residency::oa_models(&st.cfg)),
             Route::OaModel => {
                 if util::known_model(&model) {
-                    self.ok(&oa_model(&model))
+                    self.ok(&residency::oa_model(&model))
                 } else {
                     let msg = util::not_found_msg(&model);
                     self.error(StatusCode::NOT_FOUND, &msg)
@@ -375,38 +365,5 @@ pub(crate) fn details() -> Value {
         "families": ["fake"],
         "parameter_size": "1.2B",
         "quantization_level": "Q4_K_M",
-    })
-}
-
-fn tag_entry(name: &str) -> Value {
-    json!({
-        "name": name,
-        "model": name,
-        "modified_at": "2026-01-01T00:00:00.000000Z",
-        "size": util::MODEL_SIZE,
-        "digest": util::DIGEST.trim_start_matches("sha256:"),
-        "details": details(),
-    })
-}
-
-fn ps_entry(name: &str, expires: std::time::SystemTime) -> Value {
-    json!({
-        "name": name,
-        "model": name,
-        "size": util::MODEL_SIZE + 200_000_000,
-        "size_vram": util::MODEL_SIZE + 200_000_000,
-        "digest": util::DIGEST.trim_start_matches("sha256:"),
-        "details": details(),
-        "expires_at": util::rfc3339(expires),
-        "context_length": util::CONTEXT_LENGTH,
-    })
-}
-
-fn oa_model(name: &str) -> Value {
-    json!({
-        "id": full_name(name),
-        "object": "model",
-        "created": 1_767_225_600u64,
-        "owned_by": "library",
     })
 }

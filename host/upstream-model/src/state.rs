@@ -12,6 +12,7 @@ use tokio::sync::{Notify, oneshot};
 
 use crate::ModelConfig;
 use crate::event_log::EventLog;
+use crate::residency::Residency;
 use crate::slots::SlotQueue;
 
 /// What happened to a request, as recorded in the model's log.
@@ -167,8 +168,8 @@ pub(crate) struct State {
     inner: Mutex<Inner>,
     notify: Notify,
     next_req: AtomicU64,
-    /// Models "loaded" (for `/api/ps`): name -> expiry time.
-    loaded: Mutex<BTreeMap<String, SystemTime>>,
+    /// Models loaded, and loading (for `/api/ps`; [`crate::residency`]).
+    residency: Mutex<Residency>,
     /// `X-Fake-Status-Times` counters by tag.
     status_counts: Mutex<BTreeMap<String, u64>>,
 }
@@ -185,12 +186,12 @@ impl State {
                 slots: SlotQueue::new(cfg.slots),
                 orphans: 0,
             }),
-            cfg,
             start: Instant::now(),
             notify: Notify::new(),
             next_req: AtomicU64::new(1),
-            loaded: Mutex::new(BTreeMap::new()),
+            residency: Mutex::new(Residency::new(&cfg)),
             status_counts: Mutex::new(BTreeMap::new()),
+            cfg,
         }
     }
 
@@ -250,44 +251,26 @@ impl State {
         *n - 1
     }
 
-    /// Marks `model` loaded until its `keep_alive` runs out. Models whose
-    /// time ran out are unloaded, and at most [`MAX_LOADED`] stay loaded
-    /// (the ones to expire first go), so that a client inventing model
-    /// names cannot grow this map without end.
-    pub fn set_loaded(&self, model: &str, keep_alive: Option<&serde_json::Value>) {
-        let name = full_name(model);
-        let expires = crate::util::expiry(keep_alive);
-        let mut loaded = lock(&self.loaded);
-        let now = SystemTime::now();
-        loaded.retain(|_, until| *until > now);
-        loaded.insert(name, expires);
-        while loaded.len() > MAX_LOADED {
-            let first = loaded
-                .iter()
-                .min_by_key(|(_, until)| **until)
-                .map(|(k, _)| k.clone());
-            if let Some(k) = first {
-                loaded.remove(&k);
-            }
-        }
+    /// A request uses `model`: waits until it is loaded (its load time if
+    /// it was not), and keeps it loaded until its `keep_alive` runs out.
+    pub async fn load(&self, model: &str, keep_alive: Option<&serde_json::Value>) {
+        let ready = lock(&self.residency).use_model(&self.cfg, model, keep_alive);
+        tokio::time::sleep_until(ready).await;
     }
 
     pub fn set_unloaded(&self, model: &str) {
-        lock(&self.loaded).remove(&full_name(model));
+        lock(&self.residency).unload(model);
     }
 
     pub fn loaded(&self) -> Vec<(String, SystemTime)> {
-        let mut v: Vec<_> = lock(&self.loaded)
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        v.sort_by_key(|e| std::cmp::Reverse(e.1));
-        v
+        lock(&self.residency).loaded()
+    }
+
+    /// Models loaded since the start.
+    pub fn loads(&self) -> u64 {
+        lock(&self.residency).loads()
     }
 }
-
-/// Models kept loaded at once (`/api/ps`), like `OLLAMA_MAX_LOADED_MODELS`.
-pub(crate) const MAX_LOADED: usize = 16;
 
 /// `fake` -> `fake:latest`, like Ollama's name normalisation.
 pub(crate) fn full_name(model: &str) -> String {

@@ -22,7 +22,7 @@ pub mod prom;
 pub mod upstream;
 
 pub use http::{client, generate, python};
-pub use policy::{Ab, Arm, Limits, PolicyFile};
+pub use policy::{Ab, Arm, Backend, Fleet, Limits, PolicyFile};
 pub use process::{Exited, Maitre, Ready, Serve};
 pub use prom::Scrape;
 pub use upstream::{

@@ -28,7 +28,9 @@ pub struct PolicyFile {
     admin_token: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tenant_header: Option<String>,
-    upstream: Upstream,
+    upstream: Upstreams,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet: Option<Fleet>,
     #[serde(skip_serializing_if = "Option::is_none")]
     limits: Option<Limits>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -39,13 +41,56 @@ pub struct PolicyFile {
     arms: Vec<Arm>,
 }
 
-/// `[upstream]`.
+/// One `[upstream]` table, or `[[upstream]]` entries.
 #[derive(Clone, Debug, Serialize)]
-struct Upstream {
+#[serde(untagged)]
+enum Upstreams {
+    One(Backend),
+    Many(Vec<Backend>),
+}
+
+/// One backend: the `[upstream]` table or one `[[upstream]]` entry.
+#[derive(Clone, Debug, Serialize)]
+pub struct Backend {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
     url: String,
     slots: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
+    max_loaded_models: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     first_byte_timeout_seconds: Option<u64>,
+}
+
+impl Backend {
+    /// A `[[upstream]]` entry named `name` at `url` with `slots` slots.
+    pub fn new(name: impl Into<String>, url: impl Into<String>, slots: u32) -> Backend {
+        Backend {
+            name: Some(name.into()),
+            url: url.into(),
+            slots,
+            max_loaded_models: None,
+            first_byte_timeout_seconds: None,
+        }
+    }
+
+    /// Its `max_loaded_models`.
+    pub fn max_loaded_models(mut self, n: u32) -> Backend {
+        self.max_loaded_models = Some(n);
+        self
+    }
+}
+
+/// `[fleet]`: each field left `None` keeps maitre's default.
+#[derive(Clone, Debug, Default, Serialize)]
+#[allow(missing_docs)] // the keys are documented in the README's fleet section
+pub struct Fleet {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_interval_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ps_interval_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_failovers: Option<u32>,
 }
 
 /// `[limits]`: each field left `None` keeps maitre's default.
@@ -170,11 +215,14 @@ impl PolicyFile {
             admin_listen: Some("127.0.0.1:0".into()),
             admin_token: None,
             tenant_header: None,
-            upstream: Upstream {
+            upstream: Upstreams::One(Backend {
+                name: None,
                 url: upstream.into(),
                 slots,
+                max_loaded_models: None,
                 first_byte_timeout_seconds: None,
-            },
+            }),
+            fleet: None,
             limits: None,
             ab: None,
             trace: None,
@@ -228,9 +276,28 @@ impl PolicyFile {
         self
     }
 
-    /// Sets `[upstream] first_byte_timeout_seconds`.
+    /// Sets `first_byte_timeout_seconds` of every backend.
     pub fn first_byte_timeout_seconds(mut self, seconds: u64) -> PolicyFile {
-        self.upstream.first_byte_timeout_seconds = Some(seconds);
+        match &mut self.upstream {
+            Upstreams::One(b) => b.first_byte_timeout_seconds = Some(seconds),
+            Upstreams::Many(v) => {
+                for b in v {
+                    b.first_byte_timeout_seconds = Some(seconds);
+                }
+            }
+        }
+        self
+    }
+
+    /// A fleet: `[[upstream]]` entries replace the one `[upstream]`.
+    pub fn backends(mut self, backends: impl IntoIterator<Item = Backend>) -> PolicyFile {
+        self.upstream = Upstreams::Many(backends.into_iter().collect());
+        self
+    }
+
+    /// Sets `[fleet]`.
+    pub fn fleet(mut self, fleet: Fleet) -> PolicyFile {
+        self.fleet = Some(fleet);
         self
     }
 
@@ -287,6 +354,27 @@ mod tests {
         assert_eq!(arms[0]["config"]["aging_boost"].as_float(), Some(0.5));
         assert_eq!(arms[1]["config"]["call"].as_str(), Some("admit"));
         assert!(arms[1].get("weight").is_none());
+    }
+
+    #[test]
+    fn a_fleet_is_written_as_upstream_entries() {
+        let file = PolicyFile::new("http://unused", 1)
+            .backends([
+                Backend::new("a", "http://127.0.0.1:1", 2).max_loaded_models(1),
+                Backend::new("b", "http://127.0.0.1:2", 3),
+            ])
+            .fleet(Fleet {
+                probe_interval_ms: Some(100),
+                ..Fleet::default()
+            })
+            .arm(Arm::builtin("main", "fifo"));
+        let back: toml::Table = toml::from_str(&file.to_toml()).unwrap();
+        let ups = back["upstream"].as_array().unwrap();
+        assert_eq!(ups.len(), 2);
+        assert_eq!(ups[0]["name"].as_str(), Some("a"));
+        assert_eq!(ups[0]["max_loaded_models"].as_integer(), Some(1));
+        assert_eq!(ups[1]["slots"].as_integer(), Some(3));
+        assert_eq!(back["fleet"]["probe_interval_ms"].as_integer(), Some(100));
     }
 
     #[test]

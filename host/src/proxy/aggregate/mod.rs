@@ -164,7 +164,7 @@ where
                     r.feed(&data);
                 }
             }
-            Err(e) => return Err(super::error_chain(&e)),
+            Err(e) => return Err(super::target::causes(&e)),
         }
         if let Some(d) = r.decided.take() {
             return Ok(d);

@@ -1,0 +1,85 @@
+//! The scheduler's side of the fleet: where a start goes, backend health,
+//! and fail-over after a backend failed.
+
+use tokio::time::Instant;
+
+use super::core::{Core, State};
+use tokio::sync::oneshot;
+
+use super::ticket::Signal;
+
+impl Core {
+    /// The backend a start goes to: the one the policy named, if it has a
+    /// free slot that takes new starts; else the host's choice.
+    pub(super) fn place(&self, id: u64, named: Option<u32>) -> Option<usize> {
+        if let Some(b) = named.map(|b| b as usize)
+            && b < self.fleet.len()
+            && self.fleet.free(b) > 0
+        {
+            return Some(b);
+        }
+        let model = self.entries.get(&id).map(|e| e.meta.model.clone())?;
+        self.fleet.choose(&model)
+    }
+
+    /// A probe's verdict on a backend. A backend coming back gives waiting
+    /// requests slots again, so every arm with waiting requests decides.
+    pub(super) fn set_health(&mut self, b: usize, up: bool, version: Option<String>) {
+        if b < self.fleet.len() && self.fleet.set_health(b, up, version) {
+            for arm in &mut self.arms {
+                if !arm.waiting.is_empty() {
+                    arm.dirty = true;
+                }
+            }
+        }
+    }
+
+    /// Request `id` failed on backend `b` before anything reached its
+    /// client (the connection was refused or dropped). The backend is marked
+    /// down; the request goes back to its queue for another backend, if it
+    /// has fail-overs left and another backend is healthy. False: the
+    /// handler answers the failure (and ends the ticket).
+    pub(super) fn failover(&mut self, id: u64, b: usize, signal: oneshot::Sender<Signal>) -> bool {
+        if let Some(e) = self.entries.get_mut(&id) {
+            e.tx = Some(signal);
+        }
+        if b < self.fleet.len() {
+            self.set_health(b, false, None);
+        }
+        let max = self.max_failovers;
+        let Some(e) = self.entries.get(&id) else {
+            return false;
+        };
+        if !matches!(e.state, State::Running) || e.failovers >= max || !self.fleet.other_healthy(b)
+        {
+            return false;
+        }
+        self.release_slot(id, State::Running, false);
+        let Some(e) = self.entries.get_mut(&id) else {
+            return false;
+        };
+        if let Some(run) = e.run.take()
+            && e.first_upstream_ttfb.is_none()
+        {
+            e.first_upstream_ttfb = run.upstream_ttfb();
+        }
+        e.failovers += 1;
+        e.state = State::Waiting;
+        e.enqueued_at = Instant::now();
+        self.fleet.count_failover(b);
+        tracing::info!(
+            target: "maitre::failover",
+            id,
+            backend = %self.fleet.name(b),
+            failovers = e.failovers,
+            "backend failed before the answer started: the request waits for another backend"
+        );
+        let arm = &mut self.arms[e.arm];
+        arm.waiting.insert(id, e.class, e.priority);
+        arm.dirty = true;
+        if arm.slots == 0 {
+            self.share_slots();
+        }
+        true
+    }
+}
