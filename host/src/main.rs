@@ -268,6 +268,14 @@ async fn check(file: PathBuf) -> anyhow::Result<()> {
             u.name, u.url, u.slots, u.max_loaded_models
         );
     }
+    for (model, rule) in cfg.models.iter() {
+        let num_ctx = rule.num_ctx.map(|n| n.to_string());
+        println!(
+            "  model {model}: num_ctx {}  keep_alive {}",
+            num_ctx.as_deref().unwrap_or("(as asked)"),
+            rule.keep_alive.as_deref().unwrap_or("(as asked)")
+        );
+    }
     for (a, spec) in cfg.arms.iter().zip(&arms) {
         let role = if a.shadow {
             "shadow      ".to_string()

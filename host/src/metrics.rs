@@ -149,6 +149,9 @@ pub struct Metrics {
     /// Requests whose upstream connection failed before anything reached
     /// the client, requeued.
     pub upstream_lost_retries: Counter,
+    /// Requests whose body `[models."NAME"]` rewrote (`num_ctx`,
+    /// `keep_alive`).
+    pub normalised_requests: Counter,
     /// Shadow arms: where they agree with the serving arm, where not.
     pub shadow_decisions: Family<ShadowLabels, Counter>,
     /// Client connections open now (at most `limits.max_connections`).
@@ -199,6 +202,7 @@ impl Metrics {
             preempted_tokens: Family::default(),
             upstream_busy_retries: Counter::default(),
             upstream_lost_retries: Counter::default(),
+            normalised_requests: Counter::default(),
             shadow_decisions: Family::default(),
             client_connections: Gauge::default(),
             held_body_bytes: Gauge::default(),
@@ -284,6 +288,11 @@ impl Metrics {
             "upstream_lost_retries",
             "Requests whose upstream connection failed before anything reached the client, requeued",
             m.upstream_lost_retries.clone(),
+        );
+        registry.register(
+            "normalised_requests",
+            "Requests whose body [models.\"NAME\"] rewrote (num_ctx, keep_alive)",
+            m.normalised_requests.clone(),
         );
         registry.register(
             "shadow_decisions",

@@ -10,7 +10,7 @@
 //! later reload succeeds.
 //!
 //! What a reload changes: the arms (plugins, weights, `[policy.config]`), the
-//! `[ab]` table, `tenant_header` and `admin_token`. What it cannot change
+//! `[ab]` table, `tenant_header`, `admin_token` and `[models]`. What it cannot change
 //! (`listen`, `admin_listen`, `[upstream]`, `[fleet]`, `[limits]`, `[trace]`: sockets
 //! are bound, the scheduler is sized, the trace file is open) keeps its running value, including command-line
 //! overrides, and a change to it in the file is logged as needing a restart.

@@ -15,6 +15,7 @@ mod hostile;
 mod interfaces;
 mod live;
 mod memory;
+mod normalise;
 mod preemption;
 mod proxy;
 mod ready;

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+mod models;
 mod parse;
 #[cfg(test)]
 mod tests;
@@ -19,6 +20,7 @@ mod tests;
 mod tests_fleet;
 mod upstream;
 
+pub use models::{ModelRule, ModelRules};
 pub use parse::{DEFAULT_TRACE_KEEP, DEFAULT_TRACE_ROTATE_BYTES, parse_upstream_url};
 pub use upstream::DEFAULT_BACKEND_NAME;
 
@@ -238,6 +240,8 @@ pub struct Config {
     pub arms: Vec<ArmConfig>,
     /// Request tracing, when the file has a `[trace]` table.
     pub trace: Option<TraceConfig>,
+    /// `[models."NAME"]`: settings written into every request for a model.
+    pub models: ModelRules,
 }
 
 impl Config {

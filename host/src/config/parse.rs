@@ -29,6 +29,7 @@ struct RawFile {
     limits: Option<RawLimits>,
     ab: Option<RawAb>,
     trace: Option<Spanned<RawTrace>>,
+    models: Option<Spanned<std::collections::BTreeMap<String, Spanned<super::models::RawModel>>>>,
     policy: Option<Spanned<Vec<Spanned<RawPolicy>>>>,
 }
 
@@ -315,6 +316,7 @@ impl Config {
             None => None,
             Some(t) => Some(parse_trace(&cx, t, base)?),
         };
+        let models = super::models::models(&cx, raw.models.as_ref())?;
 
         let Some(policies) = raw.policy.as_ref() else {
             return Err(cx.err(
@@ -456,6 +458,7 @@ impl Config {
             ab,
             arms,
             trace,
+            models,
         })
     }
 }

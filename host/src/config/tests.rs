@@ -251,3 +251,52 @@ fn trace_mistakes_name_line_and_key() {
         .to_string();
     assert!(e.contains("trace.path: is empty"), "{e}");
 }
+
+#[test]
+fn model_rules_are_read_by_ollama_name() {
+    let c = parse(&format!(
+        "{GOOD}\n[models.\"llama3\"]\nnum_ctx = 8192\nkeep_alive = \"30m\"\n[models.\"qwen:7b\"]\nkeep_alive = -1\n"
+    ))
+    .unwrap();
+    let r = c.models.get("llama3:latest").unwrap();
+    assert_eq!(r.num_ctx, Some(8192));
+    assert_eq!(r.keep_alive.as_deref(), Some("\"30m\""));
+    assert_eq!(c.models.get("llama3"), c.models.get("llama3:latest"));
+    assert_eq!(
+        c.models.get("qwen:7b").unwrap().keep_alive.as_deref(),
+        Some("-1")
+    );
+    assert!(c.models.get("qwen").is_none());
+    assert!(parse(GOOD).unwrap().models.is_empty());
+}
+
+#[test]
+fn a_bad_model_rule_names_its_key() {
+    for (rule, key, says) in [
+        ("num_ctx = 10", "models.\"m\".num_ctx", "between 256"),
+        (
+            "keep_alive = \"forever\"",
+            "models.\"m\".keep_alive",
+            "duration",
+        ),
+        ("keep_alive = true", "models.\"m\".keep_alive", "duration"),
+        ("", "models.\"m\"", "sets nothing"),
+    ] {
+        let e = parse(&format!("{GOOD}\n[models.\"m\"]\n{rule}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key) && e.contains(says), "{rule}: {e}");
+    }
+    let e = parse(&format!(
+        "{GOOD}\n[models.\"m\"]\nnum_ctx = 512\ncontext = 1\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("context"), "{e}");
+    let e = parse(&format!(
+        "{GOOD}\n[models.\"m\"]\nnum_ctx = 512\n[models.\"m:latest\"]\nnum_ctx = 1024\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("same model"), "{e}");
+}

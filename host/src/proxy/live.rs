@@ -2,7 +2,7 @@
 
 use http::header::HeaderName;
 
-use crate::config::Config;
+use crate::config::{Config, ModelRules};
 
 /// Settings that hot reload may change.
 #[derive(Debug, Clone)]
@@ -11,6 +11,8 @@ pub struct LiveSettings {
     pub key_header: HeaderName,
     /// Header carrying the tenant.
     pub tenant_header: Option<HeaderName>,
+    /// `[models."NAME"]`: what requests for a model are normalised to.
+    pub models: ModelRules,
 }
 
 impl LiveSettings {
@@ -23,6 +25,7 @@ impl LiveSettings {
                 .tenant_header
                 .as_ref()
                 .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
+            models: c.models.clone(),
         }
     }
 }

@@ -34,6 +34,7 @@ mod head;
 mod headers;
 mod link;
 mod live;
+mod normalise;
 mod read;
 mod refusal;
 mod rewrite;

@@ -86,7 +86,7 @@ pub(crate) fn ask_for_stream(path: &str, body: &[u8], client_streams: bool) -> O
 }
 
 /// Where the first JSON value of `text` ends, if it is a valid object.
-fn first_object_end(text: &str) -> Option<usize> {
+pub(super) fn first_object_end(text: &str) -> Option<usize> {
     if !text.trim_start().starts_with('{') {
         return None;
     }
@@ -98,19 +98,19 @@ fn first_object_end(text: &str) -> Option<usize> {
 }
 
 /// One top-level member of an object, as raw text.
-struct Member<'a> {
+pub(super) struct Member<'a> {
     /// The key with its quotes and escapes.
-    key: &'a str,
+    pub(super) key: &'a str,
     /// The value.
-    value: &'a str,
+    pub(super) value: &'a str,
     /// From the key to the end of the value.
-    whole: &'a str,
+    pub(super) whole: &'a str,
 }
 
 /// The members of `obj`, a valid JSON object (checked by the caller), in
 /// order. `None` only if the scan goes wrong, which a valid object cannot
 /// make it do.
-fn members(obj: &str) -> Option<Vec<Member<'_>>> {
+pub(super) fn members(obj: &str) -> Option<Vec<Member<'_>>> {
     let b = obj.as_bytes();
     let mut i = skip_ws(b, 0);
     (b.get(i)? == &b'{').then_some(())?;

@@ -31,6 +31,7 @@ use super::budget::Held;
 use super::head::Head;
 use super::headers::{set_header, strip_hop_by_hop};
 use super::link::Link;
+use super::normalise::normalise;
 use super::read::{discard, read_body};
 use super::refusal::Refusal;
 use super::rewrite::ask_for_stream;
@@ -143,6 +144,15 @@ impl Proxy {
         // error when its turn comes. Passing it on without a slot would let
         // a body Ollama reads differently skip the scheduler.
         let meta = extract_meta(&path, &bytes);
+        // `[models."NAME"]`: the model's settings, whatever the client asked.
+        let rule = self.live.load().models.get(&meta.model).cloned();
+        let bytes = match rule.and_then(|r| normalise(&path, &bytes, &r)) {
+            Some(normalised) => {
+                self.metrics.normalised_requests.inc();
+                normalised
+            }
+            None => bytes,
+        };
         // The upstream streams, whatever the client asked for.
         let (upstream_body, fold) = match ask_for_stream(&path, &bytes, meta.stream) {
             Some(s) => (s.body, Some(s.api)),

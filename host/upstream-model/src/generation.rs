@@ -51,6 +51,9 @@ pub(crate) struct Gen {
     pub include_usage: bool,
     pub shape: Shape,
     pub keep_alive: Option<Value>,
+    /// `options.num_ctx` (native API only): another context than the one
+    /// the model is loaded with reloads it.
+    pub num_ctx: Option<u64>,
     script: Script,
     /// A `/v1` chat stream names the role in its first chunk only.
     role_sent: bool,
@@ -140,6 +143,7 @@ impl Gen {
             include_usage,
             shape,
             keep_alive,
+            num_ctx: None,
             script: Script::new(asks, n),
             role_sent: false,
             called: false,
@@ -159,7 +163,9 @@ impl Gen {
     pub async fn run(mut self, stream: bool) -> Outcome {
         // The model first (its load time if it is not loaded), then a slot.
         let state = self.tracker.state().clone();
-        state.load(&self.model, self.keep_alive.as_ref()).await;
+        state
+            .load(&self.model, self.keep_alive.as_ref(), self.num_ctx)
+            .await;
         self.load_dur = self.tracker.t0.elapsed();
         self.tracker.acquire().await;
         let started = Instant::now();

@@ -47,6 +47,7 @@ pub(crate) async fn generate(
     }
     let stream = util::stream_flag(m, true);
     let keep_alive = m.get("keep_alive").cloned();
+    let num_ctx = num_ctx(m);
     let (empty, prompt_tokens) = if chat {
         let msgs = m.get("messages").and_then(Value::as_array);
         let words = msgs
@@ -70,7 +71,7 @@ pub(crate) async fn generate(
             st.set_unloaded(model);
             "unload"
         } else {
-            st.load(model, keep_alive.as_ref()).await;
+            st.load(model, keep_alive.as_ref(), num_ctx).await;
             "load"
         };
         let mut v = json!({
@@ -89,7 +90,7 @@ pub(crate) async fn generate(
     let limit = util::pos_int(m.get("options").and_then(|o| o.get("num_predict")));
     let (n, length) = token_count(&call, limit);
     let flavor = if chat { Flavor::Chat } else { Flavor::Generate };
-    let g = Gen::new(
+    let mut g = Gen::new(
         call.tracker,
         flavor,
         model.to_string(),
@@ -101,7 +102,14 @@ pub(crate) async fn generate(
         keep_alive,
         Asks::native(m, chat),
     );
+    g.num_ctx = num_ctx;
     generation::respond(g, stream).await
+}
+
+/// `options.num_ctx`, as Ollama reads it (a number; anything else is the
+/// default context).
+fn num_ctx(m: &Map<String, Value>) -> Option<u64> {
+    util::pos_int(m.get("options").and_then(|o| o.get("num_ctx")))
 }
 
 /// `POST /api/embed` (`input`) and the legacy `POST /api/embeddings`
@@ -132,7 +140,7 @@ pub(crate) async fn embed(mut call: Call, model: &str, m: &Map<String, Value>) -
     let keep_alive = m.get("keep_alive");
     if inputs.is_empty() {
         // An empty input only loads the model.
-        st.load(model, keep_alive).await;
+        st.load(model, keep_alive, num_ctx(m)).await;
         let v = if legacy {
             json!({ "embedding": [] })
         } else {
@@ -140,7 +148,7 @@ pub(crate) async fn embed(mut call: Call, model: &str, m: &Map<String, Value>) -
         };
         return call.ok(&v);
     }
-    st.load(model, keep_alive).await;
+    st.load(model, keep_alive, num_ctx(m)).await;
     let load = call.tracker.t0.elapsed();
     call.tracker.acquire().await;
     util::Pacer::start()

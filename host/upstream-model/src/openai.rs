@@ -100,7 +100,7 @@ pub(crate) async fn embeddings(
         return call.error(http::StatusCode::BAD_REQUEST, "invalid input");
     }
     let st = call.tracker.state().clone();
-    st.load(model, None).await;
+    st.load(model, None, None).await;
     call.tracker.acquire().await;
     util::Pacer::start()
         .until(call.shape.timing.token_ready(0))

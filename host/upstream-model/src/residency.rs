@@ -28,6 +28,9 @@ struct Resident {
     last_used: Instant,
     /// When its load is done (in the past once loaded).
     ready_at: Instant,
+    /// The context it was loaded with: a request asking for another one
+    /// reloads it, as Ollama does (ollama#7773).
+    num_ctx: u64,
 }
 
 /// The models loaded on this server.
@@ -53,6 +56,7 @@ impl Residency {
                     expires,
                     last_used: now,
                     ready_at: now,
+                    num_ctx: util::CONTEXT_LENGTH,
                 };
                 (full_name(m), r)
             })
@@ -64,16 +68,19 @@ impl Residency {
         }
     }
 
-    /// A request uses `model` with `keep_alive`: returns when it is ready
-    /// (now if it is loaded). A model not loaded starts loading after the
-    /// load in progress, evicting the least recently used model when
-    /// `max_loaded` are loaded already.
+    /// A request uses `model` with `keep_alive` and `num_ctx` (the default
+    /// context when `None`): returns when it is ready (now if it is loaded
+    /// with that context). A model not loaded starts loading after the load
+    /// in progress, evicting the least recently used model when `max_loaded`
+    /// are loaded already; one loaded with another context is reloaded.
     pub fn use_model(
         &mut self,
         cfg: &ModelConfig,
         model: &str,
         keep_alive: Option<&Value>,
+        num_ctx: Option<u64>,
     ) -> Instant {
+        let num_ctx = num_ctx.unwrap_or(util::CONTEXT_LENGTH);
         let now = Instant::now();
         let wall = SystemTime::now();
         self.models
@@ -83,6 +90,14 @@ impl Residency {
         if let Some(r) = self.models.get_mut(&name) {
             r.last_used = now;
             r.expires = expires;
+            if r.num_ctx == num_ctx {
+                return r.ready_at;
+            }
+            // Another context: Ollama restarts the runner.
+            r.num_ctx = num_ctx;
+            r.ready_at = self.loads_free_at.max(now) + cfg.load_time;
+            self.loads_free_at = r.ready_at;
+            self.loads += 1;
             return r.ready_at;
         }
         while self.models.len() >= cfg.max_loaded.max(1) {
@@ -105,6 +120,7 @@ impl Residency {
                 expires,
                 last_used: now,
                 ready_at,
+                num_ctx,
             },
         );
         ready_at

@@ -253,8 +253,15 @@ impl State {
 
     /// A request uses `model`: waits until it is loaded (its load time if
     /// it was not), and keeps it loaded until its `keep_alive` runs out.
-    pub async fn load(&self, model: &str, keep_alive: Option<&serde_json::Value>) {
-        let ready = lock(&self.residency).use_model(&self.cfg, model, keep_alive);
+    /// Waits until `model` is loaded with `num_ctx` (the default context
+    /// when `None`): loading it, or reloading it for another context.
+    pub async fn load(
+        &self,
+        model: &str,
+        keep_alive: Option<&serde_json::Value>,
+        num_ctx: Option<u64>,
+    ) {
+        let ready = lock(&self.residency).use_model(&self.cfg, model, keep_alive, num_ctx);
         tokio::time::sleep_until(ready).await;
     }
 

@@ -128,3 +128,28 @@ async fn tags_and_v1_models_list_the_models_on_disk() {
         assert!(m.get(k).is_some(), "ps lacks {k}: {m}");
     }
 }
+
+#[tokio::test]
+async fn another_num_ctx_reloads_the_model_as_ollama_does() {
+    let f = fake(residency(20, 2, &["fake-a"])).await;
+    let a = f.addr();
+    let with_ctx = |n: Option<u64>| {
+        let options = n.map_or(String::new(), |n| {
+            format!(r#","options":{{"num_ctx":{n}}}"#)
+        });
+        format!(r#"{{"model":"fake-a","prompt":"hi","stream":false{options}}}"#)
+    };
+    // Preloaded with the default context: asking for it costs nothing.
+    json(post(a, "/api/generate", &[], &with_ctx(Some(4096))).await).await;
+    assert_eq!(f.loads(), 0);
+    // Another context reloads; the same one again does not.
+    let t0 = Instant::now();
+    json(post(a, "/api/generate", &[], &with_ctx(Some(8192))).await).await;
+    assert!(t0.elapsed() >= Duration::from_millis(20));
+    json(post(a, "/api/generate", &[], &with_ctx(Some(8192))).await).await;
+    assert_eq!(f.loads(), 1);
+    // No num_ctx is the default context: a reload again.
+    json(post(a, "/api/generate", &[], &with_ctx(None)).await).await;
+    assert_eq!(f.loads(), 2);
+    assert_eq!(ps_names(a).await, ["fake-a:latest"]);
+}

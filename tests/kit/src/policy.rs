@@ -37,6 +37,8 @@ pub struct PolicyFile {
     ab: Option<Ab>,
     #[serde(skip_serializing_if = "Option::is_none")]
     trace: Option<Trace>,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    models: std::collections::BTreeMap<String, toml::Table>,
     #[serde(rename = "policy", skip_serializing_if = "Vec::is_empty")]
     arms: Vec<Arm>,
 }
@@ -226,6 +228,7 @@ impl PolicyFile {
             limits: None,
             ab: None,
             trace: None,
+            models: Default::default(),
             arms: Vec::new(),
         }
     }
@@ -298,6 +301,12 @@ impl PolicyFile {
     /// Sets `[fleet]`.
     pub fn fleet(mut self, fleet: Fleet) -> PolicyFile {
         self.fleet = Some(fleet);
+        self
+    }
+
+    /// Adds a `[models."NAME"]` table (`num_ctx`, `keep_alive`).
+    pub fn model_rule(mut self, model: &str, rule: toml::Table) -> PolicyFile {
+        self.models.insert(model.into(), rule);
         self
     }
 
