@@ -44,7 +44,7 @@
 //! is free (the reserved-aging row: one slot is kept for real-time).
 //!
 //! `cargo bench -p maitre --bench fleet`; knobs (environment): DURATION_S
-//! (60: a short run; 240 for the README table, ~5 min in all), WARMUP_S (15),
+//! (60: a short run, ~1.5 min in all; 180 for the README table, ~3.5 min), WARMUP_S (15),
 //! LOAD_MS (3000), BATCH_LOOPS (12), RT_MEAN_S (1.0), ZIPF_S (1.0), SEED (42).
 
 #[path = "../build/plugin_cargo.rs"]
