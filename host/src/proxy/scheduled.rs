@@ -28,7 +28,7 @@ use hyper::body::Incoming;
 use super::aggregate::Api;
 use super::body::{Framing, TrackedBody};
 use super::budget::Held;
-use super::head::Head;
+use super::head::{Head, PackedHead};
 use super::headers::{set_header, strip_hop_by_hop};
 use super::link::Link;
 use super::read::{discard, read_body};
@@ -89,7 +89,8 @@ type Waiting = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Refusal>>
 
 /// A request that is read and queued: all it keeps while it waits.
 struct Queued {
-    head: Head,
+    /// What is sent upstream of the request's head.
+    head: PackedHead,
     /// The body sent upstream (rewritten to ask for a stream when the
     /// client asked for none).
     bytes: Bytes,
@@ -177,7 +178,7 @@ impl Proxy {
         drop(reading);
         drop(bytes);
         let queued = Queued {
-            head,
+            head: PackedHead::pack(&head),
             bytes: upstream_body,
             fold,
             _held: held,
@@ -222,7 +223,8 @@ impl Proxy {
     async fn attempt(&self, mut q: Queued, grant: Grant, retries: &mut Retries) -> Attempt {
         // Boxed, like the sleep below: these futures live only while they
         // run, not in this one for its whole life.
-        let sent = Box::pin(self.dispatch(&q.head, &q.bytes, &grant.run, &mut q.ticket)).await;
+        let head = q.head.unpack();
+        let sent = Box::pin(self.dispatch(&head, &q.bytes, &grant.run, &mut q.ticket)).await;
         let (resp, link) = match sent {
             Ok(Sent::Answered(resp, link)) => (resp, link),
             Ok(Sent::Preempted) => {
