@@ -146,7 +146,7 @@ fn keep_alive_json(v: &toml::Value) -> Option<String> {
 /// (Ollama reads a bare number as seconds).
 fn go_duration(s: &str) -> bool {
     let s = s.strip_prefix(['-', '+']).unwrap_or(s);
-    if s.is_empty() {
+    if !s.starts_with(|c: char| c.is_ascii_digit() || c == '.') {
         return false;
     }
     if s.parse::<f64>().is_ok_and(f64::is_finite) {

@@ -1,4 +1,5 @@
-//! A request's head that owns its bytes.
+//! A request's head that owns its bytes, and the packed form a queued
+//! request keeps while it waits.
 //!
 //! hyper parses a request's URI and header values as slices of the
 //! connection's read buffer. A scheduled request keeps its head until it is
@@ -6,10 +7,17 @@
 //! whole buffer (8 KiB or more) alive, and hyper, which reads on to notice a
 //! client that goes away, would allocate a second one for each waiting
 //! connection. Copying the few hundred bytes of the head frees the first.
+//!
+//! A `HeaderMap` of a typical client's five headers takes about 700 bytes
+//! (its index, its entries, a buffer per value); a waiting request needs
+//! its headers only to send them upstream, so it keeps them as one buffer of
+//! header lines ([`PackedHead`], about 150 bytes) and rebuilds the map when
+//! it is dispatched.
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
+use http::uri::PathAndQuery;
 use http::{Method, Uri};
 
 /// What maitre keeps of a request's head: what it reads (headers) and what
@@ -52,6 +60,72 @@ fn own_headers(h: &HeaderMap) -> HeaderMap {
     out
 }
 
+/// A waiting request's head: what is sent upstream when it is dispatched
+/// (method, path and query, headers), in as few bytes as it takes.
+///
+/// Each header is a line `name:value\n` in one buffer: names cannot hold
+/// `:` or a line break, values cannot hold a line break, so the lines read
+/// back unambiguously, in their order. Values read back as slices of the
+/// buffer, without a copy. A header's sensitive flag (HTTP/2's hint not to
+/// index it) is not kept: hyper's HTTP/1 parser never sets it, and the
+/// upstream is spoken to in HTTP/1.
+pub(super) struct PackedHead {
+    method: Method,
+    target: PathAndQuery,
+    lines: Bytes,
+}
+
+impl PackedHead {
+    /// Packs `head`, which can be dropped then.
+    pub(super) fn pack(head: &Head) -> PackedHead {
+        let size = head
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 2)
+            .sum();
+        let mut lines = Vec::with_capacity(size);
+        for (k, v) in &head.headers {
+            lines.extend_from_slice(k.as_str().as_bytes());
+            lines.push(b':');
+            lines.extend_from_slice(v.as_bytes());
+            lines.push(b'\n');
+        }
+        PackedHead {
+            method: head.method.clone(),
+            target: head
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            lines: Bytes::from(lines),
+        }
+    }
+
+    /// The head again, to send upstream (the URI is its path and query).
+    pub(super) fn unpack(&self) -> Head {
+        let count = self.lines.iter().filter(|&&b| b == b'\n').count();
+        let mut headers = HeaderMap::with_capacity(count);
+        let mut start = 0;
+        for line in self.lines.split(|&b| b == b'\n') {
+            let end = start + line.len();
+            if let Some(colon) = line.iter().position(|&b| b == b':') {
+                let name = HeaderName::from_bytes(&line[..colon]);
+                let value =
+                    HeaderValue::from_maybe_shared(self.lines.slice(start + colon + 1..end));
+                if let (Ok(name), Ok(value)) = (name, value) {
+                    headers.append(name, value);
+                }
+            }
+            start = end + 1;
+        }
+        Head {
+            method: self.method.clone(),
+            uri: Uri::from(self.target.clone()),
+            headers,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,5 +157,41 @@ mod tests {
             !buffer.as_ptr_range().contains(&p),
             "the value still points into the read buffer"
         );
+    }
+
+    #[test]
+    fn a_packed_head_unpacks_to_the_head_sent_upstream() {
+        let (parts, ()) = http::Request::builder()
+            .method("POST")
+            .uri("http://example.com/api/generate?x=1&y=%20")
+            .header("content-type", "application/json")
+            .header("x-priority", "batch")
+            .header("x-key", "a")
+            .header("x-key", "b: c")
+            .header("x-empty", "")
+            .header("x-obs", HeaderValue::from_bytes(b"caf\xc3\xa9\tx").unwrap())
+            .body(())
+            .unwrap()
+            .into_parts();
+        let head = Head::own(parts);
+        let back = PackedHead::pack(&head).unpack();
+        assert_eq!(back.method, head.method);
+        assert_eq!(back.uri, "/api/generate?x=1&y=%20");
+        assert_eq!(back.headers, head.headers);
+        let keys: Vec<_> = back.headers.get_all("x-key").iter().collect();
+        assert_eq!(keys, ["a", "b: c"], "repeated headers keep their order");
+    }
+
+    #[test]
+    fn a_head_without_headers_packs_too() {
+        let (parts, ()) = http::Request::builder()
+            .method("GET")
+            .uri("/")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let back = PackedHead::pack(&Head::own(parts)).unpack();
+        assert!(back.headers.is_empty());
+        assert_eq!(back.uri, "/");
     }
 }
