@@ -33,7 +33,7 @@ use super::headers::{set_header, strip_hop_by_hop};
 use super::link::Link;
 use super::read::{discard, read_body};
 use super::refusal::Refusal;
-use super::rewrite::ask_for_stream;
+use super::rewrite::{ask_for_stream, takes_priority, with_priority};
 use super::whole::{self, Whole};
 use super::{
     BodyMeta, Grant, Handling, Outcome, Proxy, ProxyBody, RequestMeta, Run, SubmitError, Target,
@@ -73,6 +73,9 @@ struct Queued {
     bytes: Bytes,
     /// Set when the answer is folded back into a non-streamed one.
     fold: Option<Api>,
+    /// A `/v1` generation: a backend with `pass_priority` is told the
+    /// request's class in its body.
+    takes_priority: bool,
     /// The body's bytes in the budget, given back when the request ends.
     _held: Held,
     ticket: Ticket,
@@ -158,6 +161,7 @@ impl Proxy {
             head,
             bytes: upstream_body,
             fold,
+            takes_priority: takes_priority(&path),
             _held: held,
             ticket: submitted?,
         };
@@ -176,7 +180,9 @@ impl Proxy {
             let grant = wait_for_slot(&mut q.ticket).await?;
             // Boxed, like the sleep below: these futures live only while
             // they run, not in every waiting request's.
-            let sent = Box::pin(self.dispatch(&q.head, &q.bytes, &grant, &mut q.ticket)).await;
+            let body = self.body_for(&q, &grant);
+            let sent = Box::pin(self.dispatch(&q.head, &body, &grant, &mut q.ticket)).await;
+            drop(body);
             let (resp, link) = match sent {
                 Ok(Sent::Answered(resp, link)) => (resp, link),
                 Ok(Sent::Preempted) => {
@@ -265,6 +271,17 @@ impl Proxy {
                 continue;
             }
             return Ok(relay(resp, &grant, q.ticket, link));
+        }
+    }
+
+    /// The body for the granted backend: with the request's priority in it
+    /// when that backend takes one (`pass_priority`).
+    fn body_for(&self, q: &Queued, grant: &Grant) -> Bytes {
+        match self.backends[grant.backend].pass_priority {
+            Some(p) if q.takes_priority => {
+                with_priority(&q.bytes, p.value(grant.class)).unwrap_or_else(|| q.bytes.clone())
+            }
+            _ => q.bytes.clone(),
         }
     }
 
