@@ -15,6 +15,7 @@ mod hostile;
 mod interfaces;
 mod live;
 mod memory;
+mod openai_upstream;
 mod preemption;
 mod proxy;
 mod ready;
