@@ -212,7 +212,10 @@ async fn a_mixed_fleet_sends_api_only_to_ollama() {
         .iter()
         .map(|d| d["id"].as_str().unwrap())
         .collect();
-    assert!(ids.contains(&"fake-oa") && ids.len() == 2, "{models}");
+    assert!(
+        ids.contains(&"fake-oa:latest") && ids.len() == 2,
+        "{models}"
+    );
     // Named on /api/*: the kind's 404.
     let r = c
         .get(format!("{}/api/tags", m.url))
@@ -240,7 +243,7 @@ async fn the_health_probe_of_an_openai_backend_is_get_health() {
     loop {
         let st = m.status().await;
         let b = &st["backends"][1];
-        if b["available"] == json!(["fake-oa"]) {
+        if b["available"] == json!(["fake-oa:latest"]) {
             assert_eq!(b["kind"], "openai");
             assert_eq!(b["healthy"], true, "{st}");
             assert!(b["version"].is_null(), "{st}");

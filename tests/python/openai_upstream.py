@@ -40,6 +40,6 @@ assert p.choices[0].text.strip(), p
 
 # models
 ids = [m.id for m in client.models.list().data]
-assert "fake" in ids, ids
+assert "fake:latest" in ids, ids
 
 print("python openai upstream ok")
