@@ -204,7 +204,7 @@ fn a_bad_kind_names_the_allowed_ones() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.starts_with("dir/fleet.toml:10: upstream[1].kind: "),
+        e.starts_with("dir/fleet.toml:11: upstream[1].kind: "),
         "{e}"
     );
     assert!(e.contains("unknown kind \"vllm\""), "{e}");

@@ -23,7 +23,7 @@ async fn it_serves_v1_and_health_and_refuses_api() {
     assert_eq!(json(r).await["status"], "ok");
     let r = get(f.addr(), "/v1/models").await;
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(json(r).await["data"][0]["id"], "fake");
+    assert_eq!(json(r).await["data"][0]["id"], "fake:latest");
     let r = post(
         f.addr(),
         "/v1/chat/completions",
