@@ -34,7 +34,7 @@ pub(super) struct RawUpstream {
 
 /// `upstream` is a table (one backend) or an array of tables (a fleet).
 pub(super) enum RawUpstreams {
-    One(RawUpstream),
+    One(Box<RawUpstream>),
     Many(Vec<Spanned<RawUpstream>>),
 }
 
@@ -48,7 +48,7 @@ impl<'de> Deserialize<'de> for RawUpstreams {
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawUpstreams, A::Error> {
                 RawUpstream::deserialize(de::value::MapAccessDeserializer::new(map))
-                    .map(RawUpstreams::One)
+                    .map(|u| RawUpstreams::One(Box::new(u)))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<RawUpstreams, A::Error> {
                 Vec::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(RawUpstreams::Many)
@@ -88,7 +88,7 @@ pub(super) fn upstreams(
         return Ok(vec![one(cx, &none, "upstream", 0..0, false)?]);
     };
     let entries: Vec<(String, &RawUpstream, std::ops::Range<usize>)> = match raw.get_ref() {
-        RawUpstreams::One(u) => vec![("upstream".into(), u, raw.span())],
+        RawUpstreams::One(u) => vec![("upstream".into(), &**u, raw.span())],
         RawUpstreams::Many(v) if v.is_empty() => {
             return Err(cx.err(
                 raw.span(),
