@@ -278,8 +278,16 @@ async fn check(file: PathBuf) -> anyhow::Result<()> {
     }
     for u in &cfg.upstreams {
         println!(
-            "  backend {:<16} {}  slots {}  max_loaded_models {}",
-            u.name, u.url, u.slots, u.max_loaded_models
+            "  backend {:<16} {}  kind {}  slots {}  max_loaded_models {}{}",
+            u.name,
+            u.url,
+            u.kind.name(),
+            u.slots,
+            u.max_loaded_models,
+            match u.pass_priority {
+                Some(_) => "  pass_priority vllm (real-time 0, batch 1)",
+                None => "",
+            }
         );
     }
     for (model, rule) in cfg.models.iter() {

@@ -11,6 +11,8 @@
 
 use std::sync::Arc;
 
+pub use crate::config::BackendKind;
+
 /// Service class of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -133,6 +135,9 @@ pub struct Waiting {
 pub struct Backend {
     /// Name (`[[upstream]] name`; `default` for a single `[upstream]`).
     pub name: Arc<str>,
+    /// What it speaks: a plugin may keep `/api/*` requests off OpenAI-only
+    /// servers (the host does anyway).
+    pub kind: BackendKind,
     /// Its slots.
     pub total_slots: u32,
     /// Of which free for new starts (0 while it is down). The arm's own
@@ -147,11 +152,12 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// A healthy backend with `free` of `total` slots and nothing known
-    /// about its models yet.
+    /// A healthy Ollama backend with `free` of `total` slots and nothing
+    /// known about its models yet.
     pub fn new(name: Arc<str>, total_slots: u32, free_slots: u32) -> Backend {
         Backend {
             name,
+            kind: BackendKind::Ollama,
             total_slots,
             free_slots,
             healthy: true,

@@ -16,6 +16,7 @@ mod interfaces;
 mod live;
 mod memory;
 mod normalise;
+mod openai_upstream;
 mod preemption;
 mod proxy;
 mod ready;

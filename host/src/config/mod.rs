@@ -173,6 +173,84 @@ pub struct UpstreamConfig {
     /// Longest wait for the upstream's response headers (s). Ollama sends them
     /// only with the first token, after any model load, so this must be long.
     pub first_byte_timeout_seconds: u64,
+    /// What the server speaks: Ollama, or only the OpenAI-compatible `/v1`
+    /// API (llama-server, vLLM, LM Studio).
+    pub kind: BackendKind,
+    /// Whether (and in which engine's convention) maitre adds a per-request
+    /// priority, mapped from the request's class, to the `/v1` bodies it
+    /// sends this backend; off by default.
+    pub pass_priority: Option<PassPriority>,
+}
+
+/// What an upstream server speaks (`kind` of an `[upstream]`). It decides
+/// how maitre watches it (probe, model list) and which requests may go to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// An Ollama server: `/api/*` and `/v1/*`, health from `/api/version`,
+    /// loaded models from `/api/ps`.
+    #[default]
+    Ollama,
+    /// An OpenAI-compatible server (llama.cpp's `llama-server`, vLLM, LM
+    /// Studio): `/v1/*` only, health from `/health`, models from
+    /// `/v1/models`; `/api/*` requests are answered 404 by maitre.
+    #[serde(rename = "openai")]
+    OpenAi,
+}
+
+impl BackendKind {
+    /// Every kind, as written in a policy file.
+    pub const NAMES: [&'static str; 2] = ["ollama", "openai"];
+
+    /// The name written in a policy file and shown in `/status`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Ollama => "ollama",
+            BackendKind::OpenAi => "openai",
+        }
+    }
+
+    /// From its name in a policy file.
+    pub fn from_name(s: &str) -> Option<BackendKind> {
+        match s {
+            "ollama" => Some(BackendKind::Ollama),
+            "openai" => Some(BackendKind::OpenAi),
+            _ => None,
+        }
+    }
+
+    /// Whether a request to `path` may go to a server of this kind: an
+    /// OpenAI-compatible server has no Ollama `/api/*` routes.
+    pub fn serves(self, path: &str) -> bool {
+        self == BackendKind::Ollama || !path.starts_with("/api/")
+    }
+}
+
+/// The per-request priority convention maitre writes into `/v1` bodies
+/// (`pass_priority` of an `[upstream]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PassPriority {
+    /// vLLM's integer `priority` body field (with `--scheduling-policy
+    /// priority`): LOWER values are scheduled first, 0 is the default.
+    /// Real-time requests get [`PassPriority::VLLM_REALTIME`], batch ones
+    /// [`PassPriority::VLLM_BATCH`].
+    Vllm,
+}
+
+impl PassPriority {
+    /// vLLM `priority` of a real-time request: vLLM's default, so it ties
+    /// with clients that reach vLLM directly and send none.
+    pub const VLLM_REALTIME: i64 = 0;
+    /// vLLM `priority` of a batch request: after every real-time one.
+    pub const VLLM_BATCH: i64 = 1;
+
+    /// The value written for a request of `class`.
+    pub fn value(self, class: crate::policy::Class) -> i64 {
+        match (self, class) {
+            (PassPriority::Vllm, crate::policy::Class::Realtime) => Self::VLLM_REALTIME,
+            (PassPriority::Vllm, crate::policy::Class::Batch) => Self::VLLM_BATCH,
+        }
+    }
 }
 
 /// The `[trace]` table: where maitre records one JSON line per scheduled

@@ -179,3 +179,63 @@ fn the_command_line_upstream_replaces_a_single_backend_only() {
     assert!(e.contains("edit the [[upstream]] entries"), "{e}");
     assert_eq!(many.upstreams[0].url, "http://127.0.0.1:11434");
 }
+
+#[test]
+fn an_upstream_is_ollama_unless_it_says_openai() {
+    let c = parse(&fleet().replace(
+        "name = \"gpu-b\"\n",
+        "name = \"gpu-b\"\nkind = \"openai\"\npass_priority = \"vllm\"\n",
+    ))
+    .unwrap();
+    assert_eq!(c.upstreams[0].kind, BackendKind::Ollama);
+    assert_eq!(c.upstreams[0].pass_priority, None, "off by default");
+    assert_eq!(c.upstreams[1].kind, BackendKind::OpenAi);
+    assert_eq!(c.upstreams[1].pass_priority, Some(PassPriority::Vllm));
+    let one = parse(&format!("[upstream]\nkind = \"openai\"\n{ARM}")).unwrap();
+    assert_eq!(one.upstreams[0].kind, BackendKind::OpenAi);
+    assert_eq!(one.upstreams[0].pass_priority, None);
+    let explicit = parse(&format!("[upstream]\nkind = \"ollama\"\n{ARM}")).unwrap();
+    assert_eq!(explicit.upstreams[0].kind, BackendKind::Ollama);
+}
+
+#[test]
+fn a_bad_kind_names_the_allowed_ones() {
+    let e = parse(&fleet().replace("slots = 4\n", "slots = 4\nkind = \"vllm\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("dir/fleet.toml:11: upstream[1].kind: "),
+        "{e}"
+    );
+    assert!(e.contains("unknown kind \"vllm\""), "{e}");
+    for allowed in BackendKind::NAMES {
+        assert!(e.contains(&format!("\"{allowed}\"")), "{e}");
+    }
+}
+
+#[test]
+fn priority_is_passed_only_in_a_known_convention_to_an_openai_server() {
+    let e = parse(&format!("[upstream]\npass_priority = \"vllm\"\n{ARM}"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("dir/fleet.toml:2: upstream.pass_priority: "),
+        "{e}"
+    );
+    assert!(e.contains("kind = \"openai\""), "{e}");
+    let e = parse(&format!(
+        "[upstream]\nkind = \"openai\"\npass_priority = \"sglang\"\n{ARM}"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("unknown priority convention \"sglang\""), "{e}");
+    assert!(e.contains("\"vllm\""), "{e}");
+    // vLLM runs LOWER values first: real-time below batch.
+    use crate::policy::Class;
+    assert!(PassPriority::Vllm.value(Class::Realtime) < PassPriority::Vllm.value(Class::Batch));
+    assert_eq!(
+        PassPriority::Vllm.value(Class::Realtime),
+        0,
+        "vLLM's default"
+    );
+}

@@ -11,7 +11,9 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use toml::Spanned;
 
 use super::parse::{Ctx, valid_name};
-use super::{ConfigError, DEFAULT_UPSTREAM, FleetConfig, UpstreamConfig};
+use super::{
+    BackendKind, ConfigError, DEFAULT_UPSTREAM, FleetConfig, PassPriority, UpstreamConfig,
+};
 
 /// Name of the backend a single `[upstream]` table describes when it gives none.
 pub const DEFAULT_BACKEND_NAME: &str = "default";
@@ -26,11 +28,13 @@ pub(super) struct RawUpstream {
     max_loaded_models: Option<Spanned<i64>>,
     connect_timeout_ms: Option<Spanned<i64>>,
     first_byte_timeout_seconds: Option<Spanned<i64>>,
+    kind: Option<Spanned<String>>,
+    pass_priority: Option<Spanned<String>>,
 }
 
 /// `upstream` is a table (one backend) or an array of tables (a fleet).
 pub(super) enum RawUpstreams {
-    One(RawUpstream),
+    One(Box<RawUpstream>),
     Many(Vec<Spanned<RawUpstream>>),
 }
 
@@ -44,7 +48,7 @@ impl<'de> Deserialize<'de> for RawUpstreams {
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawUpstreams, A::Error> {
                 RawUpstream::deserialize(de::value::MapAccessDeserializer::new(map))
-                    .map(RawUpstreams::One)
+                    .map(|u| RawUpstreams::One(Box::new(u)))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<RawUpstreams, A::Error> {
                 Vec::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(RawUpstreams::Many)
@@ -78,11 +82,13 @@ pub(super) fn upstreams(
             max_loaded_models: None,
             connect_timeout_ms: None,
             first_byte_timeout_seconds: None,
+            kind: None,
+            pass_priority: None,
         };
         return Ok(vec![one(cx, &none, "upstream", 0..0, false)?]);
     };
     let entries: Vec<(String, &RawUpstream, std::ops::Range<usize>)> = match raw.get_ref() {
-        RawUpstreams::One(u) => vec![("upstream".into(), u, raw.span())],
+        RawUpstreams::One(u) => vec![("upstream".into(), &**u, raw.span())],
         RawUpstreams::Many(v) if v.is_empty() => {
             return Err(cx.err(
                 raw.span(),
@@ -167,7 +173,43 @@ fn one(
             super::parse_upstream_url(s.get_ref()).map_err(|m| cx.err(s.span(), &k("url"), m))?
         }
     };
+    let kind = match &u.kind {
+        None => BackendKind::default(),
+        Some(s) => BackendKind::from_name(s.get_ref()).ok_or_else(|| {
+            cx.err(
+                s.span(),
+                &k("kind"),
+                format!(
+                    "unknown kind {:?}: use \"ollama\" (an Ollama server, the default) or \"openai\" (an OpenAI-compatible server such as llama-server, vLLM or LM Studio)",
+                    s.get_ref()
+                ),
+            )
+        })?,
+    };
+    let pass_priority = match &u.pass_priority {
+        None => None,
+        Some(s) if s.get_ref() == "vllm" && kind == BackendKind::OpenAi => Some(PassPriority::Vllm),
+        Some(s) if s.get_ref() == "vllm" => {
+            return Err(cx.err(
+                s.span(),
+                &k("pass_priority"),
+                "only an OpenAI-compatible server takes a per-request priority: add kind = \"openai\" to this upstream, or remove pass_priority",
+            ));
+        }
+        Some(s) => {
+            return Err(cx.err(
+                s.span(),
+                &k("pass_priority"),
+                format!(
+                    "unknown priority convention {:?}: use \"vllm\" (vLLM's `priority` field, lower runs first; start vLLM with --scheduling-policy priority), or remove the key",
+                    s.get_ref()
+                ),
+            ));
+        }
+    };
     Ok(UpstreamConfig {
+        kind,
+        pass_priority,
         name,
         url,
         slots: cx.int(&u.slots, &k("slots"), 1, 4096, 1)? as u32,

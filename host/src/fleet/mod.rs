@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Serialize;
 
-use crate::config::UpstreamConfig;
+use crate::config::{BackendKind, UpstreamConfig};
 use crate::metrics::{BackendLabel, Metrics};
 use crate::policy;
 
@@ -42,6 +42,8 @@ pub struct BackendSpec {
     pub slots: u32,
     /// Models it keeps loaded at once.
     pub max_loaded_models: u32,
+    /// What it speaks.
+    pub kind: BackendKind,
 }
 
 impl BackendSpec {
@@ -52,6 +54,7 @@ impl BackendSpec {
             url: u.url.to_string(),
             slots: u.slots,
             max_loaded_models: u.max_loaded_models,
+            kind: u.kind,
         }
     }
 
@@ -62,6 +65,7 @@ impl BackendSpec {
             url: String::new(),
             slots,
             max_loaded_models: 3,
+            kind: BackendKind::Ollama,
         }
     }
 }
@@ -78,13 +82,22 @@ struct Backend {
     /// Models of the requests running on it, with their counts: loaded (or
     /// loading) there now, whatever the last poll said.
     running: HashMap<Arc<str>, u32>,
+    /// The models an OpenAI-compatible server lists in `/v1/models` (keyed
+    /// like [`model_key`]): it serves them without a load, so they count as
+    /// loaded when choosing a backend. Empty for Ollama.
+    available: Vec<Arc<str>>,
+    /// The same, as the server names them (for `/status`).
+    available_names: Vec<String>,
     label: BackendLabel,
 }
 
 impl Backend {
-    /// Whether `model` is loaded here, or being used (so loaded or loading).
+    /// Whether `model` is loaded here, or being used (so loaded or loading),
+    /// or listed by an OpenAI-compatible server.
     fn has(&self, model: &str) -> bool {
-        self.running.contains_key(model) || self.resident.has(model)
+        self.running.contains_key(model)
+            || self.resident.has(model)
+            || self.available.iter().any(|m| &**m == model)
     }
 
     /// Distinct models loaded or in use.
@@ -139,6 +152,8 @@ impl Health {
 pub struct BackendStatus {
     /// Name.
     pub name: String,
+    /// What it speaks (`ollama` or `openai`).
+    pub kind: BackendKind,
     /// Base URL.
     pub url: String,
     /// Slots.
@@ -153,6 +168,10 @@ pub struct BackendStatus {
     pub loaded: Vec<PsModel>,
     /// Models of the requests running there.
     pub running_models: Vec<String>,
+    /// Models an OpenAI-compatible server lists in `/v1/models` (empty for
+    /// Ollama, whose models are in `loaded`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub available: Vec<String>,
 }
 
 impl Fleet {
@@ -170,6 +189,8 @@ impl Fleet {
                 version: None,
                 resident: Residency::default(),
                 running: HashMap::new(),
+                available: Vec::new(),
+                available_names: Vec::new(),
             })
             .collect();
         for b in &backends {
@@ -233,6 +254,38 @@ impl Fleet {
         x.spec.slots.saturating_sub(x.busy)
     }
 
+    /// What backend `b` speaks.
+    pub fn kind(&self, b: usize) -> BackendKind {
+        self.backends[b].spec.kind
+    }
+
+    /// Free slots of backend `b` for a request to `path`: none when it
+    /// does not speak that API (an `/api/*` request on an OpenAI-compatible
+    /// server). Among the backends that do, the unhealthy ones are
+    /// sheltered unless none of them is healthy (then the request fails
+    /// fast, as against a lone unreachable backend).
+    pub fn free_for(&self, b: usize, path: &str) -> u32 {
+        let x = &self.backends[b];
+        if !x.spec.kind.serves(path) {
+            return 0;
+        }
+        let usable = x.healthy
+            || !self
+                .backends
+                .iter()
+                .any(|o| o.healthy && o.spec.kind.serves(path));
+        if !usable {
+            return 0;
+        }
+        x.spec.slots.saturating_sub(x.busy)
+    }
+
+    /// The first backend that speaks `path`'s API, free or not: where a
+    /// request goes when nothing better is free.
+    pub fn first_serving(&self, path: &str) -> Option<usize> {
+        self.backends.iter().position(|b| b.spec.kind.serves(path))
+    }
+
     /// Free slots over the backends that may take new starts.
     pub fn free_total(&self) -> u32 {
         (0..self.backends.len()).map(|b| self.free(b)).sum()
@@ -247,15 +300,16 @@ impl Fleet {
             .any(|(i, x)| i != b && x.healthy)
     }
 
-    /// The host's choice for a request for `model`: among backends with a
-    /// free slot, one where the model is loaded (or in use), else one with
-    /// room to load it (below its `max_loaded_models`), else any; the least
-    /// busy (by share of its slots) within each tier, the first listed on a
-    /// tie. None when no backend has a free slot.
-    pub fn choose(&self, model: &str) -> Option<usize> {
+    /// The host's choice for a request to `path` for `model`: among
+    /// backends that speak its API with a free slot, one where the model is
+    /// loaded (or in use, or listed by an OpenAI-compatible server), else
+    /// one with room to load it (below its `max_loaded_models`), else any;
+    /// the least busy (by share of its slots) within each tier, the first
+    /// listed on a tie. None when no such backend has a free slot.
+    pub fn choose(&self, model: &str, path: &str) -> Option<usize> {
         let key = model_key(model);
         (0..self.backends.len())
-            .filter(|&b| self.free(b) > 0)
+            .filter(|&b| self.free_for(b, path) > 0)
             .min_by(|&x, &y| {
                 let rank = |b: usize| {
                     let be = &self.backends[b];
@@ -370,6 +424,16 @@ impl Fleet {
         }
     }
 
+    /// A `/v1/models` answer for OpenAI-compatible backend `b`: the models
+    /// it serves. Its residency is known from traffic only (such a server
+    /// has no `/api/ps`).
+    pub fn apply_models(&mut self, b: usize, models: Vec<String>) {
+        if let Some(x) = self.backends.get_mut(b) {
+            x.available = models.iter().map(|m| model_key(m)).collect();
+            x.available_names = models;
+        }
+    }
+
     /// The backends as a policy sees them: every backend's slots, and its
     /// free slots new starts may take.
     pub fn policy_view(&self, now_ms: u64) -> Vec<policy::Backend> {
@@ -378,6 +442,7 @@ impl Fleet {
             .enumerate()
             .map(|(i, b)| policy::Backend {
                 name: b.spec.name.clone(),
+                kind: b.spec.kind,
                 total_slots: b.spec.slots,
                 free_slots: self.free(i),
                 healthy: b.healthy,
@@ -424,6 +489,7 @@ impl Fleet {
                 running_models.sort();
                 BackendStatus {
                     name: b.spec.name.to_string(),
+                    kind: b.spec.kind,
                     url: b.spec.url.clone(),
                     slots: b.spec.slots,
                     busy: b.busy,
@@ -431,6 +497,7 @@ impl Fleet {
                     version: b.version.clone(),
                     loaded: b.resident.snapshot(),
                     running_models,
+                    available: b.available_names.clone(),
                 }
             })
             .collect()

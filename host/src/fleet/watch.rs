@@ -3,6 +3,11 @@
 //! residency poll (`GET /api/ps` every `[fleet] ps_interval_ms`), each a
 //! small task that tells the scheduler what it saw.
 //!
+//! An OpenAI-compatible backend (`kind = "openai"`) is probed with
+//! `GET /health` (llama-server, vLLM) and polled with `GET /v1/models`: the
+//! models it lists are available there without a load. It has no residency
+//! poll; what it runs is known from traffic only.
+//!
 //! A probe that fails (refused, timed out, or not a 2xx) marks the backend
 //! down; the next one that answers marks it up again. A failed poll changes
 //! nothing (the probe speaks for health). Both run from the start, so the
@@ -17,9 +22,9 @@ use http::Method;
 use tokio_util::sync::CancellationToken;
 
 use super::residency::parse_ps;
-use crate::config::FleetConfig;
+use crate::config::{BackendKind, FleetConfig};
 use crate::escape::Escaped;
-use crate::proxy::{Fetched, Proxy};
+use crate::proxy::{Fetched, Proxy, Target};
 use crate::scheduler::SchedulerHandle;
 
 /// Longest a probe or a poll may take (it is also bounded by its period).
@@ -80,18 +85,18 @@ where
 /// One health probe of backend `b`.
 async fn probe_once(proxy: &Proxy, sched: &SchedulerHandle, b: usize, period: Duration) {
     let target = &proxy.backends()[b];
+    let path = match target.kind {
+        BackendKind::Ollama => "/api/version",
+        BackendKind::OpenAi => "/health",
+    };
     let answer = target
-        .fetch(
-            Method::GET,
-            "/api/version",
-            Default::default(),
-            period.min(MAX_CALL),
-        )
+        .fetch(Method::GET, path, Default::default(), period.min(MAX_CALL))
         .await;
     match answer {
         Fetched::Answer(status, _, body) if status.is_success() => {
-            let version = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
+            let version = (target.kind == BackendKind::Ollama)
+                .then(|| serde_json::from_slice::<serde_json::Value>(&body).ok())
+                .flatten()
                 .and_then(|v| v["version"].as_str().map(str::to_string));
             sched.backend_health(b, true, version);
         }
@@ -106,9 +111,13 @@ async fn probe_once(proxy: &Proxy, sched: &SchedulerHandle, b: usize, period: Du
     }
 }
 
-/// One `/api/ps` poll of backend `b`.
+/// One `/api/ps` poll of backend `b` (`/v1/models` for an
+/// OpenAI-compatible one).
 async fn poll_once(proxy: &Proxy, sched: &SchedulerHandle, b: usize, period: Duration) {
     let target = &proxy.backends()[b];
+    if target.kind == BackendKind::OpenAi {
+        return poll_models(target, sched, b, period).await;
+    }
     let sent_at = tokio::time::Instant::now();
     let answer = target
         .fetch(
@@ -127,5 +136,50 @@ async fn poll_once(proxy: &Proxy, sched: &SchedulerHandle, b: usize, period: Dur
                 tracing::debug!(backend = %target.name, error = %e, "unreadable /api/ps answer")
             }
         }
+    }
+}
+
+/// One `/v1/models` poll of OpenAI-compatible backend `b`.
+async fn poll_models(target: &Target, sched: &SchedulerHandle, b: usize, period: Duration) {
+    let answer = target
+        .fetch(
+            Method::GET,
+            "/v1/models",
+            Default::default(),
+            period.min(MAX_CALL),
+        )
+        .await;
+    if let Fetched::Answer(status, _, body) = answer
+        && status.is_success()
+    {
+        match parse_models(&body) {
+            Some(models) => sched.backend_models(b, models),
+            None => {
+                tracing::debug!(backend = %target.name, "unreadable /v1/models answer")
+            }
+        }
+    }
+}
+
+/// The model ids of a `/v1/models` answer (`{"object":"list","data":[{"id":..}]}`).
+fn parse_models(body: &[u8]) -> Option<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    Some(
+        v.get("data")?
+            .as_array()?
+            .iter()
+            .filter_map(|m| m.get("id").and_then(|i| i.as_str()).map(str::to_string))
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn model_lists_are_read_by_id() {
+        let body =
+            br#"{"object":"list","data":[{"id":"qwen","object":"model"},{"id":"b"},{"x":1}]}"#;
+        assert_eq!(super::parse_models(body).unwrap(), ["qwen", "b"]);
+        assert!(super::parse_models(b"{}").is_none());
     }
 }

@@ -122,6 +122,10 @@ fn to_view(v: &policy::View) -> wit::View {
         .iter()
         .map(|b| wit::Backend {
             name: b.name.to_string(),
+            kind: match b.kind {
+                policy::BackendKind::Ollama => wit::BackendKind::Ollama,
+                policy::BackendKind::OpenAi => wit::BackendKind::Openai,
+            },
             total_slots: b.total_slots,
             free_slots: b.free_slots,
             healthy: b.healthy,
@@ -257,6 +261,7 @@ mod tests {
             preemptions: 0,
         };
         let mut backend = policy::Backend::new("up".into(), 2, 1);
+        backend.kind = policy::BackendKind::OpenAi;
         backend.loaded.push(policy::LoadedModel {
             model: other.clone(),
             size_bytes: 7,
@@ -296,6 +301,7 @@ mod tests {
         let name = |i: u32| w.names[i as usize].as_str();
         assert_eq!(name(w.backends[0].loaded[0].model), "qwen");
         assert!(w.backends[0].healthy);
+        assert!(matches!(w.backends[0].kind, wit::BackendKind::Openai));
         assert_eq!(name(w.running[0].model), "llama3");
         assert_eq!(w.running[0].num_predict, Some(40));
         let models: Vec<&str> = w.waiting.iter().map(|q| name(q.model)).collect();

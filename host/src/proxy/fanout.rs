@@ -64,7 +64,7 @@ impl Proxy {
         }
         // Unstreamed pulls can run for hours: only a backend's first byte
         // is bounded, by its own timeout, for copy and delete.
-        let calls = self.backends.iter().map(|t| {
+        let calls = self.ollama_backends().map(|t| {
             let timeout = if progress {
                 Duration::MAX
             } else {
@@ -86,7 +86,7 @@ impl Proxy {
     fn fan_out_stream(&self, parts: &Parts, body: Bytes, path: &str) -> Response<ProxyBody> {
         let (tx, rx) = mpsc::channel::<Bytes>(CHANNEL);
         let mut legs = Vec::new();
-        for t in &self.backends {
+        for t in self.ollama_backends() {
             let req = t.request(parts, full(body.clone()));
             let fut = t.client.request(req);
             let (tx, name) = (tx.clone(), t.name.to_string());
@@ -133,7 +133,7 @@ impl Proxy {
     /// `HEAD /api/blobs/D`: 200 when every backend has the blob, else 404
     /// (the client then uploads it, to every backend).
     async fn blob_head(&self, parts: &Parts) -> Response<ProxyBody> {
-        let calls = self.backends.iter().map(|t| {
+        let calls = self.ollama_backends().map(|t| {
             let timeout = t.first_byte_timeout;
             async move { t.send(parts, Bytes::new(), timeout).await }
         });
@@ -155,7 +155,7 @@ impl Proxy {
     async fn blob_upload(&self, parts: &Parts, mut body: Incoming) -> Response<ProxyBody> {
         let mut senders = Vec::new();
         let mut legs = Vec::new();
-        for t in self.backends.iter() {
+        for t in self.ollama_backends() {
             let (tx, rx) = mpsc::channel::<Bytes>(8);
             let stream = futures_util::stream::unfold(rx, |mut rx| async move {
                 rx.recv()

@@ -11,6 +11,11 @@
 //! | `POST /api/pull`, `/api/push`, `/api/create`, `/api/copy`, `DELETE /api/delete`, `/api/blobs/…` | every backend ([`super::fanout`]) | merged, naming the backends that failed |
 //! | anything else | the first live backend | its own |
 //!
+//! An `/api/*` request goes only to Ollama backends (`kind = "ollama"`):
+//! merges ask only those, and with none (or when `X-Maitre-Backend` names an
+//! OpenAI-compatible one) maitre answers 404 naming the backend's kind.
+//! `/v1/*` requests go to every kind: `/v1/models` merges them all.
+//!
 //! "Live" is what the scheduler knows of health (every backend when none
 //! answers). With one backend none of this applies: requests pass through
 //! exactly as before there were fleets.
@@ -80,12 +85,28 @@ impl Proxy {
             let Some(b) = self.backends.iter().position(|t| *t.name == *name) else {
                 return Ok(unknown_backend(raw_path, &name, self.backend_names()));
             };
+            let path = percent_decode_str(raw_path).decode_utf8_lossy();
+            if !self.backends[b].kind.serves(&path) {
+                super::read::discard(body);
+                return Err(super::kind::not_ollama(&self.backends[b].name, &path));
+            }
             return self.forward_to(b, &parts, boxed(body)).await;
         }
         let path = percent_decode_str(raw_path)
             .decode_utf8_lossy()
             .into_owned();
-        let live = self.sched.health().live();
+        if let Some(refusal) = self.unserved(&path) {
+            super::read::discard(body);
+            return Err(refusal);
+        }
+        // The live backends that speak the request's API; when none of those
+        // is live, all of those (the first to answer wins).
+        let live = match self.serving(&self.sched.health().live(), &path) {
+            live if live.is_empty() => {
+                self.serving(&(0..self.backends.len()).collect::<Vec<_>>(), &path)
+            }
+            live => live,
+        };
         match route(&parts.method, &path) {
             Route::Tags => Ok(self.merge(&parts, &live, merge_tags).await),
             Route::Ps => Ok(self.merge(&parts, &live, merge_ps).await),

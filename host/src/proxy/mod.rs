@@ -20,7 +20,9 @@
 //! folded from the stream; `link` the upstream connections, which maitre can
 //! give up on and knows when the upstream has let go of; `refusal` every
 //! answer maitre gives itself and its mapping to HTTP; `error_shape` the
-//! Ollama/OpenAI error shape; `headers` the header hygiene; `live` the
+//! Ollama/OpenAI error shape; `headers` the header hygiene; `kind` which
+//! backends speak a request's API (`/api/*` never goes to an
+//! OpenAI-compatible server); `live` the
 //! settings hot reload swaps; `target` one backend's address and client;
 //! [`fleet`] and `fanout` the passthrough across several backends.
 
@@ -32,6 +34,7 @@ mod fanout;
 mod fleet;
 mod head;
 mod headers;
+mod kind;
 mod link;
 mod live;
 mod normalise;
@@ -138,6 +141,12 @@ impl Proxy {
         // POST to a scheduled path takes a slot, however it is spelled.
         if let Some(path) = scheduled_path(req.method(), req.uri().path()) {
             let path = path.to_string();
+            if let Some(refusal) = self.unserved(&path) {
+                // Nothing to schedule it on: answered at once, body unread.
+                read::discard(req.into_body());
+                let retry = self.limits.retry_after_seconds;
+                return Box::pin(async move { Ok(refusal.into_response(&path, retry)) });
+            }
             self.scheduled(req, remote, arrival, path)
         } else {
             self.metrics.passthrough.inc();
@@ -154,6 +163,10 @@ impl Proxy {
                 Ok(r) => r,
                 Err(refusal) => refusal.into_response(path, self.limits.retry_after_seconds),
             };
+        }
+        if let Some(refusal) = self.unserved(path) {
+            read::discard(req.into_body());
+            return refusal.into_response(path, self.limits.retry_after_seconds);
         }
         let (parts, body) = req.into_parts();
         let body = body.map_err(|e| Box::new(e) as BoxError).boxed();

@@ -94,6 +94,19 @@ pub enum Refusal {
         /// The connection error with its causes.
         detail: String,
     },
+    /// An Ollama `/api/*` request for an OpenAI-compatible backend, which
+    /// has no such route (404).
+    #[error(
+        "maitre: backend {backend:?} is an OpenAI-compatible server (kind = \"openai\"): it has no {path}; use {instead}"
+    )]
+    NotOllama {
+        /// The backend's name.
+        backend: Arc<str>,
+        /// The path asked for.
+        path: String,
+        /// What to use instead.
+        instead: &'static str,
+    },
     /// The stream maitre was folding into a non-streamed answer broke off:
     /// the connection was lost, or the stream ended without its end marker
     /// (502).
@@ -119,6 +132,7 @@ impl Refusal {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
             }
             Refusal::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::NotOllama { .. } => StatusCode::NOT_FOUND,
             Refusal::UpstreamUnreachable { .. } | Refusal::UpstreamBrokeOff { .. } => {
                 StatusCode::BAD_GATEWAY
             }
@@ -193,6 +207,16 @@ mod tests {
             (waiting(429), 429, true, Some("main")),
             (waiting(500), 500, false, Some("main")),
             (Refusal::UpstreamTimeout { seconds: 30 }, 504, false, None),
+            (
+                Refusal::NotOllama {
+                    backend: "llama".into(),
+                    path: "/api/generate".into(),
+                    instead: "/v1/completions",
+                },
+                404,
+                false,
+                None,
+            ),
             (
                 Refusal::UpstreamUnreachable {
                     upstream: "http://127.0.0.1:1".into(),

@@ -14,6 +14,12 @@
 //! so that the usage comes with the stream) is added last. A body maitre
 //! cannot read as a JSON object is forwarded untouched, and its answer
 //! relayed as it comes.
+//!
+//! The same member-by-member rewrite adds the per-request `priority` an
+//! engine such as vLLM takes (an upstream's `pass_priority`), on `/v1`
+//! generations ([`with_priority`]): every top-level `priority` member is
+//! dropped (vLLM reads keys as written, the last of repeated keys winning)
+//! and maitre's `"priority":N` is added last.
 
 use bytes::Bytes;
 use serde::de::IgnoredAny;
@@ -52,18 +58,11 @@ pub(crate) fn ask_for_stream(path: &str, body: &[u8], client_streams: bool) -> O
         serde_json::from_str::<String>(raw).is_ok_and(|k| go_key_matches(k.as_bytes(), name))
     };
     let dropped = |key: &str| named(key, "stream") || (openai && named(key, "stream_options"));
-    let mut out = String::with_capacity(text.len() + 64);
-    out.push('{');
-    for m in members.iter().filter(|m| !dropped(m.key)) {
-        out.push_str(m.whole);
-        out.push(',');
-    }
-    out.push_str("\"stream\":true");
+    let mut added = vec!["\"stream\":true"];
     if openai {
-        out.push_str(",\"stream_options\":{\"include_usage\":true}");
+        added.push("\"stream_options\":{\"include_usage\":true}");
     }
-    out.push('}');
-    out.push_str(&text[end..]);
+    let out = rebuild(&text, end, &members, dropped, &added);
     let api = if openai {
         Api::OpenAi { chat }
     } else {
@@ -83,6 +82,54 @@ pub(crate) fn ask_for_stream(path: &str, body: &[u8], client_streams: bool) -> O
         body: Bytes::from(out),
         api,
     })
+}
+
+/// Whether maitre may add a per-request priority to a request to `path`:
+/// the OpenAI-compatible generations (vLLM takes `priority` on both).
+pub(crate) fn takes_priority(path: &str) -> bool {
+    matches!(path, "/v1/chat/completions" | "/v1/completions")
+}
+
+/// `body` with its top-level `priority` members replaced by
+/// `"priority":value`, added last; `None` when it is not a JSON object
+/// (then it is sent as it is). Only for paths that [`takes_priority`].
+pub(crate) fn with_priority(body: &[u8], value: i64) -> Option<Bytes> {
+    let text = go_lossy(body);
+    let end = first_object_end(&text)?;
+    let members = members(&text[..end])?;
+    // vLLM (Python) matches keys exactly.
+    let dropped = |key: &str| serde_json::from_str::<String>(key).is_ok_and(|k| k == "priority");
+    let added = format!("\"priority\":{value}");
+    Some(Bytes::from(rebuild(
+        &text,
+        end,
+        &members,
+        dropped,
+        &[&added],
+    )))
+}
+
+/// The object that ends at `end` in `text`, without its `dropped` members
+/// (the others byte for byte) and with `added` last, then whatever followed.
+fn rebuild(
+    text: &str,
+    end: usize,
+    members: &[Member<'_>],
+    dropped: impl Fn(&str) -> bool,
+    added: &[&str],
+) -> String {
+    let mut out = String::with_capacity(text.len() + 64);
+    out.push('{');
+    let kept = members.iter().filter(|m| !dropped(m.key)).map(|m| m.whole);
+    for (i, part) in kept.chain(added.iter().copied()).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(part);
+    }
+    out.push('}');
+    out.push_str(&text[end..]);
+    out
 }
 
 /// Where the first JSON value of `text` ends, if it is a valid object.
@@ -271,6 +318,30 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn priority_replaces_the_clients_own_and_comes_last() {
+        let p = |b: &str, v: i64| {
+            String::from_utf8(with_priority(b.as_bytes(), v).expect("rewritten").to_vec()).unwrap()
+        };
+        assert_eq!(
+            p(
+                r#"{"model":"m","priority":-5,"messages":[{"priority":3}],"stream":true}"#,
+                1
+            ),
+            r#"{"model":"m","messages":[{"priority":3}],"stream":true,"priority":1}"#
+        );
+        assert_eq!(p("{}", 0), r#"{"priority":0}"#);
+        // A body rewritten to ask for a stream takes it as well.
+        let streamed = body("/v1/chat/completions", r#"{"model":"m","stream":false}"#);
+        assert_eq!(
+            p(&streamed, 1),
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"priority":1}"#
+        );
+        assert!(with_priority(b"not json", 1).is_none());
+        assert!(takes_priority("/v1/completions") && takes_priority("/v1/chat/completions"));
+        assert!(!takes_priority("/api/chat") && !takes_priority("/v1/embeddings"));
     }
 
     #[test]

@@ -34,7 +34,7 @@ use super::link::Link;
 use super::normalise::normalise;
 use super::read::{discard, read_body};
 use super::refusal::Refusal;
-use super::rewrite::ask_for_stream;
+use super::rewrite::{ask_for_stream, takes_priority, with_priority};
 use super::whole::{self, Whole};
 use super::{
     BodyMeta, Grant, Handling, Outcome, Proxy, ProxyBody, RequestMeta, Run, SubmitError, Target,
@@ -97,6 +97,9 @@ struct Queued {
     bytes: Bytes,
     /// Set when the answer is folded back into a non-streamed one.
     fold: Option<Api>,
+    /// A `/v1` generation: a backend with `pass_priority` is told the
+    /// request's class in its body.
+    takes_priority: bool,
     /// The body's bytes in the budget, given back when the request ends.
     _held: Held,
     ticket: Ticket,
@@ -191,6 +194,7 @@ impl Proxy {
             head: PackedHead::pack(&head),
             bytes: upstream_body,
             fold,
+            takes_priority: takes_priority(&path),
             _held: held,
             ticket: submitted?,
         };
@@ -235,7 +239,9 @@ impl Proxy {
         // run, not in this one for its whole life.
         let head = q.head.unpack();
         let target = &self.backends[grant.backend];
-        let sent = Box::pin(self.dispatch(&head, &q.bytes, &grant, &mut q.ticket)).await;
+        let body = self.body_for(&q, &grant);
+        let sent = Box::pin(self.dispatch(&head, &body, &grant, &mut q.ticket)).await;
+        drop(body);
         let (resp, link) = match sent {
             Ok(Sent::Answered(resp, link)) => (resp, link),
             Ok(Sent::Preempted) => {
@@ -316,6 +322,17 @@ impl Proxy {
             return Attempt::Requeued(q);
         }
         Attempt::Done(Ok(relay(resp, &grant, q.ticket, link)))
+    }
+
+    /// The body for the granted backend: with the request's priority in it
+    /// when that backend takes one (`pass_priority`).
+    fn body_for(&self, q: &Queued, grant: &Grant) -> Bytes {
+        match self.backends[grant.backend].pass_priority {
+            Some(p) if q.takes_priority => {
+                with_priority(&q.bytes, p.value(grant.class)).unwrap_or_else(|| q.bytes.clone())
+            }
+            _ => q.bytes.clone(),
+        }
     }
 
     /// Phase 2: hands the request to the scheduler, which queues it or

@@ -30,6 +30,10 @@ pub struct Target {
     pub(crate) client: Client<link::Connector, ProxyBody>,
     /// Longest wait for its response head.
     pub first_byte_timeout: Duration,
+    /// What it speaks.
+    pub kind: crate::config::BackendKind,
+    /// The per-request priority it is told, if any.
+    pub pass_priority: Option<crate::config::PassPriority>,
 }
 
 impl Target {
@@ -54,6 +58,8 @@ impl Target {
                 .unwrap_or(HeaderValue::from_static("localhost")),
             client,
             first_byte_timeout: Duration::from_secs(up.first_byte_timeout_seconds),
+            kind: up.kind,
+            pass_priority: up.pass_priority,
         }
     }
 

@@ -10,16 +10,18 @@ use super::ticket::Signal;
 
 impl Core {
     /// The backend a start goes to: the one the policy named, if it has a
-    /// free slot that takes new starts; else the host's choice.
+    /// free slot that takes new starts and speaks the request's API (an
+    /// OpenAI-compatible server never gets an `/api/*` request); else the
+    /// host's choice.
     pub(super) fn place(&self, id: u64, named: Option<u32>) -> Option<usize> {
+        let e = self.entries.get(&id)?;
         if let Some(b) = named.map(|b| b as usize)
             && b < self.fleet.len()
-            && self.fleet.free(b) > 0
+            && self.fleet.free_for(b, &e.meta.path) > 0
         {
             return Some(b);
         }
-        let model = self.entries.get(&id).map(|e| e.meta.model.clone())?;
-        self.fleet.choose(&model)
+        self.fleet.choose(&e.meta.model, &e.meta.path)
     }
 
     /// A probe's verdict on a backend. A backend coming back gives waiting

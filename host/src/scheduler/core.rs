@@ -213,6 +213,7 @@ impl Core {
                 sent_at,
                 models,
             } => self.fleet.apply_poll(backend, sent_at, models),
+            Msg::Models { backend, models } => self.fleet.apply_models(backend, models),
             Msg::Status { reply } => {
                 let _ = reply.send(self.status());
             }

@@ -32,7 +32,11 @@ impl Core {
             Some(e) if e.arm == a => return self.count_invalid(a, Invalid::DuplicateStart),
             _ => return self.count_invalid(a, Invalid::UnknownId),
         }
-        if self.free_slots(a) > 0 {
+        if self.free_slots(a) > 0 && self.place(id, backend).is_none() {
+            // Free slots, but none on a backend that speaks this request's
+            // API (an `/api/*` request while only OpenAI-compatible servers
+            // are free): it waits for one, without blame on the policy.
+        } else if self.free_slots(a) > 0 {
             self.dispatch(id, backend);
         } else if self.arms[a].preempting as usize > self.arms[a].handoff.len() {
             // The slot of a pre-empted request goes to this one the moment
@@ -140,7 +144,13 @@ impl Core {
     fn dispatch(&mut self, id: u64, named: Option<u32>) {
         // Callers checked there is a free slot; on the first backend
         // otherwise, so the request still ends (a 502 at worst).
-        let b = self.place(id, named).unwrap_or(0);
+        let Some(path) = self.entries.get(&id).map(|e| e.meta.path.clone()) else {
+            return;
+        };
+        let b = self
+            .place(id, named)
+            .or_else(|| self.fleet.first_serving(&path))
+            .unwrap_or(0);
         let Some(e) = self.entries.get_mut(&id) else {
             return;
         };
@@ -154,6 +164,7 @@ impl Core {
         self.fleet.acquire(b, &e.meta.model);
         let grant = Grant {
             run,
+            class: e.class,
             queue_wait: e.queued_total,
             preemptions: e.preemptions,
             arm: self.arms[a].name.clone(),

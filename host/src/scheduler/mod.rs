@@ -122,6 +122,10 @@ pub(crate) enum Msg {
         sent_at: tokio::time::Instant,
         models: Vec<PsModel>,
     },
+    Models {
+        backend: usize,
+        models: Vec<String>,
+    },
     Status {
         reply: oneshot::Sender<Status>,
     },
@@ -260,6 +264,12 @@ impl SchedulerHandle {
             sent_at,
             models,
         });
+    }
+
+    /// The models an OpenAI-compatible backend serves, from a `/v1/models`
+    /// poll.
+    pub fn backend_models(&self, backend: usize, models: Vec<String>) {
+        let _ = self.tx.send(Msg::Models { backend, models });
     }
 
     /// Stops admitting: waiting requests and new arrivals get 503 + Retry-After;

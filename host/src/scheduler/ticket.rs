@@ -217,6 +217,9 @@ impl Run {
 pub struct Grant {
     /// Shared state of this dispatch.
     pub run: Arc<Run>,
+    /// The class the policy gave it (an engine that takes a per-request
+    /// priority may be told).
+    pub class: crate::policy::Class,
     /// Total time spent waiting in maitre so far.
     pub queue_wait: Duration,
     /// How often the request was pre-empted before this dispatch.

@@ -74,6 +74,7 @@ mod tests {
             model: "fake".into(),
             tag: None,
             priority: None,
+            body_priority: None,
             stream: false,
             tokens: 0,
         }

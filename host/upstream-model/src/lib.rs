@@ -132,6 +132,10 @@ pub struct ModelConfig {
     /// Models loaded at once (`OLLAMA_MAX_LOADED_MODELS`); loading one more
     /// evicts the least recently used.
     pub max_loaded: usize,
+    /// An OpenAI-compatible server, like llama-server or vLLM, instead of
+    /// Ollama: `/v1/*` and `GET /health` only; every `/api/*` route (and
+    /// `/`) answers 404 in the OpenAI error shape.
+    pub openai_only: bool,
 }
 
 impl ModelConfig {
@@ -165,6 +169,7 @@ impl Default for ModelConfig {
             preloaded: Vec::new(),
             load_time: Duration::ZERO,
             max_loaded: 16,
+            openai_only: false,
         }
     }
 }

@@ -61,6 +61,20 @@ struct Args {
     /// used one is evicted.
     #[arg(long, default_value_t = 16)]
     max_loaded: usize,
+    /// What to be: `ollama`, or `openai`, an OpenAI-compatible server like
+    /// llama-server or vLLM (/v1/*, GET /health and /v1/models; 404 on
+    /// /api/*).
+    #[arg(long, value_enum, default_value_t = Kind::Ollama)]
+    kind: Kind,
+}
+
+/// The server the model plays.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// Ollama.
+    Ollama,
+    /// An OpenAI-compatible server (llama-server, vLLM).
+    Openai,
 }
 
 #[tokio::main]
@@ -80,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
         preloaded: args.preload,
         load_time: Duration::from_millis(args.load_ms),
         max_loaded: args.max_loaded,
+        openai_only: args.kind == Kind::Openai,
         ..ModelConfig::default()
     };
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -34,10 +34,21 @@ pub(crate) enum Route {
     OaEmbeddings,
     OaModels,
     OaModel,
+    /// llama-server's and vLLM's `GET /health` (OpenAI-only mode).
+    Health,
 }
 
 impl Route {
-    fn find(path: &str) -> Option<Route> {
+    /// The route of `path`; an OpenAI-compatible server (`openai_only`)
+    /// knows `/v1/*` and `/health` only, Ollama everything but `/health`.
+    fn find(path: &str, openai_only: bool) -> Option<Route> {
+        if openai_only {
+            return match path {
+                "/health" => Some(Route::Health),
+                p if p.starts_with("/v1/") => Self::find(p, false),
+                _ => None,
+            };
+        }
         Some(match path {
             "/" => Route::Root,
             "/api/version" => Route::Version,
@@ -60,7 +71,9 @@ impl Route {
 
     fn allows(self, m: &Method) -> bool {
         match self {
-            Route::Root | Route::Version | Route::Tags => m == Method::GET || m == Method::HEAD,
+            Route::Root | Route::Version | Route::Tags | Route::Health => {
+                m == Method::GET || m == Method::HEAD
+            }
             Route::Ps | Route::OaModels | Route::OaModel => m == Method::GET,
             _ => m == Method::POST,
         }
@@ -74,6 +87,7 @@ impl Route {
                 | Route::OaEmbeddings
                 | Route::OaModels
                 | Route::OaModel
+                | Route::Health
         )
     }
 }
@@ -151,7 +165,11 @@ async fn dispatch(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             return util::empty(StatusCode::FORBIDDEN);
         }
     }
-    let Some(route) = Route::find(path) else {
+    let Some(route) = Route::find(path, st.cfg.openai_only) else {
+        if st.cfg.openai_only {
+            // llama-server's answer to a route it does not have.
+            return util::openai_error(StatusCode::NOT_FOUND, "File Not Found");
+        }
         return util::response(StatusCode::NOT_FOUND, util::TEXT, "404 page not found");
     };
     if !route.allows(&parts.method) {
@@ -222,6 +240,7 @@ impl Call {
                 | Route::Ps
                 | Route::OaModels
                 | Route::OaModel
+                | Route::Health
         );
         let parsed = if needs_body {
             util::parse_body(body)
@@ -249,7 +268,14 @@ impl Call {
             (Ok(m), Route::OaChat | Route::OaCompletions) => util::stream_flag(m, false),
             _ => false,
         };
-        self.tracker.received(&model, stream);
+        // vLLM's per-request priority, recorded so tests see what arrived.
+        let body_priority = match (&parsed, self.route) {
+            (Ok(m), Route::OaChat | Route::OaCompletions) => {
+                m.get("priority").and_then(Value::as_i64)
+            }
+            _ => None,
+        };
+        self.tracker.received_with(&model, stream, body_priority);
         if let Some(status) = self.shape.status {
             let due = match self.shape.status_times {
                 None => true,
@@ -271,6 +297,7 @@ impl Call {
                 util::response(StatusCode::OK, util::TEXT, "Ollama is running")
             }
             Route::Version => self.ok(&json!({ "version": crate::VERSION })),
+            Route::Health => self.ok(&json!({ "status": "ok" })),
             Route::Tags => self.ok(&residency::tags(&st.cfg)),
             Route::Ps => self.ok(&residency::ps(&st.loaded())),
             Route::OaModels => self.ok(&residency::oa_models(&st.cfg)),

@@ -63,6 +63,10 @@ pub struct LogEvent {
     pub tag: Option<String>,
     /// Value of the `X-Priority` request header, as received.
     pub priority: Option<String>,
+    /// The integer `priority` member of a `/v1` generation's body (vLLM's
+    /// per-request priority), as received.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_priority: Option<i64>,
     /// Whether the request asked for a streamed answer (with the
     /// endpoint's default applied); false for endpoints that never stream.
     #[serde(default)]
@@ -102,6 +106,7 @@ struct ReqInfo {
     model: String,
     tag: Option<String>,
     priority: Option<String>,
+    body_priority: Option<i64>,
     stream: bool,
     /// [`LIFE_ATTENDED`], [`LIFE_ORPHANED`] or [`LIFE_ENDED`]; changed only
     /// under the state's lock, so the log and the orphan count agree.
@@ -144,6 +149,7 @@ impl Inner {
             model: info.model.clone(),
             tag: info.tag.clone(),
             priority: info.priority.clone(),
+            body_priority: info.body_priority,
             stream: info.stream,
             tokens,
         });
@@ -329,6 +335,7 @@ impl Tracker {
                 model: String::new(),
                 tag,
                 priority,
+                body_priority: None,
                 stream: false,
                 life: AtomicU8::new(LIFE_ATTENDED),
             }),
@@ -357,11 +364,17 @@ impl Tracker {
     /// Logs `Received` (once), now that the model and whether the request
     /// asked for a stream are known.
     pub fn received(&mut self, model: &str, stream: bool) {
+        self.received_with(model, stream, None);
+    }
+
+    /// [`Tracker::received`], with the body's `priority` member.
+    pub fn received_with(&mut self, model: &str, stream: bool, body_priority: Option<i64>) {
         if !self.received {
             self.received = true;
             if let Some(info) = Arc::get_mut(&mut self.info) {
                 info.model = model.to_string();
                 info.stream = stream;
+                info.body_priority = body_priority;
             }
             self.event(EventKind::Received);
         }

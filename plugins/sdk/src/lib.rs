@@ -118,7 +118,7 @@ pub mod __private {
 }
 
 pub use bindings::maitre::policy::types::{
-    Action, Admission, Backend, Class, Placement, Preemption, RejectWaiting, Rejection, Request,
+    Action, Admission, Backend, BackendKind, Class, Placement, Preemption, RejectWaiting, Rejection, Request,
     Running, Start, View, Waiting,
 };
 

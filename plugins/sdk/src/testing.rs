@@ -68,6 +68,7 @@ pub fn view(now_ms: u64, total_slots: u32, running: Vec<Running>, waiting: Vec<W
         names: vec!["m".into()],
         backends: vec![crate::Backend {
             name: "ollama".into(),
+            kind: crate::BackendKind::Ollama,
             total_slots,
             free_slots,
             healthy: true,

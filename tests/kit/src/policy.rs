@@ -62,6 +62,10 @@ pub struct Backend {
     max_loaded_models: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     first_byte_timeout_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pass_priority: Option<String>,
 }
 
 impl Backend {
@@ -73,7 +77,21 @@ impl Backend {
             slots,
             max_loaded_models: None,
             first_byte_timeout_seconds: None,
+            kind: None,
+            pass_priority: None,
         }
+    }
+
+    /// Its `kind` (`"ollama"` or `"openai"`).
+    pub fn kind(mut self, kind: &str) -> Backend {
+        self.kind = Some(kind.into());
+        self
+    }
+
+    /// Its `pass_priority` (`"vllm"`).
+    pub fn pass_priority(mut self, convention: &str) -> Backend {
+        self.pass_priority = Some(convention.into());
+        self
     }
 
     /// Its `max_loaded_models`.
@@ -223,6 +241,8 @@ impl PolicyFile {
                 slots,
                 max_loaded_models: None,
                 first_byte_timeout_seconds: None,
+                kind: None,
+                pass_priority: None,
             }),
             fleet: None,
             limits: None,
@@ -276,6 +296,15 @@ impl PolicyFile {
     /// Sets `admin_token`: the bearer token the mutating admin endpoints need.
     pub fn admin_token(mut self, token: impl Into<String>) -> PolicyFile {
         self.admin_token = Some(token.into());
+        self
+    }
+
+    /// Sets `kind` (and `pass_priority`, if given) of the one `[upstream]`.
+    pub fn upstream_kind(mut self, kind: &str, pass_priority: Option<&str>) -> PolicyFile {
+        if let Upstreams::One(b) = &mut self.upstream {
+            b.kind = Some(kind.into());
+            b.pass_priority = pass_priority.map(Into::into);
+        }
         self
     }
 
