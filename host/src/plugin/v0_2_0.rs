@@ -125,6 +125,7 @@ fn to_view(v: &policy::View) -> wit::View {
             total_slots: b.total_slots,
             free_slots: b.free_slots,
             healthy: b.healthy,
+            max_loaded_models: b.max_loaded_models,
             loaded: b
                 .loaded
                 .iter()
@@ -257,6 +258,7 @@ mod tests {
             preemptions: 0,
         };
         let mut backend = policy::Backend::new("up".into(), 2, 1);
+        backend.max_loaded_models = 3;
         backend.loaded.push(policy::LoadedModel {
             model: other.clone(),
             size_bytes: 7,
@@ -296,6 +298,7 @@ mod tests {
         let name = |i: u32| w.names[i as usize].as_str();
         assert_eq!(name(w.backends[0].loaded[0].model), "qwen");
         assert!(w.backends[0].healthy);
+        assert_eq!(w.backends[0].max_loaded_models, 3);
         assert_eq!(name(w.running[0].model), "llama3");
         assert_eq!(w.running[0].num_predict, Some(40));
         let models: Vec<&str> = w.waiting.iter().map(|q| name(q.model)).collect();
