@@ -105,6 +105,11 @@ impl<'a> Plan<'a> {
         }
     }
 
+    /// The view this plan was made from.
+    pub fn view(&self) -> &'a View {
+        self.view
+    }
+
     /// Whether no backend is healthy (or none is listed): picks name none
     /// and the host applies its own rule.
     pub fn blind(&self) -> bool {
