@@ -158,7 +158,14 @@ impl Policy for FairShare {
             .map(|w| {
                 let overdue = view.now_ms.saturating_sub(w.arrival_ms) as f64 >= max_wait_ms;
                 let later_class = self.realtime_first && w.class == Class::Batch;
-                (!overdue, later_class, -w.priority, w.arrival_ms, w.id, w.model)
+                (
+                    !overdue,
+                    later_class,
+                    -w.priority,
+                    w.arrival_ms,
+                    w.id,
+                    w.model,
+                )
             })
             .collect();
         order.sort_unstable_by(|a, b| {
@@ -190,7 +197,9 @@ impl FairShare {
         let ended: Vec<(u64, u64)> = s
             .seen
             .iter()
-            .filter(|(id, _)| !running.contains_key(id) && !view.waiting.iter().any(|w| w.id == **id))
+            .filter(|(id, _)| {
+                !running.contains_key(id) && !view.waiting.iter().any(|w| w.id == **id)
+            })
             .map(|(id, t)| (*id, *t))
             .collect();
         for (id, tokens) in ended {

@@ -117,7 +117,10 @@ fn realtime_first_then_the_overdue() {
     let be = arrive(&p, 1, "a", None, 0);
     let rt = arrive(&p, 2, "b", Some(Class::Realtime), 500);
     let q = vec![be.clone(), rt.clone()];
-    assert_eq!(started(&p.schedule(&view(600, 1, vec![], q.clone()))), vec![2]);
+    assert_eq!(
+        started(&p.schedule(&view(600, 1, vec![], q.clone()))),
+        vec![2]
+    );
     // The batch request has waited past max_wait_seconds: it goes first.
     assert_eq!(started(&p.schedule(&view(1_000, 1, vec![], q))), vec![1]);
 }

@@ -19,8 +19,8 @@
 
 use maitre_policy_sdk::{
     Action, Admission, Aging, Class, Config, GROUP_MAX_WAIT_DEFAULT_MS, GROUP_MAX_WAIT_KEY, Hold,
-    Placement, Plan, Policy, Request, View, Waiting, class_from_hint, export_policy,
-    order_waiting, start_on,
+    Placement, Plan, Policy, Request, View, Waiting, class_from_hint, export_policy, order_waiting,
+    start_on,
 };
 
 /// Config key: slots only real-time requests may use.

@@ -295,7 +295,9 @@ mod fleet {
         for b in &mut bs {
             b.free_slots = 1;
         }
-        let running: Vec<Running> = (0..3).map(|b| on(run(10 + b, BE), b as u32, b as u32)).collect();
+        let running: Vec<Running> = (0..3)
+            .map(|b| on(run(10 + b, BE), b as u32, b as u32))
+            .collect();
         let mut waiting = batch.clone();
         waiting.push(of_model(rt(7, 500), 1));
         let v = fleet(1_000, bs, running, waiting);

@@ -124,7 +124,10 @@ impl<'a> Plan<'a> {
     /// Whether `model` is loaded on backend `b`, or this decision loads it there.
     pub fn has(&self, b: u32, model: u32) -> bool {
         let i = b as usize;
-        self.view.backends.get(i).is_some_and(|x| x.has_model(model))
+        self.view
+            .backends
+            .get(i)
+            .is_some_and(|x| x.has_model(model))
             || self.added.get(i).is_some_and(|a| a.contains(&model))
     }
 
