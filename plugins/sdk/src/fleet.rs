@@ -12,7 +12,9 @@
 //! pressure, [`Plan::hold`] tells a policy which batch requests to pass
 //! over so that backends don't thrash between models.
 
-use crate::{Action, Backend, Class, Start, View, Waiting};
+use std::collections::HashMap;
+
+use crate::{Action, Class, Start, View, Waiting};
 
 /// Config key of the grouping bound: a batch request passed over under
 /// memory pressure for longer than this (since its arrival) is taken anyway.
@@ -65,10 +67,15 @@ pub enum Hold {
     Wait,
 }
 
-impl Backend {
-    /// Whether `model` (an index into `view.names`) is loaded here.
-    pub fn has_model(&self, model: u32) -> bool {
-        self.loaded.iter().any(|l| l.model == model)
+/// Ollama's name of a model: `llama3` is `llama3:latest` (a tag after the
+/// last `/` counts; a registry port does not). A request may say either,
+/// while `/api/ps` (and so `loaded`) says the full name.
+pub fn model_key(name: &str) -> std::borrow::Cow<'_, str> {
+    let base = name.rsplit('/').next().unwrap_or(name);
+    if base.contains(':') || name.is_empty() {
+        name.into()
+    } else {
+        format!("{name}:latest").into()
     }
 }
 
@@ -88,8 +95,10 @@ impl View {
 pub struct Plan<'a> {
     view: &'a View,
     free: Vec<u32>,
-    /// Models this decision loads, per backend.
+    /// Models this decision loads, per backend (canonical ids).
     added: Vec<Vec<u32>>,
+    /// Per name id, the first id of the same model ([`model_key`]).
+    canon: Vec<u32>,
     /// No backend is healthy: the host decides everything.
     blind: bool,
 }
@@ -97,7 +106,15 @@ pub struct Plan<'a> {
 impl<'a> Plan<'a> {
     /// The backends of `view`, nothing booked yet.
     pub fn new(view: &'a View) -> Self {
+        let mut first: HashMap<std::borrow::Cow<'_, str>, u32> = HashMap::new();
+        let canon = view
+            .names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| *first.entry(model_key(n)).or_insert(i as u32))
+            .collect();
         Plan {
+            canon,
             view,
             free: view.backends.iter().map(|b| b.free_slots).collect(),
             added: vec![Vec::new(); view.backends.len()],
@@ -121,14 +138,21 @@ impl<'a> Plan<'a> {
         self.free.get(b as usize).copied().unwrap_or(0)
     }
 
-    /// Whether `model` is loaded on backend `b`, or this decision loads it there.
+    /// The canonical id of name id `model`: equal for `m` and `m:latest`.
+    fn canon(&self, model: u32) -> u32 {
+        self.canon.get(model as usize).copied().unwrap_or(model)
+    }
+
+    /// Whether `model` (an index into `view.names`) is loaded on backend
+    /// `b`, or this decision loads it there. `m` and `m:latest` are one model.
     pub fn has(&self, b: u32, model: u32) -> bool {
         let i = b as usize;
+        let m = self.canon(model);
         self.view
             .backends
             .get(i)
-            .is_some_and(|x| x.has_model(model))
-            || self.added.get(i).is_some_and(|a| a.contains(&model))
+            .is_some_and(|x| x.loaded.iter().any(|l| self.canon(l.model) == m))
+            || self.added.get(i).is_some_and(|a| a.contains(&m))
     }
 
     /// How well backend `b` suits `model` (whatever its free slots).
@@ -180,10 +204,11 @@ impl<'a> Plan<'a> {
         if let Some(f) = self.free.get_mut(b) {
             *f = f.saturating_sub(1);
         }
+        let m = self.canon(model);
         if pick.fit != Fit::Loaded
             && let Some(a) = self.added.get_mut(b)
         {
-            a.push(model);
+            a.push(m);
         }
     }
 

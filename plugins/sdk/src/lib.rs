@@ -49,7 +49,9 @@ mod fleet;
 pub mod testing;
 
 pub use config::{Config, invalid};
-pub use fleet::{Fit, GROUP_MAX_WAIT_DEFAULT_MS, GROUP_MAX_WAIT_KEY, Hold, Pick, Plan, start_on};
+pub use fleet::{
+    Fit, GROUP_MAX_WAIT_DEFAULT_MS, GROUP_MAX_WAIT_KEY, Hold, Pick, Plan, model_key, start_on,
+};
 
 /// Generated bindings of the WIT world. Not part of the API: use the
 /// re-exports at the crate root instead.

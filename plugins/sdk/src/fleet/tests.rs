@@ -126,3 +126,27 @@ fn under_pressure_batch_for_a_loaded_model_goes_first_bounded_by_waiting() {
         Hold::Go
     );
 }
+
+#[test]
+fn a_request_for_m_matches_m_latest_loaded() {
+    assert_eq!(model_key("llama3"), "llama3:latest");
+    assert_eq!(model_key("llama3:8b"), "llama3:8b");
+    assert_eq!(model_key("host:5000/ns/m"), "host:5000/ns/m:latest");
+    assert_eq!(model_key(""), "");
+    // Names: 0 "alpha:latest" (as /api/ps says), 1 "alpha" (as a request says).
+    let mut v = fleet(
+        0,
+        vec![backend(2, 2, 1, &[2]), backend(2, 2, 1, &[0])],
+        vec![],
+        vec![],
+    );
+    v.names = vec!["alpha:latest".into(), "alpha".into(), "beta:latest".into()];
+    assert_eq!(v.best_backend(1), Some(1));
+    let mut plan = Plan::new(&v);
+    assert!(plan.has(1, 1));
+    // Booked as "alpha", it counts as "alpha:latest" loaded.
+    let p = plan.pick(1, |b| b == 0).unwrap();
+    assert_eq!(p.fit, Fit::Evict);
+    plan.book(p, 1);
+    assert!(plan.has(0, 0));
+}
