@@ -116,7 +116,7 @@ fn realtime_first_then_the_overdue() {
     let p = policy(&[("max_wait_seconds", "1")]);
     let be = arrive(&p, 1, "a", None, 0);
     let rt = arrive(&p, 2, "b", Some(Class::Realtime), 500);
-    let q = vec![be.clone(), rt.clone()];
+    let q = vec![be, rt];
     assert_eq!(
         started(&p.schedule(&view(600, 1, vec![], q.clone()))),
         vec![2]

@@ -167,7 +167,7 @@ fn batch_start_under_rt_flood(p: &ReservedAging, horizon_ms: u64) -> Option<u64>
         let v = view(
             now,
             slots,
-            running.iter().map(|(r, _)| r.clone()).collect(),
+            running.iter().map(|(r, _)| *r).collect(),
             queue.clone(),
         );
         let actions = p.schedule(&v);
