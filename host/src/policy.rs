@@ -145,6 +145,9 @@ pub struct Backend {
     pub free_slots: u32,
     /// Answers its probe and accepts connections.
     pub healthy: bool,
+    /// How many models it keeps loaded at once (its `max_loaded_models`;
+    /// 0 = unknown): a policy can tell when a new model means an eviction.
+    pub max_loaded_models: u32,
     /// Models it has loaded.
     pub loaded: Vec<LoadedModel>,
     /// Measured speed per model.
@@ -161,6 +164,7 @@ impl Backend {
             total_slots,
             free_slots,
             healthy: true,
+            max_loaded_models: 0,
             loaded: Vec::new(),
             speeds: Vec::new(),
         }

@@ -23,7 +23,8 @@ struct Fleet3 {
     m: Maitre,
 }
 
-/// An upstream model with `own` loaded and on disk, and `fake-shared` on disk.
+/// An upstream model with `own` loaded and on disk, and `fake-shared` on
+/// disk, keeping at most 2 models loaded.
 fn model_cfg(own: &str, slots: usize, token_ms: u64) -> ModelConfig {
     ModelConfig {
         slots,
@@ -36,31 +37,36 @@ fn model_cfg(own: &str, slots: usize, token_ms: u64) -> ModelConfig {
     }
 }
 
-async fn upstream(own: &str, slots: usize, token_ms: u64) -> UpstreamModel {
-    UpstreamModel::start(model_cfg(own, slots, token_ms))
-        .await
-        .expect("start an upstream model")
-}
-
 /// Three upstream models behind maitre, with `arm`; probes and polls fast.
 async fn fleet3(arm: Arm, token_ms: u64) -> Fleet3 {
+    fleet3_keeping(arm, token_ms, 2).await
+}
+
+/// [`fleet3`] with backends that keep at most `max_loaded` models loaded.
+async fn fleet3_keeping(arm: Arm, token_ms: u64, max_loaded: u32) -> Fleet3 {
     let mut fakes = Vec::new();
     for (_, own) in BACKENDS {
-        fakes.push(upstream(own, 2, token_ms).await);
+        let cfg = ModelConfig {
+            max_loaded: max_loaded as usize,
+            ..model_cfg(own, 2, token_ms)
+        };
+        fakes.push(
+            UpstreamModel::start(cfg)
+                .await
+                .expect("start an upstream model"),
+        );
     }
-    let policy = PolicyFile::new("http://unused", 1)
-        .backends(
-            BACKENDS
-                .iter()
-                .zip(&fakes)
-                .map(|((name, _), f)| Backend::new(*name, f.url(), 2).max_loaded_models(2)),
-        )
-        .fleet(Fleet {
-            probe_interval_ms: Some(200),
-            ps_interval_ms: Some(200),
-            ..Fleet::default()
-        })
-        .arm(arm);
+    let policy =
+        PolicyFile::new("http://unused", 1)
+            .backends(BACKENDS.iter().zip(&fakes).map(|((name, _), f)| {
+                Backend::new(*name, f.url(), 2).max_loaded_models(max_loaded)
+            }))
+            .fleet(Fleet {
+                probe_interval_ms: Some(200),
+                ps_interval_ms: Some(200),
+                ..Fleet::default()
+            })
+            .arm(arm);
     let m = start(&policy);
     let f = Fleet3 { fakes, m };
     f.wait_residency().await;
@@ -392,6 +398,37 @@ async fn the_built_in_plugins_work_with_several_backends() {
             "{plugin} was ejected: {st}"
         );
     }
+}
+
+#[tokio::test]
+async fn reserved_aging_sends_each_model_to_its_backend_without_swaps() {
+    // Each backend keeps one model (its own): a request for it anywhere
+    // else evicts. Reserved-aging keeps one real-time slot per backend, so
+    // one batch request at a time runs on each.
+    let arm = Arm::builtin("main", "reserved-aging").config("group_max_wait_ms", 20_000);
+    let f = fleet3_keeping(arm, 30, 1).await;
+    let c = client();
+    // More alpha requests than a has batch slots, all at once: the host's
+    // own choice would spill the extra ones onto b and c, loading alpha there.
+    let mut reqs = Vec::new();
+    for i in 0..6 {
+        reqs.push(gen_for(&c, &f.m.url, "fake-alpha", &format!("alpha-{i}")));
+    }
+    for (_, own) in &BACKENDS[1..] {
+        for i in 0..2 {
+            reqs.push(gen_for(&c, &f.m.url, own, &format!("{own}-{i}")));
+        }
+    }
+    for (status, backend, body) in all(reqs).await {
+        assert_eq!(status, 200, "{body}");
+        let model = body["model"].as_str().unwrap();
+        let want = BACKENDS.iter().find(|(_, own)| *own == model).unwrap().0;
+        assert_eq!(backend, want, "{model} ran on {backend}");
+    }
+    let loads: Vec<u64> = f.fakes.iter().map(UpstreamModel::loads).collect();
+    assert_eq!(loads, [0, 0, 0], "no model was swapped in");
+    let st = f.m.status().await;
+    assert!(st["arms"][0]["fallback"] == false, "ejected: {st}");
 }
 
 #[tokio::test]

@@ -446,6 +446,7 @@ impl Fleet {
                 total_slots: b.spec.slots,
                 free_slots: self.free(i),
                 healthy: b.healthy,
+                max_loaded_models: b.spec.max_loaded_models,
                 loaded: self
                     .loaded(i)
                     .into_iter()

@@ -85,10 +85,11 @@ async fn a_down_backend_takes_no_start_unless_every_backend_is_down() {
 
 #[tokio::test(start_paused = true)]
 async fn policies_and_status_see_every_backend() {
-    let mut f = fleet(vec![spec("a", 2, 3), spec("b", 1, 3)]);
+    let mut f = fleet(vec![spec("a", 2, 3), spec("b", 1, 1)]);
     f.acquire(0, &m("x"));
     let v = f.policy_view(0);
     assert_eq!(v.len(), 2);
+    assert_eq!((v[0].max_loaded_models, v[1].max_loaded_models), (3, 1));
     assert_eq!(
         (&*v[0].name, v[0].total_slots, v[0].free_slots),
         ("a", 2, 1)

@@ -129,6 +129,7 @@ fn to_view(v: &policy::View) -> wit::View {
             total_slots: b.total_slots,
             free_slots: b.free_slots,
             healthy: b.healthy,
+            max_loaded_models: b.max_loaded_models,
             loaded: b
                 .loaded
                 .iter()
@@ -262,6 +263,7 @@ mod tests {
         };
         let mut backend = policy::Backend::new("up".into(), 2, 1);
         backend.kind = policy::BackendKind::OpenAi;
+        backend.max_loaded_models = 3;
         backend.loaded.push(policy::LoadedModel {
             model: other.clone(),
             size_bytes: 7,
@@ -302,6 +304,7 @@ mod tests {
         assert_eq!(name(w.backends[0].loaded[0].model), "qwen");
         assert!(w.backends[0].healthy);
         assert!(matches!(w.backends[0].kind, wit::BackendKind::Openai));
+        assert_eq!(w.backends[0].max_loaded_models, 3);
         assert_eq!(name(w.running[0].model), "llama3");
         assert_eq!(w.running[0].num_predict, Some(40));
         let models: Vec<&str> = w.waiting.iter().map(|q| name(q.model)).collect();

@@ -52,6 +52,8 @@ mod tests;
 #[cfg(test)]
 mod tests_fleet;
 #[cfg(test)]
+mod tests_fleet_plugins;
+#[cfg(test)]
 mod tests_load;
 #[cfg(test)]
 mod tests_shadow;

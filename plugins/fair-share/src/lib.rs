@@ -17,6 +17,9 @@
 //!   really produced minus those it was charged for.
 //! - Real-time requests go before batch (`realtime_first`), and any request
 //!   that has waited `max_wait_seconds` goes first: nothing starves.
+//! - Each start names a backend with the request's model loaded, else one
+//!   with room to load it, else leaves the choice to the host ([`Plan`]);
+//!   the fair order itself ignores residency.
 //!
 //! The guarantee and the parameters are in this crate's README.md.
 
@@ -24,8 +27,8 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use maitre_policy_sdk::{
-    Action, Admission, Class, Config, Placement, Policy, Request, View, class_from_hint,
-    export_policy, start,
+    Action, Admission, Class, Config, Placement, Plan, Policy, Request, View, class_from_hint,
+    export_policy,
 };
 
 /// Config key: cost estimate of a request without `num_predict`.
@@ -149,13 +152,20 @@ impl Policy for FairShare {
     fn schedule(&self, view: &View) -> Vec<Action> {
         self.correct(view);
         let max_wait_ms = self.max_wait_seconds * 1000.0;
-        let mut order: Vec<(bool, bool, f64, u64, u64)> = view
+        let mut order: Vec<(bool, bool, f64, u64, u64, u32)> = view
             .waiting
             .iter()
             .map(|w| {
                 let overdue = view.now_ms.saturating_sub(w.arrival_ms) as f64 >= max_wait_ms;
                 let later_class = self.realtime_first && w.class == Class::Batch;
-                (!overdue, later_class, -w.priority, w.arrival_ms, w.id)
+                (
+                    !overdue,
+                    later_class,
+                    -w.priority,
+                    w.arrival_ms,
+                    w.id,
+                    w.model,
+                )
             })
             .collect();
         order.sort_unstable_by(|a, b| {
@@ -166,12 +176,13 @@ impl Policy for FairShare {
                 .then(a.4.cmp(&b.4))
         });
         let mut s = self.state.borrow_mut();
+        let mut plan = Plan::new(view);
         order
             .into_iter()
             .take(view.free_slots as usize)
-            .map(|(_, _, tag, _, id)| {
+            .map(|(_, _, tag, _, id, model)| {
                 s.now = s.now.max(tag);
-                start(id)
+                plan.start(id, model)
             })
             .collect()
     }
@@ -186,7 +197,9 @@ impl FairShare {
         let ended: Vec<(u64, u64)> = s
             .seen
             .iter()
-            .filter(|(id, _)| !running.contains_key(id) && !view.waiting.iter().any(|w| w.id == **id))
+            .filter(|(id, _)| {
+                !running.contains_key(id) && !view.waiting.iter().any(|w| w.id == **id)
+            })
             .map(|(id, t)| (*id, *t))
             .collect();
         for (id, tokens) in ended {

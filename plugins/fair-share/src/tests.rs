@@ -116,8 +116,27 @@ fn realtime_first_then_the_overdue() {
     let p = policy(&[("max_wait_seconds", "1")]);
     let be = arrive(&p, 1, "a", None, 0);
     let rt = arrive(&p, 2, "b", Some(Class::Realtime), 500);
-    let q = vec![be.clone(), rt.clone()];
-    assert_eq!(started(&p.schedule(&view(600, 1, vec![], q.clone()))), vec![2]);
+    let q = vec![be, rt];
+    assert_eq!(
+        started(&p.schedule(&view(600, 1, vec![], q.clone()))),
+        vec![2]
+    );
     // The batch request has waited past max_wait_seconds: it goes first.
     assert_eq!(started(&p.schedule(&view(1_000, 1, vec![], q))), vec![1]);
+}
+
+#[test]
+fn fair_order_first_then_the_backend_with_the_model_loaded() {
+    use maitre_policy_sdk::testing::{backend, fleet, of_model, placed};
+    let p = policy(&[]);
+    // Tenant x's request (m1) comes first in fair order, then y's (m0).
+    let x = of_model(arrive(&p, 1, "x", None, 0), 1);
+    let y = of_model(arrive(&p, 2, "y", None, 0), 0);
+    let v = fleet(
+        10,
+        vec![backend(1, 1, 1, &[0]), backend(1, 1, 1, &[1])],
+        vec![],
+        vec![y, x],
+    );
+    assert_eq!(placed(&p.schedule(&v)), [(1, Some(1)), (2, Some(0))]);
 }

@@ -3,12 +3,14 @@
 //! Every request is queued with priority 0, in the class its `X-Priority`
 //! header names (or `default_class`). Waiting requests start in arrival order
 //! (then id) while free slots remain, whatever their class. Never pre-empts.
+//! Each start names a backend with the request's model loaded, else one
+//! with room to load it, else leaves the choice to the host ([`Plan`]).
 //!
 //! Config: `default_class` = `"batch"` (default) or `"realtime"`.
 
 use maitre_policy_sdk::{
-    Action, Admission, Class, Config, Placement, Policy, Request, View, class_from_hint,
-    export_policy, start,
+    Action, Admission, Class, Config, Placement, Plan, Policy, Request, View, class_from_hint,
+    export_policy,
 };
 
 /// First-come-first-served.
@@ -48,10 +50,11 @@ impl Policy for Fifo {
         if !order.is_sorted_by_key(|&i| key(i)) {
             order.sort_unstable_by_key(|&i| key(i));
         }
+        let mut plan = Plan::new(view);
         order
             .into_iter()
             .take(free)
-            .map(|i| start(view.waiting[i].id))
+            .map(|i| plan.start(view.waiting[i].id, view.waiting[i].model))
             .collect()
     }
 }

@@ -71,3 +71,28 @@ fn config_errors_name_the_key() {
     // The host's own keys are always accepted.
     Fifo::init(&Config::from([("maitre.slots", "2"), ("maitre.arm", "a")])).unwrap();
 }
+
+#[test]
+fn starts_name_the_backend_with_the_model_loaded() {
+    use maitre_policy_sdk::testing::{backend, fleet, of_model, placed};
+    // b0 has m0, b1 has m1, b2 has room; every backend one free slot.
+    let v = fleet(
+        1_000,
+        vec![
+            backend(2, 1, 1, &[0]),
+            backend(2, 1, 1, &[1]),
+            backend(2, 1, 2, &[2]),
+        ],
+        vec![],
+        vec![
+            of_model(waiting(1, Class::Batch, 0.0, 10), 1),
+            of_model(waiting(2, Class::Batch, 0.0, 20), 0),
+            of_model(waiting(3, Class::Batch, 0.0, 30), 0),
+        ],
+    );
+    // 3 goes where there is room (b2) since b0's slot went to 2.
+    assert_eq!(
+        placed(&fifo().schedule(&v)),
+        [(1, Some(1)), (2, Some(0)), (3, Some(2))]
+    );
+}

@@ -14,14 +14,20 @@
 //! - Cost-aware: no pre-emption when a running request is expected to finish
 //!   within `max_wait_ms` (from its `num_predict` and the measured tokens per
 //!   second); the real-time request takes that slot when it frees.
+//! - Each start on a free slot names a backend with the request's model
+//!   loaded, else one with room to load it, else leaves the choice to the
+//!   host. Under memory pressure (a new model means an eviction), batch
+//!   requests for loaded models go before older ones for models that are
+//!   not, for at most `group_max_wait_ms`.
 //!
 //! Parameters are documented in this crate's README.md.
 
 use std::cell::RefCell;
 
 use maitre_policy_sdk::{
-    Action, Admission, Aging, Class, Config, Placement, Policy, Request, Running, View,
-    class_from_hint, export_policy, order_waiting, preempt, start,
+    Action, Admission, Aging, Class, Config, GROUP_MAX_WAIT_DEFAULT_MS, GROUP_MAX_WAIT_KEY, Hold,
+    Placement, Plan, Policy, Request, Running, View, class_from_hint, export_policy, order_waiting,
+    preempt, start,
 };
 
 /// Config key: also cut requests already streaming to their client.
@@ -34,13 +40,14 @@ pub const DEFAULT_CLASS: &str = "default_class";
 /// slot within this many milliseconds.
 pub const MAX_WAIT_MS: &str = "max_wait_ms";
 /// Every config key this policy knows (besides the host's `maitre.*`).
-pub const KEYS: [&str; 6] = [
+pub const KEYS: [&str; 7] = [
     Aging::THRESHOLD_KEY,
     Aging::BOOST_KEY,
     DEFAULT_CLASS,
     PREEMPT_STREAMING,
     MAX_PREEMPTIONS,
     MAX_WAIT_MS,
+    GROUP_MAX_WAIT_KEY,
 ];
 
 /// Weight of the newest measurement in the tokens-per-ms moving average.
@@ -65,6 +72,9 @@ pub struct Preemptive {
     /// Wait instead of pre-empting when a running request should finish
     /// within this many ms (default 30; 0 = always pre-empt).
     pub max_wait_ms: u64,
+    /// Under memory pressure, a batch request is passed over for requests
+    /// of loaded models for at most this long since its arrival (default 5000).
+    pub group_max_wait_ms: u64,
     /// What the policy learned from earlier views.
     pub memory: RefCell<Memory>,
 }
@@ -85,6 +95,9 @@ impl Policy for Preemptive {
             preempt_streaming: config.get_bool(PREEMPT_STREAMING, false)?,
             max_preemptions: config.get_u32(MAX_PREEMPTIONS, 2)?,
             max_wait_ms: config.get_u32(MAX_WAIT_MS, 30)?.into(),
+            group_max_wait_ms: config
+                .get_u32(GROUP_MAX_WAIT_KEY, GROUP_MAX_WAIT_DEFAULT_MS)?
+                .into(),
             memory: RefCell::new(Memory::default()),
         })
     }
@@ -114,11 +127,20 @@ impl Policy for Preemptive {
         // Running requests (indices) whose imminent end a real-time request
         // already waits for in this decision.
         let mut awaited: Vec<usize> = Vec::new();
+        let mut plan = Plan::new(view);
+        // Batch requests passed over under memory pressure, in order.
+        let mut later = Vec::new();
         for i in order_waiting(view, |w| self.aging.priority(w, view.now_ms)) {
             let w = &view.waiting[i];
             if free > 0 {
-                actions.push(start(w.id));
-                free -= 1;
+                match plan.hold(w, self.group_max_wait_ms, |_| true) {
+                    Hold::Go => {
+                        actions.push(plan.start(w.id, w.model));
+                        free -= 1;
+                    }
+                    Hold::Later => later.push(i),
+                    Hold::Wait => {}
+                }
                 continue;
             }
             if w.class == Class::Batch {
@@ -142,8 +164,7 @@ impl Policy for Preemptive {
                 !*used
                     && !awaited.contains(r)
                     && self.aging.running_priority(&view.running[*r], view.now_ms) < effective
-            })
-            else {
+            }) else {
                 // Later requests have no higher priority: no victim for them either.
                 break;
             };
@@ -154,6 +175,10 @@ impl Policy for Preemptive {
                 self.preempt_streaming && victim.streaming,
             ));
             actions.push(start(w.id));
+        }
+        for i in later.into_iter().take(free as usize) {
+            let w = &view.waiting[i];
+            actions.push(plan.start(w.id, w.model));
         }
         actions
     }

@@ -322,3 +322,22 @@ fn max_wait_zero_or_an_unknown_speed_always_preempts() {
     let v = view(now, 1, vec![job(1, 0, 0)], vec![rt(9, now)]);
     assert_eq!(started(&p.schedule(&v)), vec![9]);
 }
+
+#[test]
+fn free_slots_go_to_loaded_models_and_pressure_groups_batch() {
+    use maitre_policy_sdk::testing::{backend, fleet, of_model, placed};
+    let p = policy(&[("group_max_wait_ms", "5000")]);
+    assert_eq!(p.group_max_wait_ms, 5_000);
+    // b0 (m0) is full, b1 (m1) has a free slot; both at their one-model limit.
+    let bs = || vec![backend(1, 0, 1, &[0]), backend(1, 1, 1, &[1])];
+    let q = vec![of_model(be(1, 9_000), 0), of_model(be(2, 9_500), 1)];
+    let v = fleet(10_000, bs(), vec![], q.clone());
+    // m0 waits for b0 rather than evict m1; m1 takes b1.
+    assert_eq!(placed(&p.schedule(&v)), [(2, Some(1))]);
+    // After group_max_wait_ms the older request goes, evicting (host's choice).
+    let v = fleet(14_000, bs(), vec![], q);
+    assert_eq!(placed(&p.schedule(&v)), [(1, None)]);
+    // Real-time is never held.
+    let v = fleet(10_000, bs(), vec![], vec![of_model(rt(3, 9_900), 0)]);
+    assert_eq!(placed(&p.schedule(&v)), [(3, None)]);
+}

@@ -2,18 +2,25 @@
 //! aging of batch work, the fix from the field made faithful.
 //!
 //! - Real-time requests go before batch, first-come-first-served within a class.
-//! - `rt_reserved_slots` slots are real-time only: batch runs on the others.
+//! - `rt_reserved_slots` slots of each backend are real-time only: batch
+//!   starts on a backend only if it keeps them free (real-time may use any
+//!   free slot).
 //! - Waiting batch requests gain `aging_boost` priority per full
 //!   `aging_threshold_seconds` waited, so they overtake fresh batch work and
 //!   eventually compete with real-time requests for the shared slots: batch
 //!   never starves.
 //! - Never pre-empts.
+//! - Each start names a backend with the request's model loaded, else one
+//!   with room to load it. Under memory pressure (a new model means an
+//!   eviction), batch requests for loaded models go before older ones for
+//!   models that are not, for at most `group_max_wait_ms`.
 //!
 //! The exact rule is in this crate's README.md.
 
 use maitre_policy_sdk::{
-    Action, Admission, Aging, Class, Config, Placement, Policy, Request, View, class_from_hint,
-    export_policy, order_waiting, start,
+    Action, Admission, Aging, Class, Config, GROUP_MAX_WAIT_DEFAULT_MS, GROUP_MAX_WAIT_KEY, Hold,
+    Placement, Plan, Policy, Request, View, Waiting, class_from_hint, export_policy, order_waiting,
+    start_on,
 };
 
 /// Config key: slots only real-time requests may use.
@@ -21,11 +28,12 @@ pub const RT_RESERVED_SLOTS: &str = "rt_reserved_slots";
 /// Config key: class of requests without a recognised `X-Priority` header.
 pub const DEFAULT_CLASS: &str = "default_class";
 /// Every config key this policy knows (besides the host's `maitre.*`).
-pub const KEYS: [&str; 4] = [
+pub const KEYS: [&str; 5] = [
     RT_RESERVED_SLOTS,
     Aging::THRESHOLD_KEY,
     Aging::BOOST_KEY,
     DEFAULT_CLASS,
+    GROUP_MAX_WAIT_KEY,
 ];
 
 /// Priority given to real-time requests at admission.
@@ -42,6 +50,9 @@ pub struct ReservedAging {
     pub aging: Aging,
     /// Class of requests without a recognised `X-Priority` header (default batch).
     pub default_class: Class,
+    /// Under memory pressure, a batch request is passed over for requests
+    /// of loaded models for at most this long since its arrival (default 5000).
+    pub group_max_wait_ms: u64,
 }
 
 impl Policy for ReservedAging {
@@ -64,6 +75,9 @@ impl Policy for ReservedAging {
             rt_reserved_slots,
             aging,
             default_class,
+            group_max_wait_ms: config
+                .get_u32(GROUP_MAX_WAIT_KEY, GROUP_MAX_WAIT_DEFAULT_MS)?
+                .into(),
         })
     }
 
@@ -77,34 +91,119 @@ impl Policy for ReservedAging {
     }
 
     fn schedule(&self, view: &View) -> Vec<Action> {
-        let mut free = view.free_slots;
-        if free == 0 || view.waiting.is_empty() {
+        if view.free_slots == 0 || view.waiting.is_empty() {
             return Vec::new();
         }
-        let batch_cap = view.total_slots.saturating_sub(self.rt_reserved_slots);
-        let mut batch_running = view
-            .running
-            .iter()
-            .filter(|r| r.class == Class::Batch)
-            .count() as u32;
-        let mut actions = Vec::with_capacity(free.min(view.waiting.len() as u32) as usize);
+        let mut d = Decision::new(self, view);
+        let mut later = Vec::new();
         for i in order_waiting(view, |w| self.aging.priority(w, view.now_ms)) {
             let w = &view.waiting[i];
             if w.class == Class::Batch {
-                if batch_running >= batch_cap {
-                    // Only reserved slots are free for batch: skip it, so a
-                    // real-time request further back can still take one.
-                    continue;
+                let hold = d.plan.hold(w, self.group_max_wait_ms, |b| d.batch_fits(b));
+                match hold {
+                    Hold::Go => {}
+                    Hold::Later => {
+                        later.push(i);
+                        continue;
+                    }
+                    Hold::Wait => continue,
                 }
-                batch_running += 1;
             }
-            actions.push(start(w.id));
-            free -= 1;
-            if free == 0 {
+            // A batch request that finds no slot is skipped, so a real-time
+            // request further back can still take a reserved one.
+            d.try_start(w);
+            if d.free == 0 {
+                return d.actions;
+            }
+        }
+        for i in later {
+            d.try_start(&view.waiting[i]);
+            if d.free == 0 {
                 break;
             }
         }
-        actions
+        d.actions
+    }
+}
+
+/// One `schedule` call: the slots and backends left, and the starts so far.
+struct Decision<'a> {
+    policy: &'a ReservedAging,
+    plan: Plan<'a>,
+    free: u32,
+    /// Batch requests of this arm may hold at most this many slots in all.
+    batch_cap: u32,
+    batch_running: u32,
+    /// Real-time requests running (or started now) per backend.
+    rt_on: Vec<u32>,
+    actions: Vec<Action>,
+}
+
+impl<'a> Decision<'a> {
+    fn new(policy: &'a ReservedAging, view: &'a View) -> Self {
+        let mut rt_on = vec![0; view.backends.len()];
+        let mut batch_running = 0;
+        for r in &view.running {
+            match r.class {
+                Class::Batch => batch_running += 1,
+                Class::Realtime => {
+                    if let Some(n) = rt_on.get_mut(r.backend as usize) {
+                        *n += 1;
+                    }
+                }
+            }
+        }
+        Decision {
+            policy,
+            plan: Plan::new(view),
+            free: view.free_slots,
+            batch_cap: view.total_slots.saturating_sub(policy.rt_reserved_slots),
+            batch_running,
+            rt_on,
+            actions: Vec::new(),
+        }
+    }
+
+    /// Slots of backend `b` kept for real-time: `rt_reserved_slots`, but
+    /// never all of its slots (the arm-wide cap keeps a slot for real-time
+    /// then), less the real-time requests already running there.
+    fn reserved(&self, b: u32) -> u32 {
+        let total = self.plan.view().backends[b as usize].total_slots;
+        let reserve = self.policy.rt_reserved_slots.min(total.saturating_sub(1));
+        reserve.saturating_sub(self.rt_on[b as usize])
+    }
+
+    /// Whether a batch request may start on backend `b`: it keeps its
+    /// reserved real-time slots free.
+    fn batch_fits(&self, b: u32) -> bool {
+        self.plan.free(b) > self.reserved(b)
+    }
+
+    /// Starts `w` if a slot allows it.
+    fn try_start(&mut self, w: &Waiting) {
+        let batch = w.class == Class::Batch;
+        if batch && self.batch_running >= self.batch_cap {
+            return;
+        }
+        let pick = if batch {
+            self.plan.pick(w.model, |b| self.batch_fits(b))
+        } else {
+            self.plan.pick(w.model, |_| true)
+        };
+        let Some(pick) = pick else {
+            return;
+        };
+        self.plan.book(pick, w.model);
+        // Batch names its backend even when it evicts: the host's choice
+        // could take a reserved slot.
+        let named = if batch { pick.backend } else { pick.named() };
+        if batch {
+            self.batch_running += 1;
+        } else if let Some(b) = pick.backend {
+            self.rt_on[b as usize] += 1;
+        }
+        self.actions.push(start_on(w.id, named));
+        self.free -= 1;
     }
 }
 

@@ -30,6 +30,7 @@ fn defaults() {
     assert_eq!(p.aging.threshold_seconds, 60.0);
     assert_eq!(p.aging.boost, 0.5);
     assert_eq!(p.default_class, BE);
+    assert_eq!(p.group_max_wait_ms, 5_000);
 }
 
 #[test]
@@ -166,7 +167,7 @@ fn batch_start_under_rt_flood(p: &ReservedAging, horizon_ms: u64) -> Option<u64>
         let v = view(
             now,
             slots,
-            running.iter().map(|(r, _)| r.clone()).collect(),
+            running.iter().map(|(r, _)| *r).collect(),
             queue.clone(),
         );
         let actions = p.schedule(&v);
@@ -229,6 +230,7 @@ fn each_bad_key_is_named() {
     assert!(init_err(&[("aging_boost", "-0.1")]).starts_with("aging_boost: "));
     assert!(init_err(&[("aging_boost", "x")]).starts_with("aging_boost: "));
     assert!(init_err(&[("default_class", "vip")]).starts_with("default_class: "));
+    assert!(init_err(&[("group_max_wait_ms", "-5")]).starts_with("group_max_wait_ms: "));
     let e = init_err(&[("aging_treshold_seconds", "60")]);
     assert!(e.contains("\"aging_treshold_seconds\""), "{e}");
     for k in KEYS {
@@ -259,4 +261,114 @@ fn refuses_to_reserve_every_slot() {
         ("rt_reserved_slots", "0"),
     ]))
     .unwrap();
+}
+
+mod fleet {
+    use super::*;
+    use maitre_policy_sdk::testing::{backend, fleet, of_model, on, placed};
+
+    fn p6() -> ReservedAging {
+        policy(&[("maitre.slots", "6")])
+    }
+
+    #[test]
+    fn each_backend_keeps_its_reserved_slot_for_realtime() {
+        // Three backends of 2 slots, each with its own model loaded.
+        let three = || {
+            vec![
+                backend(2, 2, 2, &[0]),
+                backend(2, 2, 2, &[1]),
+                backend(2, 2, 2, &[2]),
+            ]
+        };
+        let batch: Vec<Waiting> = (0..6).map(|i| of_model(be(i, i), (i % 3) as u32)).collect();
+        let v = fleet(1_000, three(), vec![], batch.clone());
+        // One batch per backend (the arm-wide cap alone would allow 5),
+        // each where its model is loaded.
+        assert_eq!(
+            placed(&p6().schedule(&v)),
+            [(0, Some(0)), (1, Some(1)), (2, Some(2))]
+        );
+        // With one batch running on each, a real-time request may take any
+        // free slot; batch still waits.
+        let mut bs = three();
+        for b in &mut bs {
+            b.free_slots = 1;
+        }
+        let running: Vec<Running> = (0..3)
+            .map(|b| on(run(10 + b, BE), b as u32, b as u32))
+            .collect();
+        let mut waiting = batch.clone();
+        waiting.push(of_model(rt(7, 500), 1));
+        let v = fleet(1_000, bs, running, waiting);
+        assert_eq!(placed(&p6().schedule(&v)), [(7, Some(1))]);
+    }
+
+    #[test]
+    fn realtime_running_counts_toward_its_backends_reservation() {
+        // b0 runs a real-time request: its other slot is shared, batch may
+        // take it. b1 is idle: one batch, one slot kept. The least busy
+        // backend first.
+        let v = fleet(
+            1_000,
+            vec![backend(2, 1, 2, &[0]), backend(2, 2, 2, &[0])],
+            vec![on(run(9, RT), 0, 0)],
+            vec![be(1, 10), be(2, 20), be(3, 30)],
+        );
+        let p = policy(&[("maitre.slots", "4")]);
+        assert_eq!(placed(&p.schedule(&v)), [(1, Some(1)), (2, Some(0))]);
+    }
+
+    #[test]
+    fn one_slot_backends_still_run_batch_under_the_arm_wide_cap() {
+        let v = fleet(
+            1_000,
+            vec![
+                backend(1, 1, 2, &[0]),
+                backend(1, 1, 2, &[0]),
+                backend(1, 1, 2, &[0]),
+            ],
+            vec![],
+            vec![be(1, 10), be(2, 20), be(3, 30)],
+        );
+        let p = policy(&[("maitre.slots", "3")]);
+        // 3 slots, 1 reserved arm-wide: two batch run, one slot stays free.
+        assert_eq!(started(&p.schedule(&v)), [1, 2]);
+    }
+
+    #[test]
+    fn under_memory_pressure_loaded_models_go_first_until_the_bound() {
+        // Every backend holds one model, its limit. b0 (m0) is busy with
+        // batch, b1 (m1) has one free batch slot, b2 (m2) too.
+        let bs = || {
+            vec![
+                backend(2, 1, 1, &[0]),
+                backend(2, 2, 1, &[1]),
+                backend(2, 2, 1, &[2]),
+            ]
+        };
+        let running = vec![on(run(9, BE), 0, 0)];
+        let p = policy(&[("maitre.slots", "6"), ("group_max_wait_ms", "5000")]);
+        // The oldest asks for m0 (loaded on busy b0) and m3 (loaded
+        // nowhere); a younger one for m1.
+        let waiting = vec![
+            of_model(be(1, 9_000), 0),
+            of_model(be(2, 9_100), 3),
+            of_model(be(3, 9_200), 1),
+        ];
+        let v = fleet(10_000, bs(), running.clone(), waiting.clone());
+        // m1 goes to b1; m3 must load somewhere anyway (b2, the only batch
+        // slot left); m0 waits for b0 rather than evict.
+        assert_eq!(placed(&p.schedule(&v)), [(3, Some(1)), (2, Some(2))]);
+        // Once request 1 waited group_max_wait_ms it is taken anyway, first
+        // (oldest), evicting a model; then m1 waits for b1's next batch slot
+        // and m3 loads on b2.
+        let v = fleet(14_000, bs(), running.clone(), waiting.clone());
+        assert_eq!(placed(&p.schedule(&v)), [(1, Some(1)), (2, Some(2))]);
+        // Real-time still goes first, wherever a slot is.
+        let mut w = waiting;
+        w.push(of_model(rt(4, 9_900), 0));
+        let v = fleet(10_000, bs(), running, w);
+        assert_eq!(placed(&p.schedule(&v))[0], (4, Some(0)));
+    }
 }

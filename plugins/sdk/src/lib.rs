@@ -11,6 +11,9 @@
 //! - [`Config`]: typed, checked access to the arm's `[policy.config]` table;
 //! - [`class_from_hint`], [`Aging`] and [`order_waiting`]: the classification,
 //!   aging and ordering rules shared by maitre's own plugins;
+//! - [`View::best_backend`], [`Plan`] and [`Plan::hold`]: the backend choice
+//!   (model loaded, else room to load it, else the host's) and the grouping
+//!   of requests by model under memory pressure;
 //! - [`testing`]: builders of hand-made views for native unit tests.
 //!
 //! Everything but the export compiles on the native target too, so a plugin's
@@ -42,9 +45,13 @@
 extern crate self as maitre_policy_sdk;
 
 mod config;
+mod fleet;
 pub mod testing;
 
 pub use config::{Config, invalid};
+pub use fleet::{
+    Fit, GROUP_MAX_WAIT_DEFAULT_MS, GROUP_MAX_WAIT_KEY, Hold, Pick, Plan, model_key, start_on,
+};
 
 /// Generated bindings of the WIT world. Not part of the API: use the
 /// re-exports at the crate root instead.
@@ -118,8 +125,8 @@ pub mod __private {
 }
 
 pub use bindings::maitre::policy::types::{
-    Action, Admission, Backend, BackendKind, Class, Placement, Preemption, RejectWaiting, Rejection, Request,
-    Running, Start, View, Waiting,
+    Action, Admission, Backend, BackendKind, Class, LoadedModel, Placement, Preemption,
+    RejectWaiting, Rejection, Request, Running, Start, View, Waiting,
 };
 
 impl View {

@@ -1,8 +1,9 @@
 //! Builders of hand-made requests and views, for unit-testing a policy's
-//! decisions natively (`cargo test`) without a host. Every model name is
-//! `view.names[0]` ("m").
+//! decisions natively (`cargo test`) without a host. [`view`] has one
+//! backend and one model name, `view.names[0]` ("m"); [`fleet`] has several
+//! backends and the models `m0`, `m1`, ... (index = name id).
 
-use crate::{Action, Class, Request, Running, View, Waiting};
+use crate::{Action, Backend, Class, LoadedModel, Request, Running, View, Waiting};
 
 /// A request with the given id, arrival time and class hint; everything else empty.
 pub fn request(id: u64, arrival_ms: u64, class_hint: Option<Class>) -> Request {
@@ -72,6 +73,7 @@ pub fn view(now_ms: u64, total_slots: u32, running: Vec<Running>, waiting: Vec<W
             total_slots,
             free_slots,
             healthy: true,
+            max_loaded_models: 0,
             loaded: Vec::new(),
             speeds: Vec::new(),
         }],
@@ -79,6 +81,80 @@ pub fn view(now_ms: u64, total_slots: u32, running: Vec<Running>, waiting: Vec<W
         waiting,
         beyond: Vec::new(),
     }
+}
+
+/// A healthy backend with `free` of `total` slots, a limit of `max_loaded`
+/// models (0 = unknown) and the models `loaded` (name ids) loaded.
+pub fn backend(total: u32, free: u32, max_loaded: u32, loaded: &[u32]) -> Backend {
+    Backend {
+        name: "b".into(),
+        kind: crate::BackendKind::Ollama,
+        total_slots: total,
+        free_slots: free,
+        healthy: true,
+        max_loaded_models: max_loaded,
+        loaded: loaded
+            .iter()
+            .map(|&model| LoadedModel {
+                model,
+                size_bytes: 0,
+                expires_ms: None,
+            })
+            .collect(),
+        speeds: Vec::new(),
+    }
+}
+
+/// A view at `now_ms` of several `backends` (named `b0`, `b1`, ...; the
+/// arm's slots are theirs in all), with model names `m0`..`m9`.
+pub fn fleet(
+    now_ms: u64,
+    backends: Vec<Backend>,
+    running: Vec<Running>,
+    waiting: Vec<Waiting>,
+) -> View {
+    let backends: Vec<Backend> = backends
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| Backend {
+            name: format!("b{i}"),
+            ..b
+        })
+        .collect();
+    View {
+        now_ms,
+        total_slots: backends.iter().map(|b| b.total_slots).sum(),
+        free_slots: backends.iter().map(|b| b.free_slots).sum(),
+        names: (0..10).map(|i| format!("m{i}")).collect(),
+        backends,
+        running,
+        waiting,
+        beyond: Vec::new(),
+    }
+}
+
+/// `w` for model `model` (a name id).
+pub fn of_model(mut w: Waiting, model: u32) -> Waiting {
+    w.model = model;
+    w
+}
+
+/// `r` running on backend `backend` for model `model`.
+pub fn on(mut r: Running, backend: u32, model: u32) -> Running {
+    r.backend = backend;
+    r.model = model;
+    r
+}
+
+/// The `(id, backend)` of the `Start` actions, in order.
+pub fn placed(actions: &[Action]) -> Vec<(u64, Option<u32>)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Start(s) => Some((s.id, s.backend)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The ids of the `Start` actions, in order.

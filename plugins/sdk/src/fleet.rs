@@ -1,0 +1,265 @@
+//! Backend choice for fleet-aware policies, shared by maitre's plugins.
+//!
+//! Loading a model costs an Ollama backend seconds, and loading one into a
+//! backend already at its `max-loaded-models` evicts another. So a start
+//! names a backend that is healthy, has a free slot and has the request's
+//! model loaded; else one with room to load it (fewer loaded models than its
+//! limit); else it leaves the choice to the host.
+//!
+//! [`View::best_backend`] answers that for one request. A policy that starts
+//! several requests in one decision uses a [`Plan`], which books each start
+//! (a slot taken, a model loaded) so the next choice sees it. Under memory
+//! pressure, [`Plan::hold`] tells a policy which batch requests to pass
+//! over so that backends don't thrash between models.
+
+use std::collections::HashMap;
+
+use crate::{Action, Class, Start, View, Waiting};
+
+/// Config key of the grouping bound: a batch request passed over under
+/// memory pressure for longer than this (since its arrival) is taken anyway.
+pub const GROUP_MAX_WAIT_KEY: &str = "group_max_wait_ms";
+/// Default of [`GROUP_MAX_WAIT_KEY`]: a few seconds, about one model load.
+pub const GROUP_MAX_WAIT_DEFAULT_MS: u32 = 5_000;
+
+/// How well a backend with a free slot suits a request for a model; the
+/// lower the better.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Fit {
+    /// The model is loaded there (or a request for it runs there).
+    Loaded,
+    /// It has room to load the model without evicting one.
+    Room,
+    /// Loading the model there evicts another.
+    Evict,
+}
+
+/// Where a start goes, as a [`Plan`] chose it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pick {
+    /// Index into `view.backends`; None when no backend is healthy (the
+    /// host's own rule applies then).
+    pub backend: Option<u32>,
+    /// How well it suits the model.
+    pub fit: Fit,
+}
+
+impl Pick {
+    /// The backend to name in the start: the chosen one when the model is
+    /// loaded there or fits without an eviction; else none, so the host
+    /// chooses.
+    pub fn named(&self) -> Option<u32> {
+        self.backend.filter(|_| self.fit != Fit::Evict)
+    }
+}
+
+/// What to do with a waiting request under memory pressure ([`Plan::hold`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Start it now (if the policy's own rules allow).
+    Go,
+    /// Pass over it for now; start it only after the requests that need no
+    /// eviction, if slots are left: its model is loaded nowhere, so it costs
+    /// a load whenever it starts.
+    Later,
+    /// Leave it waiting: its model is loaded on a backend that is busy, so
+    /// waiting for that backend costs less than evicting another model.
+    Wait,
+}
+
+/// Ollama's name of a model: `llama3` is `llama3:latest` (a tag after the
+/// last `/` counts; a registry port does not). A request may say either,
+/// while `/api/ps` (and so `loaded`) says the full name.
+pub fn model_key(name: &str) -> std::borrow::Cow<'_, str> {
+    let base = name.rsplit('/').next().unwrap_or(name);
+    if base.contains(':') || name.is_empty() {
+        name.into()
+    } else {
+        format!("{name}:latest").into()
+    }
+}
+
+impl View {
+    /// The backend a start of a request for `model` should name: healthy,
+    /// with a free slot and the model loaded; else healthy, with a free slot
+    /// and room to load it; else none (the host chooses). Within a tier the
+    /// least busy (by share of its slots), then the first listed.
+    pub fn best_backend(&self, model: u32) -> Option<u32> {
+        Plan::new(self).pick(model, |_| true)?.named()
+    }
+}
+
+/// The backends during one decision: each start a policy makes is booked,
+/// so the next choice sees the slot taken and the model loaded.
+#[derive(Debug, Clone)]
+pub struct Plan<'a> {
+    view: &'a View,
+    free: Vec<u32>,
+    /// Models this decision loads, per backend (canonical ids).
+    added: Vec<Vec<u32>>,
+    /// Per name id, the first id of the same model ([`model_key`]).
+    canon: Vec<u32>,
+    /// No backend is healthy: the host decides everything.
+    blind: bool,
+}
+
+impl<'a> Plan<'a> {
+    /// The backends of `view`, nothing booked yet.
+    pub fn new(view: &'a View) -> Self {
+        let mut first: HashMap<std::borrow::Cow<'_, str>, u32> = HashMap::new();
+        let canon = view
+            .names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| *first.entry(model_key(n)).or_insert(i as u32))
+            .collect();
+        Plan {
+            canon,
+            view,
+            free: view.backends.iter().map(|b| b.free_slots).collect(),
+            added: vec![Vec::new(); view.backends.len()],
+            blind: !view.backends.iter().any(|b| b.healthy),
+        }
+    }
+
+    /// The view this plan was made from.
+    pub fn view(&self) -> &'a View {
+        self.view
+    }
+
+    /// Whether no backend is healthy (or none is listed): picks name none
+    /// and the host applies its own rule.
+    pub fn blind(&self) -> bool {
+        self.blind
+    }
+
+    /// Free slots of backend `b` left in this decision.
+    pub fn free(&self, b: u32) -> u32 {
+        self.free.get(b as usize).copied().unwrap_or(0)
+    }
+
+    /// The canonical id of name id `model`: equal for `m` and `m:latest`.
+    fn canon(&self, model: u32) -> u32 {
+        self.canon.get(model as usize).copied().unwrap_or(model)
+    }
+
+    /// Whether `model` (an index into `view.names`) is loaded on backend
+    /// `b`, or this decision loads it there. `m` and `m:latest` are one model.
+    pub fn has(&self, b: u32, model: u32) -> bool {
+        let i = b as usize;
+        let m = self.canon(model);
+        self.view
+            .backends
+            .get(i)
+            .is_some_and(|x| x.loaded.iter().any(|l| self.canon(l.model) == m))
+            || self.added.get(i).is_some_and(|a| a.contains(&m))
+    }
+
+    /// How well backend `b` suits `model` (whatever its free slots).
+    pub fn fit(&self, b: u32, model: u32) -> Fit {
+        let Some(x) = self.view.backends.get(b as usize) else {
+            return Fit::Evict;
+        };
+        if self.has(b, model) {
+            return Fit::Loaded;
+        }
+        let loaded = x.loaded.len() + self.added[b as usize].len();
+        if x.max_loaded_models == 0 || loaded < x.max_loaded_models as usize {
+            Fit::Room
+        } else {
+            Fit::Evict
+        }
+    }
+
+    /// The best backend for `model` among the healthy ones with a free slot
+    /// that `allow` accepts: by [`Fit`], then the least busy (share of its
+    /// slots taken), then the first listed. None when there is none. When no
+    /// backend is healthy, a pick that names none (the host decides).
+    pub fn pick(&self, model: u32, allow: impl Fn(u32) -> bool) -> Option<Pick> {
+        if self.blind {
+            return Some(Pick {
+                backend: None,
+                fit: Fit::Evict,
+            });
+        }
+        (0..self.view.backends.len() as u32)
+            .filter(|&b| self.view.backends[b as usize].healthy && self.free(b) > 0 && allow(b))
+            .map(|b| {
+                let x = &self.view.backends[b as usize];
+                let busy = 1.0 - self.free(b) as f64 / x.total_slots.max(1) as f64;
+                (self.fit(b, model), busy, b)
+            })
+            .min_by(|x, y| x.0.cmp(&y.0).then(x.1.total_cmp(&y.1)).then(x.2.cmp(&y.2)))
+            .map(|(fit, _, b)| Pick {
+                backend: Some(b),
+                fit,
+            })
+    }
+
+    /// Books a start of a request for `model` where `pick` says.
+    pub fn book(&mut self, pick: Pick, model: u32) {
+        let Some(b) = pick.backend.map(|b| b as usize) else {
+            return;
+        };
+        if let Some(f) = self.free.get_mut(b) {
+            *f = f.saturating_sub(1);
+        }
+        let m = self.canon(model);
+        if pick.fit != Fit::Loaded
+            && let Some(a) = self.added.get_mut(b)
+        {
+            a.push(m);
+        }
+    }
+
+    /// Picks a backend for a request for `model` (any healthy backend with
+    /// a free slot), books it and returns the start: on a named backend
+    /// when one has the model loaded or room for it, else the host chooses.
+    pub fn start(&mut self, id: u64, model: u32) -> Action {
+        let pick = self.pick(model, |_| true);
+        if let Some(p) = pick {
+            self.book(p, model);
+        }
+        start_on(id, pick.and_then(|p| p.named()))
+    }
+
+    /// Whether `model` is loaded on a healthy backend (busy or not).
+    pub fn loaded_somewhere(&self, model: u32) -> bool {
+        (0..self.view.backends.len() as u32)
+            .any(|b| self.view.backends[b as usize].healthy && self.has(b, model))
+    }
+
+    /// Grouping under memory pressure. A batch request whose best backend
+    /// (among those `allow` accepts) would have to evict a model is passed
+    /// over, so that requests for models already loaded go first, unless it
+    /// has waited `max_wait_ms` since its arrival (then it goes: nothing
+    /// starves). Real-time requests always go, and so does everything when
+    /// no backend is healthy or none has a free slot.
+    pub fn hold(&self, w: &Waiting, max_wait_ms: u64, allow: impl Fn(u32) -> bool) -> Hold {
+        if w.class == Class::Realtime
+            || self.blind
+            || self.view.now_ms.saturating_sub(w.arrival_ms) >= max_wait_ms
+        {
+            return Hold::Go;
+        }
+        match self.pick(w.model, allow) {
+            Some(p) if p.fit == Fit::Evict => {
+                if self.loaded_somewhere(w.model) {
+                    Hold::Wait
+                } else {
+                    Hold::Later
+                }
+            }
+            _ => Hold::Go,
+        }
+    }
+}
+
+/// `Action::Start` for a waiting request on `backend` (an index into
+/// `view.backends`), or where the host chooses when none.
+pub fn start_on(id: u64, backend: Option<u32>) -> Action {
+    Action::Start(Start { id, backend })
+}
+
+#[cfg(test)]
+mod tests;
