@@ -2,7 +2,7 @@
 //! loaded. Requests land where their model is resident; a backend killed
 //! mid-run loses no request that had sent nothing (it is retried on another
 //! backend); `/api/tags` and `/api/ps` are merged (checked with the official
-//! `ollama` client); the built-in (0.1.0) plugins work with several
+//! `ollama` client); the built-in plugins and a 0.1.0 plugin work with several
 //! backends; `maitre check`, `/status` and metrics show every backend.
 
 use std::collections::BTreeMap;
@@ -398,6 +398,26 @@ async fn the_built_in_plugins_work_with_several_backends() {
             "{plugin} was ejected: {st}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_plugin_built_for_0_1_0_works_with_several_backends() {
+    // 0.1.0 knows one upstream: its starts name no backend, and the host
+    // places each one.
+    let plugin = crate::common::hostile_plugins::hostile_plugin("compat-fifo-v0-1-0");
+    let f = fleet3(Arm::new("old", plugin.to_string_lossy()), 5).await;
+    let c = client();
+    let reqs = (0..9)
+        .map(|i| gen_for(&c, &f.m.url, BACKENDS[i % 3].1, &format!("old-{i}")))
+        .collect();
+    let answers = all(reqs).await;
+    assert!(answers.iter().all(|(s, _, _)| *s == 200), "{answers:?}");
+    let used: std::collections::BTreeSet<&str> =
+        answers.iter().map(|(_, b, _)| b.as_str()).collect();
+    assert_eq!(used.len(), 3, "every backend served: {answers:?}");
+    let st = f.m.status().await;
+    assert_eq!(st["arms"][0]["interface"], "maitre:policy@0.1.0", "{st}");
+    assert_eq!(st["arms"][0]["fallback"], false, "{st}");
 }
 
 #[tokio::test]

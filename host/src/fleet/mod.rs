@@ -17,11 +17,13 @@
 //! ([`watch`]), and by the traffic itself.
 
 pub mod residency;
+pub mod speed;
 pub mod watch;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -79,6 +81,8 @@ struct Backend {
     /// `/api/version` from its last good probe.
     version: Option<String>,
     resident: Residency,
+    /// Measured TTFT and tokens/s per model.
+    speeds: speed::Speeds,
     /// Models of the requests running on it, with their counts: loaded (or
     /// loading) there now, whatever the last poll said.
     running: HashMap<Arc<str>, u32>,
@@ -188,6 +192,7 @@ impl Fleet {
                 healthy: true,
                 version: None,
                 resident: Residency::default(),
+                speeds: speed::Speeds::default(),
                 running: HashMap::new(),
                 available: Vec::new(),
                 available_names: Vec::new(),
@@ -456,9 +461,25 @@ impl Fleet {
                         expires_ms: left.map(|l| now_ms.saturating_add(l.as_millis() as u64)),
                     })
                     .collect(),
-                speeds: Vec::new(),
+                speeds: b.speeds.view(),
             })
             .collect()
+    }
+
+    /// A request for `model` completed on backend `b` (see
+    /// [`speed::Speeds::observe`]).
+    pub fn observe_speed(
+        &mut self,
+        b: usize,
+        model: &str,
+        ttft: Option<Duration>,
+        tokens: u64,
+        generating: Option<Duration>,
+    ) {
+        if let Some(x) = self.backends.get_mut(b) {
+            x.speeds
+                .observe(&model_key(model), ttft, tokens, generating);
+        }
     }
 
     /// Whether backend `b` answers (its probe, its connections).

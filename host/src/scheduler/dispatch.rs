@@ -344,6 +344,13 @@ impl Core {
             None => (e.first_upstream_ttfb, None),
         };
         let cut = e.run.as_ref().is_some_and(|r| r.is_cut());
+        if outcome == Outcome::Ok
+            && let (Some(b), Some(r)) = (e.served_by, &e.run)
+        {
+            let generating = r.upstream_first_byte.get().map(|t| t.elapsed());
+            self.fleet
+                .observe_speed(b, &e.meta.model, r.upstream_ttfb(), r.tokens(), generating);
+        }
         self.record_end(super::report::Ended {
             arm: e.arm,
             backend: e.served_by,

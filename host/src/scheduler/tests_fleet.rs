@@ -225,3 +225,40 @@ async fn weighted_arms_share_the_slots_of_every_backend() {
     assert_eq!(slots, [3, 3]);
     assert_eq!(st.slots, 6);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_policy_sees_the_measured_speed_of_each_model_on_each_backend() {
+    let (d, views) = script(|v: &View| {
+        Ok(v.waiting
+            .iter()
+            .take(v.free_slots as usize)
+            .map(|w| Action::Start {
+                id: w.id,
+                backend: Some(1),
+            })
+            .collect())
+    });
+    let (s, _) = fleet_of(1, vec![arm("main", 100, d)]);
+    let mut t = submit(&s, "m").await;
+    let g = granted(&mut t).await;
+    tokio::time::advance(Duration::from_millis(100)).await;
+    g.run.mark_upstream_first_byte();
+    for _ in 0..11 {
+        g.run.add_token();
+        tokio::time::advance(Duration::from_millis(50)).await;
+    }
+    t.finish(crate::scheduler::Outcome::Ok);
+    // The next decision's view carries what the first request measured.
+    let mut t2 = submit(&s, "other").await;
+    granted(&mut t2).await;
+    let v = views.lock().unwrap().last().cloned().unwrap();
+    assert!(v.backends[0].speeds.is_empty() && v.backends[2].speeds.is_empty());
+    let sp = &v.backends[1].speeds;
+    assert_eq!(sp.len(), 1, "{sp:?}");
+    assert_eq!(&*sp[0].model, "m:latest");
+    let ttft = sp[0].ttft_ms.unwrap();
+    assert!((99.0..=101.0).contains(&ttft), "{ttft}");
+    // 10 tokens after the first, over 550 ms.
+    let tps = sp[0].tokens_per_s.unwrap();
+    assert!((18.0..=18.4).contains(&tps), "{tps}");
+}
