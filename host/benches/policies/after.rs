@@ -1,0 +1,188 @@
+//! What the upstream did after maitre pre-empted a request: the tokens it
+//! generated after the pre-emption, and whether it ever held more
+//! generations than it has slots.
+//!
+//! maitre says how many tokens it had seen of each victim in its
+//! `maitre::preempt` log event ("pre-empted", `tokens_thrown_away`, per arm);
+//! the bench captures those in-process with a tracing layer. The upstream
+//! model's event log says how many tokens each stopped batch generation had
+//! made when it stopped: `Cancelled` (it stopped when maitre closed the
+//! connection) or `Orphaned` then `Finished` (it ran on to its end, as
+//! llama-server does for a non-streaming request). Within one replica (one
+//! maitre arm, one upstream) the k-th pre-emption is paired with the k-th
+//! stop, in order; tokens after = the upstream's count − maitre's count.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+
+use maitre_testkit::{EventKind, LogEvent};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+
+/// The `tokens_thrown_away` of every pre-emption, per arm, in order.
+#[derive(Clone, Default)]
+pub struct Preempts(Arc<Mutex<HashMap<String, Vec<u64>>>>);
+
+impl Preempts {
+    /// Captures maitre's pre-emption events from now on (this process's
+    /// global tracing subscriber; nothing else is logged).
+    pub fn install() -> Preempts {
+        let p = Preempts::default();
+        let sub = tracing_subscriber::registry().with(
+            p.clone()
+                .with_filter(Targets::new().with_target("maitre::preempt", Level::INFO)),
+        );
+        tracing::subscriber::set_global_default(sub).expect("no other tracing subscriber");
+        p
+    }
+
+    /// Forgets every pre-emption captured so far (a new run starts).
+    pub fn clear(&self) {
+        self.0.lock().unwrap().clear();
+    }
+
+    /// maitre's token counts of the pre-emptions arm `arm` made, in order.
+    pub fn of(&self, arm: &str) -> Vec<u64> {
+        self.0.lock().unwrap().get(arm).cloned().unwrap_or_default()
+    }
+}
+
+#[derive(Default)]
+struct Fields {
+    arm: Option<String>,
+    tokens: Option<u64>,
+}
+
+impl Visit for Fields {
+    fn record_u64(&mut self, f: &Field, v: u64) {
+        if f.name() == "tokens_thrown_away" {
+            self.tokens = Some(v);
+        }
+    }
+    fn record_str(&mut self, f: &Field, v: &str) {
+        if f.name() == "arm" {
+            self.arm = Some(v.to_string());
+        }
+    }
+    fn record_debug(&mut self, f: &Field, v: &dyn Debug) {
+        if f.name() == "arm" {
+            self.arm = Some(format!("{v:?}"));
+        }
+    }
+}
+
+impl<S: Subscriber> Layer<S> for Preempts {
+    fn on_event(&self, e: &Event<'_>, _: Context<'_, S>) {
+        let mut f = Fields::default();
+        e.record(&mut f);
+        if let (Some(arm), Some(tokens)) = (f.arm, f.tokens) {
+            self.0.lock().unwrap().entry(arm).or_default().push(tokens);
+        }
+    }
+}
+
+/// Tokens after pre-emptions and the upstream's concurrency, for a group of
+/// replicas (one table row).
+#[derive(Default)]
+pub struct After {
+    /// Batch generations the upstream stopped early or orphaned.
+    pub stops: usize,
+    /// Of those, generations that ran on after their client left (zombies).
+    pub orphaned: usize,
+    /// Pre-emptions paired with a stop (replicas where the counts agree).
+    pub paired: usize,
+    /// Pre-emptions of replicas where maitre's and the upstream's counts
+    /// differ (not paired, not counted in `max`/`total`).
+    pub unpaired: usize,
+    /// The most tokens the upstream generated after one pre-emption.
+    pub max: u64,
+    /// Tokens the upstream generated after all paired pre-emptions.
+    pub total: u64,
+    /// The most generations any one upstream held at once (slots, queue and
+    /// zombies), over the measured run.
+    pub max_in_flight: usize,
+}
+
+impl After {
+    /// Adds one replica: maitre's counts at its pre-emptions (`seen`), the
+    /// upstream's log and its highest in-flight count.
+    pub fn add(&mut self, seen: &[u64], log: &[LogEvent], max_in_flight: usize) {
+        self.max_in_flight = self.max_in_flight.max(max_in_flight);
+        let stops = stops(log);
+        self.stops += stops.len();
+        self.orphaned += stops.iter().filter(|s| s.orphaned).count();
+        if stops.len() != seen.len() {
+            self.unpaired += seen.len();
+            return;
+        }
+        for (s, &seen) in stops.iter().zip(seen) {
+            let after = s.tokens.saturating_sub(seen);
+            self.paired += 1;
+            self.total += after;
+            self.max = self.max.max(after);
+        }
+    }
+}
+
+/// One batch generation the upstream did not finish for its client.
+struct Stop {
+    /// Tokens it had made when it stopped (for a zombie: when it ended).
+    tokens: u64,
+    orphaned: bool,
+}
+
+/// The batch generations that stopped early or were orphaned, in the order
+/// they stopped (were orphaned).
+fn stops(log: &[LogEvent]) -> Vec<Stop> {
+    let batch = |e: &LogEvent| e.priority.as_deref() == Some("batch");
+    // Request number → (seq of the stop, stop).
+    let mut by_req: BTreeMap<u64, (u64, Stop)> = BTreeMap::new();
+    let mut ended: HashMap<u64, u64> = HashMap::new();
+    for e in log.iter().filter(|e| batch(e)) {
+        match e.kind {
+            EventKind::Cancelled => {
+                by_req.insert(
+                    e.req,
+                    (
+                        e.seq,
+                        Stop {
+                            tokens: e.tokens,
+                            orphaned: false,
+                        },
+                    ),
+                );
+            }
+            EventKind::Orphaned => {
+                by_req.insert(
+                    e.req,
+                    (
+                        e.seq,
+                        Stop {
+                            tokens: 0,
+                            orphaned: true,
+                        },
+                    ),
+                );
+            }
+            EventKind::Finished | EventKind::Failed => {
+                ended.insert(e.req, e.tokens);
+            }
+            _ => {}
+        }
+    }
+    let mut v: Vec<(u64, Stop)> = by_req
+        .into_iter()
+        .map(|(req, (seq, mut s))| {
+            if s.orphaned {
+                // A zombie's tokens are known once it ends.
+                s.tokens = ended.get(&req).copied().unwrap_or(0);
+            }
+            (seq, s)
+        })
+        .collect();
+    v.sort_by_key(|(seq, _)| *seq);
+    v.into_iter().map(|(_, s)| s).collect()
+}
