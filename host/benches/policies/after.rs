@@ -9,12 +9,16 @@
 //! made when it stopped: `Cancelled` (it stopped when maitre closed the
 //! connection) or `Orphaned` then `Finished` (it ran on to its end, as
 //! llama-server does for a non-streaming request). Within one replica (one
-//! maitre arm, one upstream) the k-th pre-emption is paired with the k-th
-//! stop, in order; tokens after = the upstream's count − maitre's count.
+//! maitre arm, one upstream) each pre-emption is paired with the first stop
+//! not yet paired that comes at most [`PAIR_WINDOW`] after it and has at
+//! least the tokens maitre had seen; tokens after = the upstream's count −
+//! maitre's count. A pre-emption without such a stop is counted apart: the
+//! generation had just ended at the upstream, or had not reached it yet.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use maitre_testkit::{EventKind, LogEvent};
 use tracing::field::{Field, Visit};
@@ -22,9 +26,16 @@ use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 
-/// The `tokens_thrown_away` of every pre-emption, per arm, in order.
+/// How long after a pre-emption the upstream's stop may come to be paired
+/// with it; how early, for clock error ([`PAIR_SLACK`]).
+pub const PAIR_WINDOW: Duration = Duration::from_millis(250);
+/// See [`PAIR_WINDOW`].
+pub const PAIR_SLACK: Duration = Duration::from_millis(20);
+
+/// When, and with how many tokens seen, every pre-emption happened, per arm,
+/// in order.
 #[derive(Clone, Default)]
-pub struct Preempts(Arc<Mutex<HashMap<String, Vec<u64>>>>);
+pub struct Preempts(Arc<Mutex<HashMap<String, Vec<(Instant, u64)>>>>);
 
 impl Preempts {
     /// Captures maitre's pre-emption events from now on (this process's
@@ -44,8 +55,8 @@ impl Preempts {
         self.0.lock().unwrap().clear();
     }
 
-    /// maitre's token counts of the pre-emptions arm `arm` made, in order.
-    pub fn of(&self, arm: &str) -> Vec<u64> {
+    /// maitre's pre-emptions by arm `arm` (when, tokens seen), in order.
+    pub fn of(&self, arm: &str) -> Vec<(Instant, u64)> {
         self.0.lock().unwrap().get(arm).cloned().unwrap_or_default()
     }
 }
@@ -79,7 +90,13 @@ impl<S: Subscriber> Layer<S> for Preempts {
         let mut f = Fields::default();
         e.record(&mut f);
         if let (Some(arm), Some(tokens)) = (f.arm, f.tokens) {
-            self.0.lock().unwrap().entry(arm).or_default().push(tokens);
+            let now = Instant::now();
+            self.0
+                .lock()
+                .unwrap()
+                .entry(arm)
+                .or_default()
+                .push((now, tokens));
         }
     }
 }
@@ -92,10 +109,10 @@ pub struct After {
     pub stops: usize,
     /// Of those, generations that ran on after their client left (zombies).
     pub orphaned: usize,
-    /// Pre-emptions paired with a stop (replicas where the counts agree).
+    /// Pre-emptions paired with a stop.
     pub paired: usize,
-    /// Pre-emptions of replicas where maitre's and the upstream's counts
-    /// differ (not paired, not counted in `max`/`total`).
+    /// Pre-emptions without a stop at the upstream (not counted in
+    /// `max`/`total`).
     pub unpaired: usize,
     /// The most tokens the upstream generated after one pre-emption.
     pub max: u64,
@@ -104,22 +121,43 @@ pub struct After {
     /// The most generations any one upstream held at once (slots, queue and
     /// zombies), over the measured run.
     pub max_in_flight: usize,
+    /// Times an upstream's log shows more generations than slots.
+    pub overruns: usize,
+    /// The longest such overrun, until the log shows a generation end.
+    pub overrun_longest: Duration,
 }
 
 impl After {
-    /// Adds one replica: maitre's counts at its pre-emptions (`seen`), the
-    /// upstream's log and its highest in-flight count.
-    pub fn add(&mut self, seen: &[u64], log: &[LogEvent], max_in_flight: usize) {
+    /// Adds one replica: maitre's pre-emptions (when, tokens seen), the
+    /// upstream's log, when the upstream started (its log's clock, to a
+    /// few ms), its slots and its highest in-flight count.
+    pub fn add(
+        &mut self,
+        seen: &[(Instant, u64)],
+        log: &[LogEvent],
+        upstream_start: Instant,
+        slots: usize,
+        max_in_flight: usize,
+    ) {
         self.max_in_flight = self.max_in_flight.max(max_in_flight);
+        let (overruns, longest) = overruns(log, slots);
+        self.overruns += overruns;
+        self.overrun_longest = self.overrun_longest.max(longest);
         let stops = stops(log);
         self.stops += stops.len();
         self.orphaned += stops.iter().filter(|s| s.orphaned).count();
-        if stops.len() != seen.len() {
-            self.unpaired += seen.len();
-            return;
-        }
-        for (s, &seen) in stops.iter().zip(seen) {
-            let after = s.tokens.saturating_sub(seen);
+        let mut used = vec![false; stops.len()];
+        for &(at, seen) in seen {
+            let pair = stops.iter().enumerate().position(|(i, s)| {
+                let t = upstream_start + s.at;
+                !used[i] && t + PAIR_SLACK >= at && t <= at + PAIR_WINDOW && s.tokens >= seen
+            });
+            let Some(i) = pair else {
+                self.unpaired += 1;
+                continue;
+            };
+            used[i] = true;
+            let after = stops[i].tokens - seen;
             self.paired += 1;
             self.total += after;
             self.max = self.max.max(after);
@@ -127,8 +165,40 @@ impl After {
     }
 }
 
+/// How often the log shows more generations in flight (queued for a slot,
+/// holding one, or orphaned) than `slots`, and the longest such stretch.
+fn overruns(log: &[LogEvent], slots: usize) -> (usize, Duration) {
+    let mut live: HashMap<u64, ()> = HashMap::new();
+    let (mut n, mut longest, mut since) = (0, Duration::ZERO, None::<Duration>);
+    for e in log {
+        match e.kind {
+            EventKind::Queued => {
+                live.insert(e.req, ());
+            }
+            EventKind::Finished | EventKind::Cancelled | EventKind::Failed => {
+                live.remove(&e.req);
+            }
+            _ => continue,
+        }
+        match (live.len() > slots, since) {
+            (true, None) => {
+                n += 1;
+                since = Some(e.at);
+            }
+            (false, Some(s)) => {
+                longest = longest.max(e.at - s);
+                since = None;
+            }
+            _ => {}
+        }
+    }
+    (n, longest)
+}
+
 /// One batch generation the upstream did not finish for its client.
 struct Stop {
+    /// When it stopped (was orphaned), on the upstream's clock.
+    at: Duration,
     /// Tokens it had made when it stopped (for a zombie: when it ended).
     tokens: u64,
     orphaned: bool,
@@ -149,6 +219,7 @@ fn stops(log: &[LogEvent]) -> Vec<Stop> {
                     (
                         e.seq,
                         Stop {
+                            at: e.at,
                             tokens: e.tokens,
                             orphaned: false,
                         },
@@ -161,6 +232,7 @@ fn stops(log: &[LogEvent]) -> Vec<Stop> {
                     (
                         e.seq,
                         Stop {
+                            at: e.at,
                             tokens: 0,
                             orphaned: true,
                         },
