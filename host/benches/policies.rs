@@ -444,13 +444,13 @@ async fn run(k: Knobs, preempts: &Preempts) {
             }
         }
     }
-    for ri in 0..k.replicas {
+    for (ri, f) in floor.iter().enumerate() {
         for (offset, tokens) in rt_schedule(&k, ri) {
             let rec = recs[groups.len()].clone();
             let (c, url) = (idle.client.clone(), idle.maitre.url.clone());
             tasks.push(tokio::spawn(realtime(c, url, t0, offset, tokens, rec)));
             let rec = recs[groups.len() + 1].clone();
-            let (c, url) = (floor[ri].client.clone(), floor[ri].maitre.url.clone());
+            let (c, url) = (f.client.clone(), f.maitre.url.clone());
             tasks.push(tokio::spawn(realtime(c, url, t0, offset, tokens, rec)));
         }
     }
@@ -658,6 +658,17 @@ async fn run(k: Knobs, preempts: &Preempts) {
                 a.max_in_flight,
                 a.overruns,
                 ms(a.overrun_longest)
+            ));
+            let worst: Vec<String> = a
+                .worst
+                .iter()
+                .map(|(after, delay, seen)| {
+                    format!("{after} tokens {delay:.0} ms after (maitre had seen {seen})")
+                })
+                .collect();
+            verdicts.push(format!(
+                "  {name}: the most tokens after a pre-emption: {}",
+                worst.join("; ")
             ));
         }
     }

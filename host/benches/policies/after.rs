@@ -35,7 +35,10 @@ pub const PAIR_SLACK: Duration = Duration::from_millis(20);
 /// When, and with how many tokens seen, every pre-emption happened, per arm,
 /// in order.
 #[derive(Clone, Default)]
-pub struct Preempts(Arc<Mutex<HashMap<String, Vec<(Instant, u64)>>>>);
+pub struct Preempts(Arc<Mutex<HashMap<String, Vec<Preempted>>>>);
+
+/// When a pre-emption happened, and the tokens maitre had seen of its victim.
+pub type Preempted = (Instant, u64);
 
 impl Preempts {
     /// Captures maitre's pre-emption events from now on (this process's
@@ -56,7 +59,7 @@ impl Preempts {
     }
 
     /// maitre's pre-emptions by arm `arm` (when, tokens seen), in order.
-    pub fn of(&self, arm: &str) -> Vec<(Instant, u64)> {
+    pub fn of(&self, arm: &str) -> Vec<Preempted> {
         self.0.lock().unwrap().get(arm).cloned().unwrap_or_default()
     }
 }
@@ -121,6 +124,9 @@ pub struct After {
     /// The most generations any one upstream held at once (slots, queue and
     /// zombies), over the measured run.
     pub max_in_flight: usize,
+    /// The pairs with the most tokens after: (tokens after, ms from the
+    /// pre-emption to the upstream's stop, tokens maitre had seen), most first.
+    pub worst: Vec<(u64, f64, u64)>,
     /// Times an upstream's log shows more generations than slots.
     pub overruns: usize,
     /// The longest such overrun, until the log shows a generation end.
@@ -133,7 +139,7 @@ impl After {
     /// few ms), its slots and its highest in-flight count.
     pub fn add(
         &mut self,
-        seen: &[(Instant, u64)],
+        seen: &[Preempted],
         log: &[LogEvent],
         upstream_start: Instant,
         slots: usize,
@@ -158,6 +164,11 @@ impl After {
             };
             used[i] = true;
             let after = stops[i].tokens - seen;
+            let delay = (upstream_start + stops[i].at).saturating_duration_since(at);
+            self.worst.push((after, delay.as_secs_f64() * 1000.0, seen));
+            self.worst
+                .sort_by(|a, b| b.0.cmp(&a.0).then(b.1.total_cmp(&a.1)));
+            self.worst.truncate(3);
             self.paired += 1;
             self.total += after;
             self.max = self.max.max(after);
