@@ -39,7 +39,8 @@
 //! `cargo bench -p maitre --bench policies`; knobs (environment):
 //! REPLICAS (16), SECONDS (150), WARMUP_SECONDS (10), RT_MEAN_SECONDS (36),
 //! BATCH_LOOPS (4), SEED (42), BATCH_TOKENS (50-100), RT_TOKENS (50-100),
-//! MAX_WAITS (30: one preemptive row per `max_wait_ms` value, comma-separated).
+//! MAX_WAITS (30: one preemptive row per `max_wait_ms` value, comma-separated),
+//! MAX_PREEMPTIONS (the plugin's and the host's bound, default 2).
 //!
 //! `MIX=rt-every` runs the two harsh mixes of issue 11 one after the other in
 //! one invocation: 1 s batch jobs (50 tokens, 2 loops per replica) and short
@@ -58,7 +59,7 @@ use std::time::{Duration, Instant};
 use after::{After, Preempts};
 use common::*;
 use futures_util::StreamExt;
-use maitre_testkit::{Arm, EventKind, ModelConfig, PolicyFile, Scrape, UpstreamModel};
+use maitre_testkit::{Arm, EventKind, Limits, ModelConfig, PolicyFile, Scrape, UpstreamModel};
 
 const TOKEN_MS: u64 = 20;
 const SLOTS: u32 = 2;
@@ -77,10 +78,17 @@ fn policies(k: &Knobs) -> Vec<(String, MakeArm)> {
             Box::new(|n| Arm::builtin(n, "reserved-aging").config("rt_reserved_slots", 1)),
         ),
     ];
+    let max_preemptions = k.max_preemptions;
     for &w in &k.max_waits {
         v.push((
             format!("preemptive w={w}"),
-            Box::new(move |n| Arm::builtin(n, "preemptive").config("max_wait_ms", w as i64)),
+            Box::new(move |n| {
+                let arm = Arm::builtin(n, "preemptive").config("max_wait_ms", w as i64);
+                match max_preemptions {
+                    Some(m) => arm.config("max_preemptions", m as i64),
+                    None => arm,
+                }
+            }),
         ));
     }
     v
@@ -105,6 +113,9 @@ struct Knobs {
     rt_tokens: (u64, u64),
     /// `max_wait_ms` of each preemptive row.
     max_waits: Vec<u64>,
+    /// `max_preemptions` of the preemptive rows and the host's
+    /// `limits.max_preemptions` (both default 2).
+    max_preemptions: Option<u32>,
     /// Upstreams in their llama-server-like mode.
     llama_like: bool,
     /// The batch throughput target, % of fifo's.
@@ -230,7 +241,7 @@ struct Replica {
     client: reqwest::Client,
 }
 
-async fn replica(arm: Arm, slots: u32, llama_like: bool) -> Replica {
+async fn replica(arm: Arm, slots: u32, llama_like: bool, max_preemptions: Option<u32>) -> Replica {
     let fake_start = Instant::now();
     let fake = UpstreamModel::start(ModelConfig {
         slots: slots as usize,
@@ -240,7 +251,15 @@ async fn replica(arm: Arm, slots: u32, llama_like: bool) -> Replica {
     })
     .await
     .expect("fake ollama");
-    let maitre = InProc::start(&PolicyFile::new(fake.url(), slots).arm(arm)).await;
+    let policy = PolicyFile::new(fake.url(), slots).arm(arm);
+    let policy = match max_preemptions {
+        Some(m) => policy.limits(Limits {
+            max_preemptions: Some(m.into()),
+            ..Limits::default()
+        }),
+        None => policy,
+    };
+    let maitre = InProc::start(&policy).await;
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     Replica {
         fake,
@@ -330,6 +349,9 @@ fn main() {
         rt_tokens: range("RT_TOKENS", (50, 100)),
         max_waits,
         llama_like: env_or("LLAMA_LIKE", rt_every as u8) != 0,
+        max_preemptions: std::env::var("MAX_PREEMPTIONS")
+            .ok()
+            .and_then(|v| v.parse().ok()),
         batch_target: 95.0,
     };
     // `rt-every`: the mixes of issue 11, in one run: 1 s batch jobs (50
@@ -368,13 +390,21 @@ async fn run(k: Knobs, preempts: &Preempts) {
     for (gi, (_, arm)) in policies.iter().enumerate() {
         let mut g = Vec::new();
         for ri in 0..k.replicas {
-            g.push(replica(arm(arm_name(gi, ri)), SLOTS, k.llama_like).await);
+            g.push(
+                replica(
+                    arm(arm_name(gi, ri)),
+                    SLOTS,
+                    k.llama_like,
+                    k.max_preemptions,
+                )
+                .await,
+            );
         }
         groups.push(g);
     }
     // Enough slots that a real-time request always finds one free, whatever
     // the overlap of the pooled arrivals.
-    let idle = replica(Arm::builtin("idle", "fifo"), 32, k.llama_like).await;
+    let idle = replica(Arm::builtin("idle", "fifo"), 32, k.llama_like, None).await;
     // The same real-time arrivals per replica on SLOTS slots and no batch
     // load: real-time requests then wait only for each other, which no
     // policy that never cuts a real-time stream can avoid.
@@ -385,6 +415,7 @@ async fn run(k: Knobs, preempts: &Preempts) {
                 Arm::builtin(format!("floor{ri}"), "fifo"),
                 SLOTS,
                 k.llama_like,
+                None,
             )
             .await,
         );
@@ -492,7 +523,7 @@ async fn run(k: Knobs, preempts: &Preempts) {
     let (floor_ttft, _, _, floor_incomplete, _) = take(&recs[groups.len() + 1]);
     println!();
     println!(
-        "policies: {} replicas per policy, each 1 maitre + 1 {} ({SLOTS} slots, {TOKEN_MS} ms/token); {} batch loops per replica (non-streaming, {}-{} tokens), RT streaming {}-{} tokens, exponential arrivals mean {} s per replica; {} s run, first {} s not measured; seed {}; load average {}",
+        "policies: {} replicas per policy, each 1 maitre + 1 {} ({SLOTS} slots, {TOKEN_MS} ms/token); {} batch loops per replica (non-streaming, {}-{} tokens), RT streaming {}-{} tokens, exponential arrivals mean {} s per replica; {} s run, first {} s not measured; seed {}; max_preemptions {}; load average {}",
         k.replicas,
         if k.llama_like {
             "llama-like upstream model (non-streaming generations run on without their client)"
@@ -508,6 +539,7 @@ async fn run(k: Knobs, preempts: &Preempts) {
         k.seconds,
         k.warmup,
         k.seed,
+        k.max_preemptions.unwrap_or(2),
         load_average()
     );
     println!(
@@ -612,7 +644,7 @@ async fn run(k: Knobs, preempts: &Preempts) {
     );
     println!();
     println!(
-        "{:<17} {:>6} {:>6} {:>7} {:>7} {:>7} | {:>9} {:>11} | {:>8} {:>8} {:>11}",
+        "{:<17} {:>6} {:>6} {:>7} {:>7} {:>7} | {:>9} {:>11} | {:>8} {:>8} {:>9} | {:>8} {:>8} {:>11}",
         "upstream",
         "preem",
         "stops",
@@ -621,17 +653,28 @@ async fn run(k: Knobs, preempts: &Preempts) {
         "no stop",
         "after max",
         "after total",
+        "stop p99",
+        "stop max",
+        "by time",
         "peak gen",
         "overruns",
         "longest ms"
     );
     for (gi, (name, _)) in policies.iter().enumerate() {
         let a = &group_ends[gi].after;
+        let delays: Vec<f64> = a.delays.iter().map(|d| ms(*d)).collect();
+        let (stop_p99, stop_max) = (pct(&delays, 0.99), pct(&delays, 1.0));
+        // At most one token per token time after the pre-emption.
+        let by_time = if delays.is_empty() {
+            0
+        } else {
+            (stop_max / TOKEN_MS as f64).ceil() as u64
+        };
         let preem: usize = (0..k.replicas)
             .map(|ri| preempts.of(&arm_name(gi, ri)).len())
             .sum();
         println!(
-            "{:<17} {:>6} {:>6} {:>7} {:>7} {:>7} | {:>9} {:>11} | {:>8} {:>8} {:>11.3}",
+            "{:<17} {:>6} {:>6} {:>7} {:>7} {:>7} | {:>9} {:>11} | {:>8.1} {:>8.1} {:>9} | {:>8} {:>8} {:>11.3}",
             name,
             preem,
             a.stops,
@@ -640,17 +683,20 @@ async fn run(k: Knobs, preempts: &Preempts) {
             a.unpaired,
             a.max,
             a.total,
+            stop_p99,
+            stop_max,
+            by_time,
             a.max_in_flight,
             a.overruns,
             ms(a.overrun_longest)
         );
         if name.starts_with("preemptive") {
             verdicts.push(format!(
-                "  {name}: upstream tokens after a pre-emption: max {} over {} paired, {} zombies (target <= 2 tokens, 0 zombies): {}; at most {} generations on {SLOTS} slots ({} overruns, longest {:.3} ms)",
+                "  {name}: upstream tokens after a pre-emption: at most {by_time} by time (stop at most {stop_max:.1} ms after), {} by count (upstream - maitre's, with tokens maitre had not read yet), over {} paired, {} zombies (target <= 2 tokens, 0 zombies): {}; at most {} generations on {SLOTS} slots ({} overruns, longest {:.3} ms)",
                 a.max,
                 a.paired,
                 a.orphaned,
-                if a.max <= 2 && a.orphaned == 0 {
+                if by_time <= 2 && a.orphaned == 0 {
                     "MET"
                 } else {
                     "MISSED"
@@ -674,7 +720,7 @@ async fn run(k: Knobs, preempts: &Preempts) {
     }
     println!();
     println!(
-        "upstream: preem = maitre's pre-empted events; stops = batch generations the upstreams stopped before their end, or left running without a client (zombies); paired = pre-emptions paired with the first later stop of the same upstream (within 250 ms, at least the tokens maitre had seen); no stop = pre-emptions of a generation that had just ended, or had not reached the upstream yet; after = tokens an upstream generated after maitre pre-empted (its count at the stop - maitre's); peak gen = the most generations one upstream held at once (its slots + its queue + zombies); overruns = times an upstream's log shows more generations than slots, longest = the longest, until a generation's end is logged"
+        "upstream: preem = maitre's pre-empted events; stops = batch generations the upstreams stopped before their end, or left running without a client (zombies); paired = pre-emptions paired with the first later stop of the same upstream (within 250 ms, at least the tokens maitre had seen); no stop = pre-emptions of a generation that had just ended, or had not reached the upstream yet; after = the upstream's count at the stop - maitre's at the pre-emption (includes tokens made before that maitre had not read yet); stop p99/max = ms from the pre-emption to the upstream's stop; by time = the most tokens the upstream can have made after a pre-emption (one per {TOKEN_MS} ms until its stop); peak gen = the most generations one upstream held at once (its slots + its queue + zombies); overruns = times an upstream's log shows more generations than slots, longest = the longest, until a generation's end is logged"
     );
     for v in verdicts {
         println!("{v}");

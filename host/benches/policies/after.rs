@@ -14,6 +14,11 @@
 //! least the tokens maitre had seen; tokens after = the upstream's count −
 //! maitre's count. A pre-emption without such a stop is counted apart: the
 //! generation had just ended at the upstream, or had not reached it yet.
+//!
+//! That count difference also holds tokens the upstream made *before* the
+//! pre-emption that maitre had not read yet (a starved process reads late).
+//! The time from the pre-emption to the stop bounds the tokens made after
+//! it: at most one per token time.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
@@ -124,6 +129,11 @@ pub struct After {
     /// The most generations any one upstream held at once (slots, queue and
     /// zombies), over the measured run.
     pub max_in_flight: usize,
+    /// Pre-emption → the upstream's stop, of every paired pre-emption. The
+    /// upstream makes at most one token per token time, so a stop `d` after
+    /// the pre-emption means at most ⌈d / token time⌉ tokens made after it,
+    /// whatever maitre had read by then.
+    pub delays: Vec<Duration>,
     /// The pairs with the most tokens after: (tokens after, ms from the
     /// pre-emption to the upstream's stop, tokens maitre had seen), most first.
     pub worst: Vec<(u64, f64, u64)>,
@@ -165,6 +175,7 @@ impl After {
             used[i] = true;
             let after = stops[i].tokens - seen;
             let delay = (upstream_start + stops[i].at).saturating_duration_since(at);
+            self.delays.push(delay);
             self.worst.push((after, delay.as_secs_f64() * 1000.0, seen));
             self.worst
                 .sort_by(|a, b| b.0.cmp(&a.0).then(b.1.total_cmp(&a.1)));
