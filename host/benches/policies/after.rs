@@ -9,9 +9,9 @@
 //! made when it stopped: `Cancelled` (it stopped when maitre closed the
 //! connection) or `Orphaned` then `Finished` (it ran on to its end, as
 //! llama-server does for a non-streaming request). Within one replica (one
-//! maitre arm, one upstream) each pre-emption is paired with the first stop
-//! not yet paired that comes at most [`PAIR_WINDOW`] after it and has at
-//! least the tokens maitre had seen; tokens after = the upstream's count −
+//! maitre arm, one upstream) each stop is paired with the latest
+//! pre-emption not yet paired that came at most [`PAIR_WINDOW`] before it
+//! and saw no more tokens than the stop has; tokens after = the upstream's count −
 //! maitre's count. A pre-emption without such a stop is counted apart: the
 //! generation had just ended at the upstream, or had not reached it yet.
 //!
@@ -162,21 +162,24 @@ impl After {
         let stops = stops(log);
         self.stops += stops.len();
         self.orphaned += stops.iter().filter(|s| s.orphaned).count();
-        let mut used = vec![false; stops.len()];
-        for &(at, seen) in seen {
-            let pair = stops.iter().enumerate().position(|(i, s)| {
-                let t = upstream_start + s.at;
-                !used[i] && t + PAIR_SLACK >= at && t <= at + PAIR_WINDOW && s.tokens >= seen
+        // Each stop (in the order they came) goes to the latest pre-emption
+        // before it not yet paired: a stop follows its own pre-emption
+        // within ms, and a pre-emption whose generation never reached the
+        // upstream has no stop to take from the next one.
+        let mut taken = vec![false; seen.len()];
+        for s in &stops {
+            let t = upstream_start + s.at;
+            let pair = (0..seen.len()).rev().find(|&j| {
+                let (at, n) = seen[j];
+                !taken[j] && at <= t + PAIR_SLACK && t <= at + PAIR_WINDOW && s.tokens >= n
             });
-            let Some(i) = pair else {
-                self.unpaired += 1;
-                continue;
-            };
-            used[i] = true;
-            let after = stops[i].tokens - seen;
-            let delay = (upstream_start + stops[i].at).saturating_duration_since(at);
+            let Some(j) = pair else { continue };
+            taken[j] = true;
+            let (at, read) = seen[j];
+            let after = s.tokens - read;
+            let delay = t.saturating_duration_since(at);
             self.delays.push(delay);
-            self.worst.push((after, delay.as_secs_f64() * 1000.0, seen));
+            self.worst.push((after, delay.as_secs_f64() * 1000.0, read));
             self.worst
                 .sort_by(|a, b| b.0.cmp(&a.0).then(b.1.total_cmp(&a.1)));
             self.worst.truncate(3);
@@ -184,6 +187,7 @@ impl After {
             self.total += after;
             self.max = self.max.max(after);
         }
+        self.unpaired += taken.iter().filter(|t| !**t).count();
     }
 }
 
