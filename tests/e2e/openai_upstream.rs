@@ -352,3 +352,70 @@ async fn priority_reaches_the_upstream_only_when_opted_in() {
         ]
     );
 }
+
+/// A batch `/v1` request (not streamed, long) pre-empted by a real-time one
+/// on a 1-slot llama-like upstream that frees a cancelled generation's slot
+/// 300 ms after closing its connection; returns the most generations the
+/// upstream held at once.
+async fn preempt_on_a_slow_releasing_engine(busy_check: Option<&str>) -> usize {
+    let f = UpstreamModel::start(ModelConfig {
+        slots: 1,
+        token_delay: Duration::from_millis(10),
+        models: vec!["fake".into()],
+        openai_only: true,
+        release_lag: Duration::from_millis(300),
+        ..ModelConfig::default()
+    })
+    .await
+    .expect("start an upstream model");
+    let mut policy = PolicyFile::new(f.url(), 1)
+        .upstream_kind("openai", None)
+        .arm(Arm::builtin("main", "preemptive").config("max_wait_ms", 0));
+    if let Some(check) = busy_check {
+        policy = policy.busy_check(check);
+    }
+    let m = start(&policy);
+    let c = client();
+    let batch = c
+        .post(format!("{}/v1/chat/completions", m.url))
+        .header("x-priority", "batch")
+        .json(&json!({"model": "fake", "max_tokens": 300,
+            "messages": [{"role": "user", "content": "long"}]}))
+        .send();
+    let batch = tokio::spawn(batch);
+    assert!(
+        f.wait_until(T, |log| log.iter().any(|e| e.kind == EventKind::Started))
+            .await
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rt = chat(&c, &m.url, true)
+        .header("x-priority", "realtime")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rt.status(), 200);
+    let text = rt.text().await.unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let b = batch.await.unwrap().unwrap();
+    assert_eq!(
+        b.status(),
+        200,
+        "the pre-empted batch request is answered after all"
+    );
+    let st = m.status().await;
+    assert_eq!(st["arms"][0]["fallback"], false, "{st}");
+    f.stats().max_in_flight
+}
+
+#[tokio::test]
+async fn busy_check_keeps_a_slow_releasing_engine_within_its_slots() {
+    // Without the check maitre frees the slot when the connection closes,
+    // and the real-time request queues inside the engine beside the
+    // cancelled generation that still holds the slot.
+    assert_eq!(preempt_on_a_slow_releasing_engine(None).await, 2);
+    // With it, maitre waits until /slots shows the slot free.
+    assert_eq!(
+        preempt_on_a_slow_releasing_engine(Some("llama-server")).await,
+        1
+    );
+}

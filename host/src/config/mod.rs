@@ -180,6 +180,11 @@ pub struct UpstreamConfig {
     /// priority, mapped from the request's class, to the `/v1` bodies it
     /// sends this backend; off by default.
     pub pass_priority: Option<PassPriority>,
+    /// `busy_check = "llama-server"`: before a request is sent, maitre reads
+    /// the engine's own busy slots (`GET /slots`) and waits until one is
+    /// free, so an engine that frees a slot after it closed the connection
+    /// of a cancelled generation is never sent more than it has slots.
+    pub busy_check: bool,
 }
 
 /// What an upstream server speaks (`kind` of an `[upstream]`). It decides

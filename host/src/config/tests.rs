@@ -300,3 +300,22 @@ fn a_bad_model_rule_names_its_key() {
     .to_string();
     assert!(e.contains("same model"), "{e}");
 }
+
+#[test]
+fn busy_check_is_for_llama_server_only() {
+    let with = |extra: &str| parse(&GOOD.replace("slots = 2\n", &format!("slots = 2\n{extra}\n")));
+    let c = with("kind = \"openai\"\nbusy_check = \"llama-server\"").unwrap();
+    assert!(c.upstreams[0].busy_check);
+    assert!(!parse(GOOD).unwrap().upstreams[0].busy_check);
+    let e = with("busy_check = \"llama-server\"")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("upstream.busy_check") && e.contains("kind"),
+        "{e}"
+    );
+    let e = with("kind = \"openai\"\nbusy_check = \"vllm\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown busy check"), "{e}");
+}

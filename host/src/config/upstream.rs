@@ -30,6 +30,7 @@ pub(super) struct RawUpstream {
     first_byte_timeout_seconds: Option<Spanned<i64>>,
     kind: Option<Spanned<String>>,
     pass_priority: Option<Spanned<String>>,
+    busy_check: Option<Spanned<String>>,
 }
 
 /// `upstream` is a table (one backend) or an array of tables (a fleet).
@@ -84,6 +85,7 @@ pub(super) fn upstreams(
             first_byte_timeout_seconds: None,
             kind: None,
             pass_priority: None,
+            busy_check: None,
         };
         return Ok(vec![one(cx, &none, "upstream", 0..0, false)?]);
     };
@@ -207,9 +209,32 @@ fn one(
             ));
         }
     };
+    let busy_check = match &u.busy_check {
+        None => false,
+        Some(s) if s.get_ref() == "none" => false,
+        Some(s) if s.get_ref() == "llama-server" && kind == BackendKind::OpenAi => true,
+        Some(s) if s.get_ref() == "llama-server" => {
+            return Err(cx.err(
+                s.span(),
+                &k("busy_check"),
+                "llama-server's /slots is on an OpenAI-compatible server: add kind = \"openai\" to this upstream, or remove busy_check",
+            ));
+        }
+        Some(s) => {
+            return Err(cx.err(
+                s.span(),
+                &k("busy_check"),
+                format!(
+                    "unknown busy check {:?}: use \"llama-server\" (GET /slots before each dispatch) or \"none\"",
+                    s.get_ref()
+                ),
+            ));
+        }
+    };
     Ok(UpstreamConfig {
         kind,
         pass_priority,
+        busy_check,
         name,
         url,
         slots: cx.int(&u.slots, &k("slots"), 1, 4096, 1)? as u32,

@@ -489,11 +489,14 @@ impl Fleet {
 
     /// The models loaded on backend `b` as a policy may see them: name,
     /// size in bytes (0 when unknown) and time left before it expires (None
-    /// when unknown); models of running requests count as loaded.
+    /// when unknown); models of running requests, and the models an OpenAI-compatible
+    /// server lists, count as loaded.
     pub fn loaded(&self, b: usize) -> Vec<(Arc<str>, u64, Option<std::time::Duration>)> {
         let x = &self.backends[b];
         let mut out = x.resident.loaded();
-        for m in x.running.keys() {
+        // Models of running requests, and those an OpenAI-compatible server
+        // lists (it serves them without a load), count as loaded too.
+        for m in x.running.keys().chain(&x.available) {
             if !out.iter().any(|(n, _, _)| n == m) {
                 out.push((m.clone(), 0, None));
             }

@@ -29,6 +29,7 @@
 mod aggregate;
 mod body;
 mod budget;
+mod busy;
 mod error_shape;
 mod fanout;
 mod fleet;

@@ -406,10 +406,15 @@ impl Proxy {
         let link = Link::capture(&mut up);
         let abandon = link.clone();
         ticket.dispatched(Box::new(move || abandon.abandon()));
+        let send = async {
+            // The engine's own count of busy slots, where it is read.
+            target.engine_room().await;
+            tokio::time::timeout(target.first_byte_timeout, target.client.request(up)).await
+        };
         let sent = tokio::select! {
             biased;
             _ = run.preempt.cancelled() => None,
-            r = tokio::time::timeout(target.first_byte_timeout, target.client.request(up)) => Some(r),
+            r = send => Some(r),
         };
         match sent {
             // The upstream request was dropped (its connection closed) when

@@ -34,6 +34,11 @@ pub struct Target {
     pub kind: crate::config::BackendKind,
     /// The per-request priority it is told, if any.
     pub pass_priority: Option<crate::config::PassPriority>,
+    /// Its slots.
+    pub slots: u32,
+    /// Whether the engine's own busy count is read before each dispatch
+    /// (`busy_check`, see `busy`).
+    pub busy_check: bool,
 }
 
 impl Target {
@@ -60,6 +65,8 @@ impl Target {
             first_byte_timeout: Duration::from_secs(up.first_byte_timeout_seconds),
             kind: up.kind,
             pass_priority: up.pass_priority,
+            slots: up.slots,
+            busy_check: up.busy_check,
         }
     }
 

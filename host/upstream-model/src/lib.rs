@@ -121,6 +121,12 @@ pub struct ModelConfig {
     /// ms; a proxy that frees the slot before the upstream lets go of the
     /// connection overruns such an engine.
     pub disconnect_notice: Duration,
+    /// How long a cancelled generation keeps its slot after its connection
+    /// closed: an engine that frees the slot on its next loop turn
+    /// (llama-server). A request sent meanwhile queues inside the model;
+    /// `GET /slots` (OpenAI-only mode) shows the slot busy. Zero: freed at
+    /// once.
+    pub release_lag: Duration,
     /// Models on disk, as `/api/tags` and `/v1/models` list them and
     /// `/api/show` describes them (any model whose name starts with "fake"
     /// can generate, listed or not).
@@ -165,6 +171,7 @@ impl Default for ModelConfig {
             log_capacity: DEFAULT_LOG_CAPACITY,
             ignore_disconnect_non_streaming: false,
             disconnect_notice: Duration::ZERO,
+            release_lag: Duration::ZERO,
             models: vec!["fake".into()],
             preloaded: Vec::new(),
             load_time: Duration::ZERO,

@@ -48,6 +48,10 @@ struct Args {
     /// generation goes on meanwhile (llama-server: tens of ms).
     #[arg(long, default_value_t = 0)]
     disconnect_notice_ms: u64,
+    /// Milliseconds a cancelled generation keeps its slot after its
+    /// connection closed (llama-server frees it on its next loop turn).
+    #[arg(long, default_value_t = 0)]
+    release_lag_ms: u64,
     /// Models on disk, as /api/tags lists them (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "fake")]
     models: Vec<String>,
@@ -90,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
         log_capacity: args.log_capacity,
         ignore_disconnect_non_streaming: args.ignore_disconnect_non_streaming,
         disconnect_notice: Duration::from_millis(args.disconnect_notice_ms),
+        release_lag: Duration::from_millis(args.release_lag_ms),
         models: args.models,
         preloaded: args.preload,
         load_time: Duration::from_millis(args.load_ms),

@@ -36,6 +36,9 @@ pub(crate) enum Route {
     OaModel,
     /// llama-server's and vLLM's `GET /health` (OpenAI-only mode).
     Health,
+    /// llama-server's `GET /slots`: each slot with `is_processing`
+    /// (OpenAI-only mode).
+    Slots,
 }
 
 impl Route {
@@ -45,6 +48,7 @@ impl Route {
         if openai_only {
             return match path {
                 "/health" => Some(Route::Health),
+                "/slots" => Some(Route::Slots),
                 p if p.starts_with("/v1/") => Self::find(p, false),
                 _ => None,
             };
@@ -71,7 +75,7 @@ impl Route {
 
     fn allows(self, m: &Method) -> bool {
         match self {
-            Route::Root | Route::Version | Route::Tags | Route::Health => {
+            Route::Root | Route::Version | Route::Tags | Route::Health | Route::Slots => {
                 m == Method::GET || m == Method::HEAD
             }
             Route::Ps | Route::OaModels | Route::OaModel => m == Method::GET,
@@ -88,6 +92,7 @@ impl Route {
                 | Route::OaModels
                 | Route::OaModel
                 | Route::Health
+                | Route::Slots
         )
     }
 }
@@ -241,6 +246,7 @@ impl Call {
                 | Route::OaModels
                 | Route::OaModel
                 | Route::Health
+                | Route::Slots
         );
         let parsed = if needs_body {
             util::parse_body(body)
@@ -298,6 +304,15 @@ impl Call {
             }
             Route::Version => self.ok(&json!({ "version": crate::VERSION })),
             Route::Health => self.ok(&json!({ "status": "ok" })),
+            Route::Slots => {
+                // Slots held count as processing, those a cancelled
+                // generation has not freed yet (`release_lag`) included.
+                let busy = st.stats().active;
+                let slots: Vec<Value> = (0..st.cfg.slots)
+                    .map(|id| json!({ "id": id, "is_processing": id < busy }))
+                    .collect();
+                self.ok(&Value::Array(slots))
+            }
             Route::Tags => self.ok(&residency::tags(&st.cfg)),
             Route::Ps => self.ok(&residency::ps(&st.loaded())),
             Route::OaModels => self.ok(&residency::oa_models(&st.cfg)),

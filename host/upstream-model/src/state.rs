@@ -424,7 +424,21 @@ impl Tracker {
             self.event(EventKind::Received);
         }
         let start = self.state.start;
-        let (info, tokens, slot) = (&self.info, self.tokens, self.slot);
+        let (info, tokens, mut slot) = (&self.info, self.tokens, self.slot);
+        let lag = self.state.cfg.release_lag;
+        if kind == EventKind::Cancelled
+            && slot == Slot::Held
+            && !lag.is_zero()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            // The engine frees the slot a little after the connection.
+            let state = self.state.clone();
+            rt.spawn(async move {
+                tokio::time::sleep(lag).await;
+                state.with(|g| g.release(start));
+            });
+            slot = Slot::None;
+        }
         self.state.with(|g| {
             if info.life.swap(LIFE_ENDED, Ordering::Relaxed) == LIFE_ORPHANED {
                 g.orphans = g.orphans.saturating_sub(1);

@@ -66,6 +66,8 @@ pub struct Backend {
     kind: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pass_priority: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    busy_check: Option<String>,
 }
 
 impl Backend {
@@ -79,6 +81,7 @@ impl Backend {
             first_byte_timeout_seconds: None,
             kind: None,
             pass_priority: None,
+            busy_check: None,
         }
     }
 
@@ -243,6 +246,7 @@ impl PolicyFile {
                 first_byte_timeout_seconds: None,
                 kind: None,
                 pass_priority: None,
+                busy_check: None,
             }),
             fleet: None,
             limits: None,
@@ -304,6 +308,14 @@ impl PolicyFile {
         if let Upstreams::One(b) = &mut self.upstream {
             b.kind = Some(kind.into());
             b.pass_priority = pass_priority.map(Into::into);
+        }
+        self
+    }
+
+    /// Sets `busy_check` of a single `[upstream]` (`"llama-server"`).
+    pub fn busy_check(mut self, check: &str) -> PolicyFile {
+        if let Upstreams::One(b) = &mut self.upstream {
+            b.busy_check = Some(check.into());
         }
         self
     }
