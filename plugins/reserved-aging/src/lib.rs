@@ -194,9 +194,9 @@ impl<'a> Decision<'a> {
             return;
         };
         self.plan.book(pick, w.model);
-        // Batch names its backend even when it evicts: the host's choice
-        // could take a reserved slot.
-        let named = if batch { pick.backend } else { pick.named() };
+        // Named even when it evicts: the plan chose the cheapest victim, and
+        // for batch the host's choice could take a reserved slot.
+        let named = pick.named();
         if batch {
             self.batch_running += 1;
         } else if let Some(b) = pick.backend {

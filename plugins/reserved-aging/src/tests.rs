@@ -361,10 +361,11 @@ mod fleet {
         // slot left); m0 waits for b0 rather than evict.
         assert_eq!(placed(&p.schedule(&v)), [(3, Some(1)), (2, Some(2))]);
         // Once request 1 waited group_max_wait_ms it is taken anyway, first
-        // (oldest), evicting a model; then m1 waits for b1's next batch slot
-        // and m3 loads on b2.
+        // (oldest), evicting a model: m2 on b2, which nobody needs, not m1,
+        // the only copy of what request 3 waits for; m1 then goes to b1
+        // and m3 (loaded nowhere) finds no batch slot left.
         let v = fleet(14_000, bs(), running.clone(), waiting.clone());
-        assert_eq!(placed(&p.schedule(&v)), [(1, Some(1)), (2, Some(2))]);
+        assert_eq!(placed(&p.schedule(&v)), [(1, Some(2)), (3, Some(1))]);
         // Real-time still goes first, wherever a slot is.
         let mut w = waiting;
         w.push(of_model(rt(4, 9_900), 0));
