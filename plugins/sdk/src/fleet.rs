@@ -23,6 +23,13 @@ use crate::{Action, Class, Start, View, Waiting};
 pub const GROUP_MAX_WAIT_KEY: &str = "group_max_wait_ms";
 /// Default of [`GROUP_MAX_WAIT_KEY`]: a few seconds, about one model load.
 pub const GROUP_MAX_WAIT_DEFAULT_MS: u32 = 5_000;
+/// Config key of the real-time grouping bound ([`Plan::hold_realtime`]): a
+/// real-time request waits at most this long (since its arrival) for a
+/// backend with its model loaded before it loads the model elsewhere.
+pub const RT_GROUP_MAX_WAIT_KEY: &str = "rt_group_max_wait_ms";
+/// Default of [`RT_GROUP_MAX_WAIT_KEY`]: below a typical model load, above a
+/// typical short real-time answer.
+pub const RT_GROUP_MAX_WAIT_DEFAULT_MS: u32 = 1_000;
 
 /// How well a backend with a free slot suits a request for a model; the
 /// lower the better.
@@ -346,6 +353,26 @@ impl<'a> Plan<'a> {
                     Hold::Later
                 }
             }
+            _ => Hold::Go,
+        }
+    }
+}
+
+impl Plan<'_> {
+    /// Grouping for a real-time request: when its model is loaded on a
+    /// healthy backend whose slots are all taken and every free slot is on
+    /// a backend that would have to evict a model, it **waits** for its
+    /// model's backend (a running request ends sooner than a model loads:
+    /// seconds, and the eviction costs whoever needs the victim next) until
+    /// it has waited `max_wait_ms` since its arrival; then it goes. A model
+    /// loaded nowhere, a free slot with the model or room, or no healthy
+    /// backend: it goes at once.
+    pub fn hold_realtime(&self, w: &Waiting, max_wait_ms: u64) -> Hold {
+        if self.blind || self.view.now_ms.saturating_sub(w.arrival_ms) >= max_wait_ms {
+            return Hold::Go;
+        }
+        match self.pick(w.model, |_| true) {
+            Some(p) if p.fit == Fit::Evict && self.loaded_somewhere(w.model) => Hold::Wait,
             _ => Hold::Go,
         }
     }

@@ -1,5 +1,5 @@
 use super::*;
-use crate::testing::{backend, fleet, of_model, waiting};
+use crate::testing::{backend, fleet, of_model, on, waiting};
 
 const BE: Class = Class::Batch;
 const RT: Class = Class::Realtime;
@@ -169,12 +169,6 @@ fn full(total: u32, free: u32, loaded: &[(u32, Option<u64>)]) -> crate::Backend 
     b
 }
 
-fn on(mut r: crate::Running, backend: u32, model: u32) -> crate::Running {
-    r.backend = backend;
-    r.model = model;
-    r
-}
-
 #[test]
 fn the_victim_is_the_least_recently_used_not_running_model() {
     // m0 expires first, m1 later, m2 has no expiry (traffic since the poll).
@@ -236,4 +230,22 @@ fn a_load_evicts_a_spare_copy_or_an_idle_model_before_the_only_copy_in_demand() 
     assert_eq!(crate::testing::placed(&[start]), [(3, Some(1))]);
     assert_eq!(plan.victim_cost(2), (2, 2), "m3, the only copy, two wait");
     assert_eq!(plan.copies(0), 1);
+}
+
+#[test]
+fn realtime_waits_for_its_models_busy_backend_bounded() {
+    // b0 runs m0 (full), b1 has a free slot and m1, at its limit.
+    let v = fleet(
+        10_000,
+        vec![backend(1, 0, 1, &[0]), backend(1, 1, 1, &[1])],
+        vec![],
+        vec![],
+    );
+    let plan = Plan::new(&v);
+    let rt = |id, m, at| of_model(waiting(id, RT, 0.0, at), m);
+    assert_eq!(plan.hold_realtime(&rt(1, 0, 9_500), 1_000), Hold::Wait);
+    assert_eq!(plan.hold_realtime(&rt(1, 0, 9_000), 1_000), Hold::Go, "bound");
+    assert_eq!(plan.hold_realtime(&rt(2, 1, 9_900), 1_000), Hold::Go, "loaded");
+    assert_eq!(plan.hold_realtime(&rt(3, 2, 9_900), 1_000), Hold::Go, "nowhere");
+    assert_eq!(plan.hold_realtime(&rt(1, 0, 9_999), 0), Hold::Go, "0: never");
 }
