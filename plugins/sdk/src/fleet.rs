@@ -336,10 +336,7 @@ impl<'a> Plan<'a> {
     /// (among those `allow` accepts) would have to evict a model is passed
     /// over, so that requests for models already loaded go first, unless it
     /// has waited `max_wait_ms` since its arrival (then it goes: nothing
-    /// starves). It waits ([`Hold::Wait`]) when its model is loaded on a
-    /// busy backend, or when its load would evict the only copy of a model
-    /// in demand while a busy backend would evict a cheaper one; else it
-    /// goes after the rest ([`Hold::Later`]). Real-time requests always go, and so does everything when
+    /// starves). Real-time requests always go, and so does everything when
     /// no backend is healthy or none has a free slot.
     pub fn hold(&self, w: &Waiting, max_wait_ms: u64, allow: impl Fn(u32) -> bool) -> Hold {
         if w.class == Class::Realtime
@@ -350,7 +347,7 @@ impl<'a> Plan<'a> {
         }
         match self.pick(w.model, allow) {
             Some(p) if p.fit == Fit::Evict => {
-                if self.loaded_somewhere(w.model) || self.cheaper_later(p) {
+                if self.loaded_somewhere(w.model) {
                     Hold::Wait
                 } else {
                     Hold::Later
@@ -358,20 +355,6 @@ impl<'a> Plan<'a> {
             }
             _ => Hold::Go,
         }
-    }
-
-    /// Whether a load that `p` places would evict the only copy of a model
-    /// that requests need while another healthy backend (busy now) would
-    /// evict a cheaper one ([`Plan::victim_cost`]): waiting for that one
-    /// saves the load that the victim's next request would cost.
-    fn cheaper_later(&self, p: Pick) -> bool {
-        let Some(at) = p.backend else {
-            return false;
-        };
-        let dear = |b: u32| self.victim_cost(b).0 >= 2;
-        dear(at)
-            && (0..self.view.backends.len() as u32)
-                .any(|b| self.view.backends[b as usize].healthy && !dear(b))
     }
 }
 

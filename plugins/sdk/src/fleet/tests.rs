@@ -249,35 +249,3 @@ fn realtime_waits_for_its_models_busy_backend_bounded() {
     assert_eq!(plan.hold_realtime(&rt(3, 2, 9_900), 1_000), Hold::Go, "nowhere");
     assert_eq!(plan.hold_realtime(&rt(1, 0, 9_999), 0), Hold::Go, "0: never");
 }
-
-#[test]
-fn a_load_that_would_evict_the_only_copy_in_demand_waits_for_a_cheaper_victim() {
-    // b0 (busy) holds m0 and m1, both also on b2 (busy); b1 has a free
-    // slot and holds m2 alone, which request 1 waits for (on b1's
-    // next slot: it is running there too).
-    let bs = || {
-        vec![
-            full(1, 0, &[(0, Some(1)), (1, Some(2))]),
-            full(2, 1, &[(2, Some(1))]),
-            full(1, 0, &[(0, Some(1)), (1, Some(2))]),
-        ]
-    };
-    let run = vec![on(crate::testing::running(7, BE, 0.0, 0), 1, 2)];
-    let w = |id, m, at| of_model(waiting(id, BE, 0.0, at), m);
-    let q = vec![w(1, 2, 9_000), w(2, 3, 9_000)];
-    let v = fleet(10_000, bs(), run.clone(), q.clone());
-    let plan = Plan::new(&v);
-    assert_eq!(plan.victim_cost(1), (2, 2), "m2: only copy, 2 need it");
-    assert_eq!(plan.victim_cost(0), (1, 0), "m0: on b2 too");
-    // m3 is loaded nowhere: loading it on b1 would evict m2; b0's spare
-    // m0 costs less, so it waits for b0.
-    assert_eq!(plan.hold(&q[1], 5_000, |_| true), Hold::Wait);
-    // Bounded: after max_wait_ms it goes.
-    assert_eq!(plan.hold(&w(2, 3, 5_000), 5_000, |_| true), Hold::Go);
-    // With no cheaper victim anywhere (b0 and b2 down), it goes after the rest.
-    let mut down = bs();
-    down[0].healthy = false;
-    down[2].healthy = false;
-    let v = fleet(10_000, down, run, q.clone());
-    assert_eq!(Plan::new(&v).hold(&q[1], 5_000, |_| true), Hold::Later);
-}
