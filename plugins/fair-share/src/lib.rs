@@ -18,7 +18,8 @@
 //! - Real-time requests go before batch (`realtime_first`), and any request
 //!   that has waited `max_wait_seconds` goes first: nothing starves.
 //! - Each start names a backend with the request's model loaded, else one
-//!   with room to load it, else leaves the choice to the host ([`Plan`]);
+//!   with room to load it, else the one whose load evicts the cheapest
+//!   model ([`Plan`]);
 //!   the fair order itself ignores residency.
 //!
 //! The guarantee and the parameters are in this crate's README.md.

@@ -4,7 +4,8 @@
 //! header names (or `default_class`). Waiting requests start in arrival order
 //! (then id) while free slots remain, whatever their class. Never pre-empts.
 //! Each start names a backend with the request's model loaded, else one
-//! with room to load it, else leaves the choice to the host ([`Plan`]).
+//! with room to load it, else the one whose load evicts the cheapest model
+//! ([`Plan`]).
 //!
 //! Config: `default_class` = `"batch"` (default) or `"realtime"`.
 

@@ -15,8 +15,8 @@
 //!   within `max_wait_ms` (from its `num_predict` and the measured tokens per
 //!   second); the real-time request takes that slot when it frees.
 //! - Each start on a free slot names a backend with the request's model
-//!   loaded, else one with room to load it, else leaves the choice to the
-//!   host. Under memory pressure (a new model means an eviction), batch
+//!   loaded, else one with room to load it, else the one whose load evicts
+//!   the cheapest model. Under memory pressure (a new model means an eviction), batch
 //!   requests for loaded models go before older ones for models that are
 //!   not, for at most `group_max_wait_ms`.
 //!

@@ -334,10 +334,11 @@ fn free_slots_go_to_loaded_models_and_pressure_groups_batch() {
     let v = fleet(10_000, bs(), vec![], q.clone());
     // m0 waits for b0 rather than evict m1; m1 takes b1.
     assert_eq!(placed(&p.schedule(&v)), [(2, Some(1))]);
-    // After group_max_wait_ms the older request goes, evicting (host's choice).
+    // After group_max_wait_ms the older request goes, evicting m1 from b1
+    // (the only backend with a free slot), named.
     let v = fleet(14_000, bs(), vec![], q);
-    assert_eq!(placed(&p.schedule(&v)), [(1, None)]);
+    assert_eq!(placed(&p.schedule(&v)), [(1, Some(1))]);
     // Real-time is never held.
     let v = fleet(10_000, bs(), vec![], vec![of_model(rt(3, 9_900), 0)]);
-    assert_eq!(placed(&p.schedule(&v)), [(3, None)]);
+    assert_eq!(placed(&p.schedule(&v)), [(3, Some(1))]);
 }

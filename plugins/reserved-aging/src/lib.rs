@@ -13,14 +13,16 @@
 //! - Each start names a backend with the request's model loaded, else one
 //!   with room to load it. Under memory pressure (a new model means an
 //!   eviction), batch requests for loaded models go before older ones for
-//!   models that are not, for at most `group_max_wait_ms`.
+//!   models that are not, for at most `group_max_wait_ms`; a real-time
+//!   request whose model is loaded on a busy backend waits for it rather
+//!   than load it elsewhere, for at most `rt_group_max_wait_ms`.
 //!
 //! The exact rule is in this crate's README.md.
 
 use maitre_policy_sdk::{
     Action, Admission, Aging, Class, Config, GROUP_MAX_WAIT_DEFAULT_MS, GROUP_MAX_WAIT_KEY, Hold,
-    Placement, Plan, Policy, Request, View, Waiting, class_from_hint, export_policy, order_waiting,
-    start_on,
+    Placement, Plan, Policy, RT_GROUP_MAX_WAIT_DEFAULT_MS, RT_GROUP_MAX_WAIT_KEY, Request, View,
+    Waiting, class_from_hint, export_policy, order_waiting, start_on,
 };
 
 /// Config key: slots only real-time requests may use.
@@ -28,12 +30,13 @@ pub const RT_RESERVED_SLOTS: &str = "rt_reserved_slots";
 /// Config key: class of requests without a recognised `X-Priority` header.
 pub const DEFAULT_CLASS: &str = "default_class";
 /// Every config key this policy knows (besides the host's `maitre.*`).
-pub const KEYS: [&str; 5] = [
+pub const KEYS: [&str; 6] = [
     RT_RESERVED_SLOTS,
     Aging::THRESHOLD_KEY,
     Aging::BOOST_KEY,
     DEFAULT_CLASS,
     GROUP_MAX_WAIT_KEY,
+    RT_GROUP_MAX_WAIT_KEY,
 ];
 
 /// Priority given to real-time requests at admission.
@@ -53,6 +56,10 @@ pub struct ReservedAging {
     /// Under memory pressure, a batch request is passed over for requests
     /// of loaded models for at most this long since its arrival (default 5000).
     pub group_max_wait_ms: u64,
+    /// A real-time request whose model is loaded on a busy backend waits
+    /// for it rather than load the model elsewhere, for at most this long
+    /// since its arrival (default 1000).
+    pub rt_group_max_wait_ms: u64,
 }
 
 impl Policy for ReservedAging {
@@ -77,6 +84,9 @@ impl Policy for ReservedAging {
             default_class,
             group_max_wait_ms: config
                 .get_u32(GROUP_MAX_WAIT_KEY, GROUP_MAX_WAIT_DEFAULT_MS)?
+                .into(),
+            rt_group_max_wait_ms: config
+                .get_u32(RT_GROUP_MAX_WAIT_KEY, RT_GROUP_MAX_WAIT_DEFAULT_MS)?
                 .into(),
         })
     }
@@ -108,6 +118,8 @@ impl Policy for ReservedAging {
                     }
                     Hold::Wait => continue,
                 }
+            } else if d.plan.hold_realtime(w, self.rt_group_max_wait_ms) == Hold::Wait {
+                continue;
             }
             // A batch request that finds no slot is skipped, so a real-time
             // request further back can still take a reserved one.
@@ -194,9 +206,9 @@ impl<'a> Decision<'a> {
             return;
         };
         self.plan.book(pick, w.model);
-        // Batch names its backend even when it evicts: the host's choice
-        // could take a reserved slot.
-        let named = if batch { pick.backend } else { pick.named() };
+        // Named even when it evicts: the plan chose the cheapest victim, and
+        // for batch the host's choice could take a reserved slot.
+        let named = pick.named();
         if batch {
             self.batch_running += 1;
         } else if let Some(b) = pick.backend {

@@ -31,6 +31,7 @@ fn defaults() {
     assert_eq!(p.aging.boost, 0.5);
     assert_eq!(p.default_class, BE);
     assert_eq!(p.group_max_wait_ms, 5_000);
+    assert_eq!(p.rt_group_max_wait_ms, 1_000);
 }
 
 #[test]
@@ -361,14 +362,32 @@ mod fleet {
         // slot left); m0 waits for b0 rather than evict.
         assert_eq!(placed(&p.schedule(&v)), [(3, Some(1)), (2, Some(2))]);
         // Once request 1 waited group_max_wait_ms it is taken anyway, first
-        // (oldest), evicting a model; then m1 waits for b1's next batch slot
-        // and m3 loads on b2.
+        // (oldest), evicting a model: m2 on b2, which nobody needs, not m1,
+        // the only copy of what request 3 waits for; m1 then goes to b1
+        // and m3 (loaded nowhere) finds no batch slot left.
         let v = fleet(14_000, bs(), running.clone(), waiting.clone());
-        assert_eq!(placed(&p.schedule(&v)), [(1, Some(1)), (2, Some(2))]);
+        assert_eq!(placed(&p.schedule(&v)), [(1, Some(2)), (3, Some(1))]);
         // Real-time still goes first, wherever a slot is.
         let mut w = waiting;
         w.push(of_model(rt(4, 9_900), 0));
         let v = fleet(10_000, bs(), running, w);
         assert_eq!(placed(&p.schedule(&v))[0], (4, Some(0)));
+    }
+
+    #[test]
+    fn realtime_waits_for_its_models_busy_backend_rather_than_evict() {
+        // b0 (m0) is full; b1 (m1, m2) has a free slot, at its limit.
+        let bs = || vec![backend(1, 0, 2, &[0]), backend(2, 1, 2, &[1, 2])];
+        let running = vec![on(run(9, RT), 0, 0), on(run(8, BE), 1, 1)];
+        let p = policy(&[("maitre.slots", "3")]);
+        let w = vec![of_model(rt(1, 9_500), 0)];
+        let v = fleet(10_000, bs(), running.clone(), w.clone());
+        assert_eq!(placed(&p.schedule(&v)), [], "waits for b0, where m0 is");
+        // After rt_group_max_wait_ms it loads m0 on b1.
+        let v = fleet(10_500, bs(), running.clone(), w);
+        assert_eq!(placed(&p.schedule(&v)), [(1, Some(1))]);
+        // A model loaded nowhere: no reason to wait.
+        let v = fleet(10_000, bs(), running, vec![of_model(rt(2, 9_900), 3)]);
+        assert_eq!(placed(&p.schedule(&v)), [(2, Some(1))]);
     }
 }

@@ -4,7 +4,9 @@
 //! backend already at its `max-loaded-models` evicts another. So a start
 //! names a backend that is healthy, has a free slot and has the request's
 //! model loaded; else one with room to load it (fewer loaded models than its
-//! limit); else it leaves the choice to the host.
+//! limit); else the one whose predicted victim (the least recently used
+//! model, as Ollama evicts) costs least: a model nobody waits for or one
+//! loaded elsewhere too before the only copy of a model in demand.
 //!
 //! [`View::best_backend`] answers that for one request. A policy that starts
 //! several requests in one decision uses a [`Plan`], which books each start
@@ -21,6 +23,13 @@ use crate::{Action, Class, Start, View, Waiting};
 pub const GROUP_MAX_WAIT_KEY: &str = "group_max_wait_ms";
 /// Default of [`GROUP_MAX_WAIT_KEY`]: a few seconds, about one model load.
 pub const GROUP_MAX_WAIT_DEFAULT_MS: u32 = 5_000;
+/// Config key of the real-time grouping bound ([`Plan::hold_realtime`]): a
+/// real-time request waits at most this long (since its arrival) for a
+/// backend with its model loaded before it loads the model elsewhere.
+pub const RT_GROUP_MAX_WAIT_KEY: &str = "rt_group_max_wait_ms";
+/// Default of [`RT_GROUP_MAX_WAIT_KEY`]: below a typical model load, above a
+/// typical short real-time answer.
+pub const RT_GROUP_MAX_WAIT_DEFAULT_MS: u32 = 1_000;
 
 /// How well a backend with a free slot suits a request for a model; the
 /// lower the better.
@@ -45,11 +54,12 @@ pub struct Pick {
 }
 
 impl Pick {
-    /// The backend to name in the start: the chosen one when the model is
-    /// loaded there or fits without an eviction; else none, so the host
-    /// chooses.
+    /// The backend to name in the start: the chosen one, also when it
+    /// evicts (the plan chose it for its cheapest predicted victim, which
+    /// the host's least-busy rule does not look at); none when no backend
+    /// is healthy (the host chooses).
     pub fn named(&self) -> Option<u32> {
-        self.backend.filter(|_| self.fit != Fit::Evict)
+        self.backend
     }
 }
 
@@ -82,8 +92,10 @@ pub fn model_key(name: &str) -> std::borrow::Cow<'_, str> {
 impl View {
     /// The backend a start of a request for `model` should name: healthy,
     /// with a free slot and the model loaded; else healthy, with a free slot
-    /// and room to load it; else none (the host chooses). Within a tier the
-    /// least busy (by share of its slots), then the first listed.
+    /// and room to load it; else the one whose predicted victim costs least
+    /// ([`Plan::victim_cost`]); none when no backend is healthy (the host
+    /// chooses). Within a tier the least busy (by share of its slots), then
+    /// the first listed.
     pub fn best_backend(&self, model: u32) -> Option<u32> {
         Plan::new(self).pick(model, |_| true)?.named()
     }
@@ -97,6 +109,11 @@ pub struct Plan<'a> {
     free: Vec<u32>,
     /// Models this decision loads, per backend (canonical ids).
     added: Vec<Vec<u32>>,
+    /// Models this decision evicts, per backend (canonical ids).
+    evicted: Vec<Vec<u32>>,
+    /// Per canonical model id, the waiting (in the window) and running
+    /// requests for it: what an eviction of it would cost.
+    need: HashMap<u32, u32>,
     /// Per name id, the first id of the same model ([`model_key`]).
     canon: Vec<u32>,
     /// No backend is healthy: the host decides everything.
@@ -113,11 +130,24 @@ impl<'a> Plan<'a> {
             .enumerate()
             .map(|(i, n)| *first.entry(model_key(n)).or_insert(i as u32))
             .collect();
+        let canon: Vec<u32> = canon;
+        let c = |m: u32| canon.get(m as usize).copied().unwrap_or(m);
+        let mut need: HashMap<u32, u32> = HashMap::new();
+        for m in view
+            .waiting
+            .iter()
+            .map(|w| w.model)
+            .chain(view.running.iter().map(|r| r.model))
+        {
+            *need.entry(c(m)).or_default() += 1;
+        }
         Plan {
             canon,
             view,
             free: view.backends.iter().map(|b| b.free_slots).collect(),
             added: vec![Vec::new(); view.backends.len()],
+            evicted: vec![Vec::new(); view.backends.len()],
+            need,
             blind: !view.backends.iter().any(|b| b.healthy),
         }
     }
@@ -148,11 +178,66 @@ impl<'a> Plan<'a> {
     pub fn has(&self, b: u32, model: u32) -> bool {
         let i = b as usize;
         let m = self.canon(model);
-        self.view
+        (self
+            .view
             .backends
             .get(i)
             .is_some_and(|x| x.loaded.iter().any(|l| self.canon(l.model) == m))
+            && !self.evicted.get(i).is_some_and(|e| e.contains(&m)))
             || self.added.get(i).is_some_and(|a| a.contains(&m))
+    }
+
+    /// The model (canonical id) a load on backend `b` would evict, as
+    /// Ollama (and the upstream model) choose it: the least recently used,
+    /// i.e. the loaded model with the smallest `expires_ms` (one with no
+    /// expiry is one the host saw traffic for since its last poll: recent).
+    /// Models with a request running there are used now, so they go last;
+    /// models this decision loads there are the newest. None when nothing
+    /// this plan knows of is loaded there.
+    pub fn victim(&self, b: u32) -> Option<u32> {
+        let x = self.view.backends.get(b as usize)?;
+        let running = |m: u32| {
+            self.view
+                .running
+                .iter()
+                .any(|r| r.backend == b && self.canon(r.model) == m)
+        };
+        x.loaded
+            .iter()
+            .map(|l| (self.canon(l.model), l.expires_ms))
+            .filter(|&(m, _)| self.has(b, m) && !self.added[b as usize].contains(&m))
+            .min_by_key(|&(m, e)| (running(m), e.unwrap_or(u64::MAX)))
+            .map(|(m, _)| m)
+    }
+
+    /// Waiting (in the window) and running requests for `model`.
+    pub fn need(&self, model: u32) -> u32 {
+        self.need.get(&self.canon(model)).copied().unwrap_or(0)
+    }
+
+    /// Healthy backends that have `model` loaded (or get it in this decision).
+    pub fn copies(&self, model: u32) -> usize {
+        (0..self.view.backends.len() as u32)
+            .filter(|&b| self.view.backends[b as usize].healthy && self.has(b, model))
+            .count()
+    }
+
+    /// What evicting the predicted victim of backend `b` costs, the lower
+    /// the better: `(0, 0)` when nothing would be evicted (or nothing known
+    /// is loaded); `(1, n)` for a victim no waiting or running request needs
+    /// (n = 0) or one loaded on another healthy backend too (n = the
+    /// requests that need it); `(2, n)` for the only copy of a model n
+    /// requests need: its next request pays a load.
+    pub fn victim_cost(&self, b: u32) -> (u8, u32) {
+        let Some(v) = self.victim(b) else {
+            return (0, 0);
+        };
+        let n = self.need(v);
+        if n == 0 || self.copies(v) > 1 {
+            (1, n)
+        } else {
+            (2, n)
+        }
     }
 
     /// How well backend `b` suits `model` (whatever its free slots).
@@ -163,7 +248,8 @@ impl<'a> Plan<'a> {
         if self.has(b, model) {
             return Fit::Loaded;
         }
-        let loaded = x.loaded.len() + self.added[b as usize].len();
+        let loaded = (x.loaded.len() + self.added[b as usize].len())
+            .saturating_sub(self.evicted[b as usize].len());
         if x.max_loaded_models == 0 || loaded < x.max_loaded_models as usize {
             Fit::Room
         } else {
@@ -172,8 +258,9 @@ impl<'a> Plan<'a> {
     }
 
     /// The best backend for `model` among the healthy ones with a free slot
-    /// that `allow` accepts: by [`Fit`], then the least busy (share of its
-    /// slots taken), then the first listed. None when there is none. When no
+    /// that `allow` accepts: by [`Fit`], among those that evict by
+    /// [`Plan::victim_cost`], then the least busy (share of its slots
+    /// taken), then the first listed. None when there is none. When no
     /// backend is healthy, a pick that names none (the host decides).
     pub fn pick(&self, model: u32, allow: impl Fn(u32) -> bool) -> Option<Pick> {
         if self.blind {
@@ -187,10 +274,21 @@ impl<'a> Plan<'a> {
             .map(|b| {
                 let x = &self.view.backends[b as usize];
                 let busy = 1.0 - self.free(b) as f64 / x.total_slots.max(1) as f64;
-                (self.fit(b, model), busy, b)
+                let fit = self.fit(b, model);
+                let cost = if fit == Fit::Evict {
+                    self.victim_cost(b)
+                } else {
+                    (0, 0)
+                };
+                (fit, cost, busy, b)
             })
-            .min_by(|x, y| x.0.cmp(&y.0).then(x.1.total_cmp(&y.1)).then(x.2.cmp(&y.2)))
-            .map(|(fit, _, b)| Pick {
+            .min_by(|x, y| {
+                (x.0.cmp(&y.0))
+                    .then(x.1.cmp(&y.1))
+                    .then(x.2.total_cmp(&y.2))
+                    .then(x.3.cmp(&y.3))
+            })
+            .map(|(fit, _, _, b)| Pick {
                 backend: Some(b),
                 fit,
             })
@@ -205,6 +303,11 @@ impl<'a> Plan<'a> {
             *f = f.saturating_sub(1);
         }
         let m = self.canon(model);
+        if pick.fit == Fit::Evict
+            && let Some(v) = self.victim(b as u32)
+        {
+            self.evicted[b].push(v);
+        }
         if pick.fit != Fit::Loaded
             && let Some(a) = self.added.get_mut(b)
         {
@@ -213,8 +316,8 @@ impl<'a> Plan<'a> {
     }
 
     /// Picks a backend for a request for `model` (any healthy backend with
-    /// a free slot), books it and returns the start: on a named backend
-    /// when one has the model loaded or room for it, else the host chooses.
+    /// a free slot), books it and returns the start on it ([`Plan::pick`]);
+    /// the host chooses only when no backend is healthy.
     pub fn start(&mut self, id: u64, model: u32) -> Action {
         let pick = self.pick(model, |_| true);
         if let Some(p) = pick {
@@ -250,6 +353,26 @@ impl<'a> Plan<'a> {
                     Hold::Later
                 }
             }
+            _ => Hold::Go,
+        }
+    }
+}
+
+impl Plan<'_> {
+    /// Grouping for a real-time request: when its model is loaded on a
+    /// healthy backend whose slots are all taken and every free slot is on
+    /// a backend that would have to evict a model, it **waits** for its
+    /// model's backend (a running request ends sooner than a model loads:
+    /// seconds, and the eviction costs whoever needs the victim next) until
+    /// it has waited `max_wait_ms` since its arrival; then it goes. A model
+    /// loaded nowhere, a free slot with the model or room, or no healthy
+    /// backend: it goes at once.
+    pub fn hold_realtime(&self, w: &Waiting, max_wait_ms: u64) -> Hold {
+        if self.blind || self.view.now_ms.saturating_sub(w.arrival_ms) >= max_wait_ms {
+            return Hold::Go;
+        }
+        match self.pick(w.model, |_| true) {
+            Some(p) if p.fit == Fit::Evict && self.loaded_somewhere(w.model) => Hold::Wait,
             _ => Hold::Go,
         }
     }

@@ -50,7 +50,8 @@ pub mod testing;
 
 pub use config::{Config, invalid};
 pub use fleet::{
-    Fit, GROUP_MAX_WAIT_DEFAULT_MS, GROUP_MAX_WAIT_KEY, Hold, Pick, Plan, model_key, start_on,
+    Fit, GROUP_MAX_WAIT_DEFAULT_MS, GROUP_MAX_WAIT_KEY, Hold, Pick, Plan, RT_GROUP_MAX_WAIT_DEFAULT_MS,
+    RT_GROUP_MAX_WAIT_KEY, model_key, start_on,
 };
 
 /// Generated bindings of the WIT world. Not part of the API: use the

@@ -1,11 +1,11 @@
 use super::*;
-use crate::testing::{backend, fleet, of_model, waiting};
+use crate::testing::{backend, fleet, of_model, on, waiting};
 
 const BE: Class = Class::Batch;
 const RT: Class = Class::Realtime;
 
 #[test]
-fn best_backend_prefers_loaded_then_room_then_the_host() {
+fn best_backend_prefers_loaded_then_room_then_the_cheapest_eviction() {
     // b0: m1 loaded, full. b1: m0 loaded, at its limit of 1. b2: room.
     let v = fleet(
         0,
@@ -21,14 +21,15 @@ fn best_backend_prefers_loaded_then_room_then_the_host() {
     assert_eq!(v.best_backend(2), Some(2));
     assert_eq!(v.best_backend(1), Some(2), "m1's backend is full: room");
     assert_eq!(v.best_backend(3), Some(2));
-    // Without room anywhere, the host chooses.
+    // Without room anywhere, an eviction is named: victims equally cheap
+    // (nobody needs m0 or m1), so the least busy.
     let v = fleet(
         0,
         vec![backend(2, 1, 1, &[0]), backend(2, 2, 1, &[1])],
         vec![],
         vec![],
     );
-    assert_eq!(v.best_backend(2), None);
+    assert_eq!(v.best_backend(2), Some(1));
     assert_eq!(v.best_backend(1), Some(1));
     // Unknown limit (0): room.
     let v = fleet(0, vec![backend(1, 1, 0, &[0, 1, 2])], vec![], vec![]);
@@ -84,13 +85,16 @@ fn a_plan_books_slots_and_loads() {
             (1, Some(0)),
             // b0 is full now; b1 has room for m0, which this decision loads.
             (2, Some(1)),
-            // b1 is at its limit (m1 and m0) and b0 full: the host chooses.
-            (3, None),
+            // b1 is at its limit (m1 and m0) and b0 full: b1 evicts m1 (its
+            // least recently used; m0 is this decision's).
+            (3, Some(1)),
+            // No free slot left: the host's rule (nothing to start on).
             (4, None),
         ]
     );
     assert_eq!((plan.free(0), plan.free(1)), (0, 0));
     assert!(plan.has(1, 0));
+    assert!(plan.has(1, 2) && !plan.has(1, 1), "m1 evicted for m2");
 }
 
 #[test]
@@ -149,4 +153,99 @@ fn a_request_for_m_matches_m_latest_loaded() {
     assert_eq!(p.fit, Fit::Evict);
     plan.book(p, 1);
     assert!(plan.has(0, 0));
+}
+
+/// A backend at its limit with `loaded` models (id, expires_ms).
+fn full(total: u32, free: u32, loaded: &[(u32, Option<u64>)]) -> crate::Backend {
+    let mut b = backend(total, free, loaded.len() as u32, &[]);
+    b.loaded = loaded
+        .iter()
+        .map(|&(model, expires_ms)| crate::LoadedModel {
+            model,
+            size_bytes: 0,
+            expires_ms,
+        })
+        .collect();
+    b
+}
+
+#[test]
+fn the_victim_is_the_least_recently_used_not_running_model() {
+    // m0 expires first, m1 later, m2 has no expiry (traffic since the poll).
+    let v = fleet(
+        0,
+        vec![full(2, 2, &[(1, Some(900)), (0, Some(500)), (2, None)])],
+        vec![],
+        vec![],
+    );
+    let plan = Plan::new(&v);
+    assert_eq!(plan.victim(0), Some(0), "smallest expires_ms");
+    // A request running m0 there: m0 is in use, m1 goes.
+    let v = fleet(
+        0,
+        vec![full(2, 1, &[(1, Some(900)), (0, Some(500)), (2, None)])],
+        vec![on(crate::testing::running(1, BE, 0.0, 0), 0, 0)],
+        vec![],
+    );
+    assert_eq!(Plan::new(&v).victim(0), Some(1));
+    // Booking an eviction removes the victim: the next load evicts the next.
+    let v = fleet(0, vec![full(2, 2, &[(0, Some(1)), (1, Some(2))])], vec![], vec![]);
+    let mut plan = Plan::new(&v);
+    let p = plan.pick(5, |_| true).unwrap();
+    assert_eq!((p.backend, p.fit), (Some(0), Fit::Evict));
+    plan.book(p, 5);
+    assert!(!plan.has(0, 0) && plan.has(0, 1) && plan.has(0, 5));
+    assert_eq!(plan.victim(0), Some(1), "the new m5 is the newest");
+    assert_eq!(plan.fit(0, 6), Fit::Evict, "still at its limit");
+}
+
+#[test]
+fn a_load_evicts_a_spare_copy_or_an_idle_model_before_the_only_copy_in_demand() {
+    // Every backend full and at its limit. b0's victim m2 is the only copy
+    // and two requests wait for it; b1's victim m0 is loaded on b2 too;
+    // b2's victim m3 is the only copy, no one needs it.
+    let b = || {
+        vec![
+            full(2, 2, &[(2, Some(1)), (1, Some(9))]),
+            full(2, 1, &[(0, Some(1)), (4, Some(9))]),
+            full(2, 1, &[(3, Some(1)), (0, Some(9))]),
+        ]
+    };
+    let wait = |id, m| of_model(waiting(id, BE, 0.0, 0), m);
+    let v = fleet(0, b(), vec![], vec![wait(1, 2), wait(2, 2), wait(3, 5), wait(4, 0)]);
+    let plan = Plan::new(&v);
+    assert_eq!(plan.victim_cost(0), (2, 2));
+    assert_eq!(plan.victim_cost(1), (1, 1), "m0 is on b2 too");
+    assert_eq!(plan.victim_cost(2), (1, 0), "nobody needs m3");
+    // Though b0 is the least busy, its victim is the only copy of m2.
+    assert_eq!(v.best_backend(5), Some(2));
+    // Once m3's requests wait too, the spare copy of m0 is the cheapest.
+    let ws = [(1, 2), (2, 2), (3, 5), (4, 0), (5, 3), (6, 3)];
+    let v = fleet(0, b(), vec![], ws.iter().map(|&(i, m)| wait(i, m)).collect());
+    assert_eq!(v.best_backend(5), Some(1));
+    // Evicting m0 from b1 leaves b2's m0 as the only copy: the next load
+    // in the same decision does not take it.
+    let mut plan = Plan::new(&v);
+    let start = plan.start(3, 5);
+    assert_eq!(crate::testing::placed(&[start]), [(3, Some(1))]);
+    assert_eq!(plan.victim_cost(2), (2, 2), "m3, the only copy, two wait");
+    assert_eq!(plan.copies(0), 1);
+}
+
+#[test]
+fn realtime_waits_for_its_models_busy_backend_bounded() {
+    // b0 runs m0 (full), b1 has a free slot and m1, at its limit.
+    let v = fleet(
+        10_000,
+        vec![backend(1, 0, 1, &[0]), backend(1, 1, 1, &[1])],
+        vec![],
+        vec![],
+    );
+    let plan = Plan::new(&v);
+    let rt = |id, m, at| of_model(waiting(id, RT, 0.0, at), m);
+    assert_eq!(plan.hold_realtime(&rt(1, 0, 9_500), 1_000), Hold::Wait);
+    assert_eq!(plan.hold_realtime(&rt(1, 0, 9_000), 1_000), Hold::Go, "bound");
+    assert_eq!(plan.hold_realtime(&rt(2, 1, 9_900), 1_000), Hold::Go, "loaded");
+    assert_eq!(plan.hold_realtime(&rt(3, 2, 9_900), 1_000), Hold::Go, "nowhere");
+    assert_eq!(plan.hold_realtime(&rt(1, 0, 9_999), 0), Hold::Go, "0: never");
 }
