@@ -56,7 +56,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures_util::StreamExt;
 use maitre_testkit::{Arm, Backend, Maitre, ModelConfig, PolicyFile, Scrape, UpstreamModel};
 
 const BACKENDS: usize = 4;
@@ -182,37 +181,16 @@ async fn realtime(
     rec: Shared,
 ) {
     tokio::time::sleep_until((t0 + Duration::from_secs_f64(offset)).into()).await;
-    let sent = Instant::now();
-    let r = c
+    let req = c
         .post(format!("{url}/api/generate"))
         .header("x-priority", "realtime")
         .header(TENANT_HEADER, "chat")
-        .json(&body(&model(0), tokens, true))
-        .send()
-        .await;
-    let Ok(r) = r else {
-        rec.lock().unwrap().rt_bad += 1;
-        return;
-    };
-    let mut s = r.bytes_stream();
-    let mut text = Vec::new();
-    let mut ttft = None;
-    while let Some(chunk) = s.next().await {
-        let Ok(chunk) = chunk else { break };
-        if ttft.is_none() && !chunk.is_empty() {
-            ttft = Some(ms(sent.elapsed()));
-        }
-        text.extend_from_slice(&chunk);
-    }
-    let done = String::from_utf8_lossy(&text)
-        .lines()
-        .last()
-        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .is_some_and(|v| v["done"] == true);
+        .json(&body(&model(0), tokens, true));
+    let ttft = streamed_ttft(req).await;
     let mut g = rec.lock().unwrap();
     match ttft {
-        Some(t) if done => g.rt.push((offset, t)),
-        _ => g.rt_bad += 1,
+        Some(t) => g.rt.push((offset, t)),
+        None => g.rt_bad += 1,
     }
 }
 

@@ -128,6 +128,30 @@ pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Sends a streaming Ollama request and reads its answer to the end: the
+/// time to its first body byte (ms) if it ended with `"done": true`, else
+/// `None` (refused, broken off or incomplete).
+pub async fn streamed_ttft(req: reqwest::RequestBuilder) -> Option<f64> {
+    use futures_util::StreamExt;
+    let sent = std::time::Instant::now();
+    let mut s = req.send().await.ok()?.bytes_stream();
+    let mut body = Vec::new();
+    let mut ttft = None;
+    while let Some(chunk) = s.next().await {
+        let Ok(chunk) = chunk else { break };
+        if ttft.is_none() && !chunk.is_empty() {
+            ttft = Some(ms(sent.elapsed()));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let done = String::from_utf8_lossy(&body)
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .is_some_and(|v| v["done"] == true);
+    ttft.filter(|_| done)
+}
+
 /// An environment variable parsed as a number, or `default`.
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
