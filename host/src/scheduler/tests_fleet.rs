@@ -12,6 +12,26 @@ use crate::config::Limits;
 use crate::fleet::{BackendSpec, PsModel};
 use crate::policy::{Action, View};
 
+/// A policy that starts the oldest waiting requests, as many as there are
+/// free slots, naming backend `b`; and the views it was shown.
+fn starts_on(
+    b: u32,
+) -> (
+    Box<dyn super::decider::Decider>,
+    Arc<std::sync::Mutex<Vec<View>>>,
+) {
+    script(move |v: &View| {
+        Ok(v.waiting
+            .iter()
+            .take(v.free_slots as usize)
+            .map(|w| Action::Start {
+                id: w.id,
+                backend: Some(b),
+            })
+            .collect())
+    })
+}
+
 /// Three backends, `a`, `b` and `c`, of `slots` each.
 fn fleet_of(slots: u32, arms: Vec<ArmSpec>) -> (SchedulerHandle, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new());
@@ -102,16 +122,7 @@ async fn the_host_starts_a_request_where_its_model_is_loaded() {
 #[tokio::test(start_paused = true)]
 async fn a_policy_sees_every_backend_and_its_named_backend_is_honoured() {
     // Starts the oldest waiting request on backend 2 when it has a free slot.
-    let (d, views) = script(|v: &View| {
-        Ok(v.waiting
-            .iter()
-            .take(v.free_slots as usize)
-            .map(|w| Action::Start {
-                id: w.id,
-                backend: Some(2),
-            })
-            .collect())
-    });
+    let (d, views) = starts_on(2);
     let (s, _) = fleet_of(1, vec![arm("main", 100, d)]);
     let mut t1 = submit(&s, "m").await;
     assert_eq!(granted(&mut t1).await.backend, 2);
@@ -228,16 +239,7 @@ async fn weighted_arms_share_the_slots_of_every_backend() {
 
 #[tokio::test(start_paused = true)]
 async fn a_policy_sees_the_measured_speed_of_each_model_on_each_backend() {
-    let (d, views) = script(|v: &View| {
-        Ok(v.waiting
-            .iter()
-            .take(v.free_slots as usize)
-            .map(|w| Action::Start {
-                id: w.id,
-                backend: Some(1),
-            })
-            .collect())
-    });
+    let (d, views) = starts_on(1);
     let (s, _) = fleet_of(1, vec![arm("main", 100, d)]);
     let mut t = submit(&s, "m").await;
     let g = granted(&mut t).await;
