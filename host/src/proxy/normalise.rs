@@ -15,9 +15,9 @@
 
 use bytes::Bytes;
 
-use super::rewrite::{first_object_end, members};
+use super::rewrite::{first_object_end, members, named, rebuild};
 use crate::config::ModelRule;
-use crate::request::{go_key_matches, go_lossy};
+use crate::request::go_lossy;
 
 /// The paths whose bodies take `options` and `keep_alive`.
 const NATIVE: [&str; 4] = [
@@ -36,9 +36,6 @@ pub(crate) fn normalise(path: &str, body: &[u8], rule: &ModelRule) -> Option<Byt
     let text = go_lossy(body);
     let end = first_object_end(&text)?;
     let all = members(&text[..end])?;
-    let named = |raw: &str, name: &str| {
-        serde_json::from_str::<String>(raw).is_ok_and(|k| go_key_matches(k.as_bytes(), name))
-    };
     // The options map as Go builds it: entries in first-seen order, the
     // last value of a key winning, `null` emptying it.
     let mut options: Vec<(String, &str)> = Vec::new();
@@ -57,35 +54,27 @@ pub(crate) fn normalise(path: &str, body: &[u8], rule: &ModelRule) -> Option<Byt
             }
         }
     }
-    let mut out = String::with_capacity(text.len() + 64);
-    out.push('{');
-    for m in &all {
-        let replaced = (rule.num_ctx.is_some() && named(m.key, "options"))
-            || (rule.keep_alive.is_some() && named(m.key, "keep_alive"));
-        if !replaced {
-            out.push_str(m.whole);
-            out.push(',');
-        }
-    }
+    let replaced = |key: &str| {
+        (rule.num_ctx.is_some() && named(key, "options"))
+            || (rule.keep_alive.is_some() && named(key, "keep_alive"))
+    };
+    let mut added = Vec::new();
     if let Some(n) = rule.num_ctx {
-        out.push_str("\"options\":{");
+        let mut o = String::from("\"options\":{");
         for (k, v) in options.iter().filter(|(k, _)| k != "num_ctx") {
-            out.push_str(&serde_json::to_string(k).ok()?);
-            out.push(':');
-            out.push_str(v);
-            out.push(',');
+            o.push_str(&serde_json::to_string(k).ok()?);
+            o.push(':');
+            o.push_str(v);
+            o.push(',');
         }
-        out.push_str(&format!("\"num_ctx\":{n}}},"));
+        o.push_str(&format!("\"num_ctx\":{n}}}"));
+        added.push(o);
     }
     if let Some(k) = &rule.keep_alive {
-        out.push_str("\"keep_alive\":");
-        out.push_str(k);
-        out.push(',');
+        added.push(format!("\"keep_alive\":{k}"));
     }
-    out.pop();
-    out.push('}');
-    out.push_str(&text[end..]);
-    Some(Bytes::from(out))
+    let added: Vec<&str> = added.iter().map(String::as_str).collect();
+    Some(Bytes::from(rebuild(&text, end, &all, replaced, &added)))
 }
 
 #[cfg(test)]

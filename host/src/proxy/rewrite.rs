@@ -54,9 +54,6 @@ pub(crate) fn ask_for_stream(path: &str, body: &[u8], client_streams: bool) -> O
     let text = go_lossy(body);
     let end = first_object_end(&text)?;
     let members = members(&text[..end])?;
-    let named = |raw: &str, name: &str| {
-        serde_json::from_str::<String>(raw).is_ok_and(|k| go_key_matches(k.as_bytes(), name))
-    };
     let dropped = |key: &str| named(key, "stream") || (openai && named(key, "stream_options"));
     let mut added = vec!["\"stream\":true"];
     if openai {
@@ -109,9 +106,15 @@ pub(crate) fn with_priority(body: &[u8], value: i64) -> Option<Bytes> {
     )))
 }
 
+/// Whether `raw`, a member's key as written (quotes and escapes), is one Go's
+/// decoder reads as the struct field `name`.
+pub(super) fn named(raw: &str, name: &str) -> bool {
+    serde_json::from_str::<String>(raw).is_ok_and(|k| go_key_matches(k.as_bytes(), name))
+}
+
 /// The object that ends at `end` in `text`, without its `dropped` members
 /// (the others byte for byte) and with `added` last, then whatever followed.
-fn rebuild(
+pub(super) fn rebuild(
     text: &str,
     end: usize,
     members: &[Member<'_>],
