@@ -1,11 +1,9 @@
 //! The scheduler's side of the fleet: where a start goes, backend health,
 //! and fail-over after a backend failed.
 
-use tokio::time::Instant;
-
-use super::core::{Core, State};
 use tokio::sync::oneshot;
 
+use super::core::{Core, State};
 use super::ticket::Signal;
 
 impl Core {
@@ -56,18 +54,13 @@ impl Core {
         {
             return false;
         }
-        self.release_slot(id, State::Running, false);
+        if !self.back_in_line(id, State::Running) {
+            return false;
+        }
         let Some(e) = self.entries.get_mut(&id) else {
             return false;
         };
-        if let Some(run) = e.run.take()
-            && e.first_upstream_ttfb.is_none()
-        {
-            e.first_upstream_ttfb = run.upstream_ttfb();
-        }
         e.failovers += 1;
-        e.state = State::Waiting;
-        e.enqueued_at = Instant::now();
         self.fleet.count_failover(b);
         tracing::info!(
             target: "maitre::failover",
@@ -76,12 +69,6 @@ impl Core {
             failovers = e.failovers,
             "backend failed before the answer started: the request waits for another backend"
         );
-        let arm = &mut self.arms[e.arm];
-        arm.waiting.insert(id, e.class, e.priority);
-        arm.dirty = true;
-        if arm.slots == 0 {
-            self.share_slots();
-        }
         true
     }
 }

@@ -284,15 +284,12 @@ impl Core {
         if !matches!(state, State::Running | State::Preempting) {
             return;
         }
-        self.release_slot(id, state, false);
+        if !self.back_in_line(id, state) {
+            return;
+        }
         let Some(e) = self.entries.get_mut(&id) else {
             return;
         };
-        if let Some(run) = e.run.take()
-            && e.first_upstream_ttfb.is_none()
-        {
-            e.first_upstream_ttfb = run.upstream_ttfb();
-        }
         match why {
             super::Requeued::Preempted => {
                 e.preemptions += 1;
@@ -306,6 +303,21 @@ impl Core {
                 self.metrics.upstream_lost_retries.inc();
             }
         }
+    }
+
+    /// Frees the slot of request `id` (dispatched, in state `was`) and puts
+    /// it back in its arm's queue, keeping the upstream TTFB of the dispatch
+    /// it gives up (for the log). False: it is gone.
+    pub(super) fn back_in_line(&mut self, id: u64, was: State) -> bool {
+        self.release_slot(id, was, false);
+        let Some(e) = self.entries.get_mut(&id) else {
+            return false;
+        };
+        if let Some(run) = e.run.take()
+            && e.first_upstream_ttfb.is_none()
+        {
+            e.first_upstream_ttfb = run.upstream_ttfb();
+        }
         e.state = State::Waiting;
         e.enqueued_at = Instant::now();
         let arm = &mut self.arms[e.arm];
@@ -314,6 +326,7 @@ impl Core {
         if arm.slots == 0 {
             self.share_slots();
         }
+        true
     }
 
     /// Answers a waiting request with a rejection.
