@@ -338,30 +338,39 @@ impl Reloader {
             Ok::<_, LoadError>((cfg, arms, builds))
         }
         .await;
-        let record = match result {
+        match result {
             Ok((cfg, arms, builds)) => {
                 let build_ms = ms(t.elapsed());
                 let names: Vec<String> = arms
                     .iter()
                     .map(|a| format!("{}={}", a.name, a.source))
                     .collect();
-                host.sched.install(arms, cfg.ab.clone()).await;
-                host.proxy
-                    .live
-                    .store(Arc::new(LiveSettings::from_config(&cfg)));
-                host.config.store(Arc::new(cfg));
                 // Keep only what serves now: an old plugin version is not
                 // worth its memory once replaced.
                 self.cache.lock().await.retain(|(sha, src), _| {
                     builds.iter().any(|b| b.sha256 == *sha && b.plugin == *src)
                 });
-                self.count(ReloadResult::Ok);
                 let report = ReloadReport {
                     arms: names,
                     builds,
                     build_ms,
                     total_ms: ms(t.elapsed()),
                 };
+                // The record is in place before the scheduler shows the new
+                // arms, so whoever sees them in /status also sees `ok: true`.
+                self.set_last(ReloadRecord {
+                    at_unix: unix_now(),
+                    trigger,
+                    ok: true,
+                    error: None,
+                    report: Some(report.clone()),
+                });
+                host.sched.install(arms, cfg.ab.clone()).await;
+                host.proxy
+                    .live
+                    .store(Arc::new(LiveSettings::from_config(&cfg)));
+                host.config.store(Arc::new(cfg));
+                self.count(ReloadResult::Ok);
                 let compiled: Vec<&str> = report
                     .builds
                     .iter()
@@ -376,13 +385,7 @@ impl Reloader {
                     total_ms = report.total_ms,
                     "policy reloaded"
                 );
-                ReloadRecord {
-                    at_unix: unix_now(),
-                    trigger,
-                    ok: true,
-                    error: None,
-                    report: Some(report),
-                }
+                Ok(report)
             }
             Err(e) => {
                 let msg = e.to_string();
@@ -393,21 +396,22 @@ impl Reloader {
                     "reload failed; the previous policy keeps serving"
                 );
                 self.count(ReloadResult::Failed);
-                host.sched.reload_failed(msg.clone());
-                ReloadRecord {
+                // As above: the record first, then the scheduler's error.
+                self.set_last(ReloadRecord {
                     at_unix: unix_now(),
                     trigger,
                     ok: false,
-                    error: Some(msg),
+                    error: Some(msg.clone()),
                     report: None,
-                }
+                });
+                host.sched.reload_failed(msg.clone());
+                Err(msg)
             }
-        };
-        *self.last.lock().expect("not poisoned") = Some(record.clone());
-        match (record.report, record.error) {
-            (Some(r), _) => Ok(r),
-            (None, e) => Err(e.unwrap_or_default()),
         }
+    }
+
+    fn set_last(&self, record: ReloadRecord) {
+        *self.last.lock().expect("not poisoned") = Some(record);
     }
 
     fn count(&self, result: ReloadResult) {
