@@ -18,11 +18,12 @@
 //! Targets (issue 10): < 20 µs median decision (view + call) at 100
 //! waiting; >= 2,000 decisions/s while 10,000 wait.
 //!
-//! `cargo bench -p maitre --bench plugin_decision`
+//! `cargo bench -p maitre --bench plugin_decision` (`WAITING=100` for one
+//! queue length only)
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,7 @@ use maitre::config::PluginSource;
 use maitre::plugin::{Instance, PluginLimits, Runtime};
 use maitre::policy::{Backend, Beyond, Class, Running, View, Waiting};
 use maitre::scheduler::queue::Queue;
+use rustc_hash::FxHashMap;
 
 #[path = "../build/plugin_cargo.rs"]
 mod plugin_cargo;
@@ -56,11 +58,11 @@ struct Entry {
 /// `n` waiting requests: 1 in 50 real-time, arrivals spread over the last
 /// 50 s (below the default 60 s aging threshold, so a waiting real-time
 /// request is first in line), listed oldest first like the host does.
-fn entries(n: usize, origin: Instant, model: &str) -> (HashMap<u64, Entry>, Queue) {
+fn entries(n: usize, origin: Instant, model: &str) -> (FxHashMap<u64, Entry>, Queue) {
     let mut rng = Rng::new(7, n as u64);
     let mut arrivals: Vec<u64> = (0..n).map(|_| NOW_MS - rng.range(0, 50_000)).collect();
     arrivals.sort_unstable();
-    let mut map = HashMap::new();
+    let mut map = FxHashMap::default();
     let mut ids = Queue::default();
     for (i, a) in arrivals.into_iter().enumerate() {
         let id = 100 + i as u64;
@@ -113,7 +115,7 @@ fn running() -> Vec<Running> {
 /// summary of the rest.
 fn build_view(
     origin: Instant,
-    map: &HashMap<u64, Entry>,
+    map: &FxHashMap<u64, Entry>,
     queue: &Queue,
     running: &[Running],
     free: u32,
@@ -256,13 +258,22 @@ fn main() {
         (n, _) if n >= 1000 => 2_000,
         _ => 10_000,
     };
+    // `WAITING=100` (a comma-separated list) runs only those queue lengths,
+    // e.g. under a profiler.
+    let sizes: Vec<usize> = std::env::var("WAITING")
+        .map(|v| {
+            v.split(',')
+                .map(|n| n.trim().parse().expect("WAITING is a list of numbers"))
+                .collect()
+        })
+        .unwrap_or_else(|_| vec![100, 1000, 10_000]);
     rt.block_on(async {
         let origin = Instant::now() - Duration::from_millis(NOW_MS);
         let run = running();
         // (call, interface, waiting, stats, actions)
         let mut rows: Vec<(String, &str, usize, Stats, String)> = Vec::new();
         let mut compat = instance("compat").await;
-        for n in [100usize, 1000, 10_000] {
+        for &n in &sizes {
             let (map, ids) = entries(n, origin, "llama3.2:3b-instruct-q4_K_M");
             for (iface, window) in [("0.1.0", None), ("0.2.0", Some(WINDOW))] {
                 let calls = calls_for(n, window.is_none());
@@ -319,7 +330,7 @@ fn main() {
         };
         println!();
         println!("decision = view build + schedule call (medians)");
-        for n in [100usize, 1000, 10_000] {
+        for &n in &sizes {
             let old = decision("fifo, 1 free", "0.1.0", n);
             let new = decision("fifo, 1 free", "0.2.0", n);
             println!(

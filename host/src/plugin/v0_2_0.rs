@@ -6,9 +6,9 @@
 //! as a candidate window with a per-class summary of the rest, and backends
 //! carry health, loaded models and measured speeds.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
+use rustc_hash::FxHashMap;
 use wasmtime::Store;
 use wasmtime::component::{HasSelf, Linker};
 
@@ -99,18 +99,30 @@ fn request(r: &policy::Request) -> wit::Request {
 /// Names interned for one call: each distinct string crosses once.
 #[derive(Default)]
 struct Names {
-    index: HashMap<Arc<str>, u32>,
+    index: FxHashMap<Arc<str>, u32>,
     list: Vec<String>,
+    /// The name asked for last: neighbours in a queue mostly share a model,
+    /// and a compare costs less than hashing the name again.
+    last: Option<(Arc<str>, u32)>,
 }
 
 impl Names {
     fn id(&mut self, s: &Arc<str>) -> u32 {
-        if let Some(i) = self.index.get(s) {
+        if let Some((last, i)) = &self.last
+            && (Arc::ptr_eq(last, s) || **last == **s)
+        {
             return *i;
         }
-        let i = self.list.len() as u32;
-        self.list.push(s.to_string());
-        self.index.insert(s.clone(), i);
+        let i = match self.index.get(s) {
+            Some(i) => *i,
+            None => {
+                let i = self.list.len() as u32;
+                self.list.push(s.to_string());
+                self.index.insert(s.clone(), i);
+                i
+            }
+        };
+        self.last = Some((s.clone(), i));
         i
     }
 }

@@ -2,11 +2,11 @@
 //! turn (ask each changed arm's decider, check the answer, apply it), plugin
 //! ejection and the starvation watchdog.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -91,7 +91,7 @@ pub(super) struct Core {
     /// Shadow arms: shown the serving arm's decisions, never acting.
     pub(super) shadows: Vec<Shadow>,
     pub(super) ab: AbConfig,
-    pub(super) entries: HashMap<u64, Entry>,
+    pub(super) entries: FxHashMap<u64, Entry>,
     pub(super) total_slots: u32,
     pub(super) busy: u32,
     /// The backends: slots, health, residency; the host's choice.
@@ -122,7 +122,7 @@ impl Core {
             arms: Vec::new(),
             shadows: Vec::new(),
             ab: setup.ab,
-            entries: HashMap::new(),
+            entries: FxHashMap::default(),
             total_slots: fleet.total_slots(),
             busy: 0,
             fleet,

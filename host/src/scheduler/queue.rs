@@ -9,7 +9,9 @@
 //! are kept as sorted sets and updated on insert and remove.
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use rustc_hash::FxHashMap;
 
 use crate::policy::Class;
 
@@ -41,7 +43,7 @@ fn slot(c: Class) -> usize {
 #[derive(Debug, Default)]
 pub struct Queue {
     /// Class and priority of every waiting request.
-    meta: HashMap<u64, (Class, f64)>,
+    meta: FxHashMap<u64, (Class, f64)>,
     /// Every id, in arrival order (ids are given in arrival order).
     all: BTreeSet<u64>,
     /// Per class, ids in arrival order.

@@ -111,9 +111,10 @@ pub struct Plan<'a> {
     added: Vec<Vec<u32>>,
     /// Models this decision evicts, per backend (canonical ids).
     evicted: Vec<Vec<u32>>,
-    /// Per canonical model id, the waiting (in the window) and running
-    /// requests for it: what an eviction of it would cost.
-    need: HashMap<u32, u32>,
+    /// Per canonical model id (an index into `view.names`), the waiting (in
+    /// the window) and running requests for it: what an eviction of it
+    /// would cost.
+    need: Vec<u32>,
     /// Per name id, the first id of the same model ([`model_key`]).
     canon: Vec<u32>,
     /// No backend is healthy: the host decides everything.
@@ -132,14 +133,16 @@ impl<'a> Plan<'a> {
             .collect();
         let canon: Vec<u32> = canon;
         let c = |m: u32| canon.get(m as usize).copied().unwrap_or(m);
-        let mut need: HashMap<u32, u32> = HashMap::new();
+        let mut need = vec![0u32; view.names.len()];
         for m in view
             .waiting
             .iter()
             .map(|w| w.model)
             .chain(view.running.iter().map(|r| r.model))
         {
-            *need.entry(c(m)).or_default() += 1;
+            if let Some(n) = need.get_mut(c(m) as usize) {
+                *n += 1;
+            }
         }
         Plan {
             canon,
@@ -212,7 +215,10 @@ impl<'a> Plan<'a> {
 
     /// Waiting (in the window) and running requests for `model`.
     pub fn need(&self, model: u32) -> u32 {
-        self.need.get(&self.canon(model)).copied().unwrap_or(0)
+        self.need
+            .get(self.canon(model) as usize)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Healthy backends that have `model` loaded (or get it in this decision).

@@ -316,20 +316,60 @@ pub fn parse_class(value: &str) -> Option<Class> {
 }
 
 /// Order of waiting requests: effective priority descending, then arrival
-/// ascending, then id ascending. Returns indices into `view.waiting`.
+/// ascending, then id ascending. Yields indices into `view.waiting`.
 ///
 /// `priority` gives each request's effective priority; it is called once per
-/// request, not once per comparison.
-pub fn order_waiting(view: &View, mut priority: impl FnMut(&Waiting) -> f64) -> Vec<usize> {
-    let mut keyed: Vec<(f64, u64, u64, usize)> = view
+/// request, not once per comparison. The order is made lazily (a heap): a
+/// decision that stops after its free slots are filled pays for the few
+/// requests it looked at, not for sorting the whole window.
+pub fn order_waiting(
+    view: &View,
+    mut priority: impl FnMut(&Waiting) -> f64,
+) -> impl Iterator<Item = usize> {
+    let mut heap: std::collections::BinaryHeap<InLine> = view
         .waiting
         .iter()
         .enumerate()
-        .map(|(i, w)| (priority(w), w.arrival_ms, w.id, i))
+        .map(|(i, w)| InLine {
+            priority: priority(w),
+            arrival_ms: w.arrival_ms,
+            id: w.id,
+            index: i,
+        })
         .collect();
-    keyed.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    keyed.into_iter().map(|k| k.3).collect()
+    std::iter::from_fn(move || heap.pop().map(|k| k.index))
 }
+
+/// A waiting request's place in [`order_waiting`]: the greatest goes first.
+struct InLine {
+    priority: f64,
+    arrival_ms: u64,
+    id: u64,
+    index: usize,
+}
+
+impl Ord for InLine {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.priority
+            .total_cmp(&other.priority)
+            .then(other.arrival_ms.cmp(&self.arrival_ms))
+            .then(other.id.cmp(&self.id))
+    }
+}
+
+impl PartialOrd for InLine {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for InLine {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for InLine {}
 
 #[cfg(test)]
 mod tests {
@@ -462,7 +502,6 @@ mod tests {
         assert_eq!(view.name(view.waiting[0].model), "m");
         assert_eq!(view.name(7), "");
         let ids: Vec<u64> = order_waiting(&view, |w| w.priority)
-            .into_iter()
             .map(|i| view.waiting[i].id)
             .collect();
         assert_eq!(ids, [3, 2, 4, 5]);
