@@ -23,7 +23,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,7 +31,7 @@ use maitre::config::PluginSource;
 use maitre::plugin::{Instance, PluginLimits, Runtime};
 use maitre::policy::{Backend, Beyond, Class, Running, View, Waiting};
 use maitre::scheduler::queue::Queue;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 #[path = "../build/plugin_cargo.rs"]
 mod plugin_cargo;
@@ -143,7 +142,7 @@ fn build_view(
         })
         .collect();
     let beyond = if waiting.len() < queue.len() {
-        let set: BTreeSet<u64> = shown.iter().copied().collect();
+        let set: FxHashSet<u64> = shown.iter().copied().collect();
         [Class::Realtime, Class::Batch]
             .into_iter()
             .map(|class| {

@@ -16,6 +16,7 @@ pub mod config;
 pub mod conns;
 pub mod escape;
 pub mod fleet;
+pub mod memory_mode;
 pub mod metrics;
 pub mod plugin;
 pub mod policy;

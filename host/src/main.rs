@@ -23,16 +23,57 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 // jemalloc's options, read once at its start (`_RJEM_MALLOC_CONF` in the
 // environment still overrides them). Each connection's first read buffer
 // is touched and freed as soon as its request is copied out; with the
-// defaults, the thread cache and the dirty pages kept for reuse hand that
-// touched page to the next connection's untouched buffers, so every waiting
-// connection keeps one resident page it never uses. Buffers of a page or more
-// bypass the thread cache (`tcache_max:4096`) and freed pages are returned at
-// once (`dirty_decay_ms:0`), so new buffers start untouched: the load_10k
-// bench went from ~9.3 to ~5.9 KiB per waiting request, and the latency
-// bench did not move beyond its noise.
+// defaults, the thread cache hands that touched page to the next
+// connection's untouched buffers. Buffers of a page or more bypass the
+// thread cache (`tcache_max:4096`). Freed pages kept for reuse do the same,
+// so when many requests wait, maitre also has them returned at once
+// (`install_crowding_purge`, below, and maitre::memory_mode).
 #[cfg(unix)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
-static MALLOC_CONF: &[u8; 33] = b"tcache_max:4096,dirty_decay_ms:0\0";
+static MALLOC_CONF: &[u8; 16] = b"tcache_max:4096\0";
+
+/// The dirty-page decay jemalloc started with (its default or the
+/// environment's), restored when the queue is no longer crowded.
+#[cfg(unix)]
+static RELAXED_DECAY_MS: std::sync::OnceLock<isize> = std::sync::OnceLock::new();
+
+/// Has maitre::memory_mode switch jemalloc's dirty-page decay: 0 (freed
+/// pages returned at once, so new buffers start untouched: 9.3 -> 4.3 KiB per
+/// waiting request in the load_10k bench) while many requests wait, the
+/// start value otherwise (returning pages at once costs a TLB flush per
+/// return: about a third of the request rate in the throughput bench).
+#[cfg(unix)]
+fn install_crowding_purge() {
+    // SAFETY: `arenas.dirty_decay_ms` is jemalloc's documented ssize_t
+    // setting, read with a name that ends in NUL.
+    let start: Option<isize> =
+        unsafe { tikv_jemalloc_ctl::raw::read(b"arenas.dirty_decay_ms\0") }.ok();
+    // Unreadable (not jemalloc after all): crowding changes nothing.
+    let Some(start) = start else { return };
+    let _ = RELAXED_DECAY_MS.set(start);
+    maitre::memory_mode::on_crowding(|crowded| {
+        let relaxed = RELAXED_DECAY_MS.get().copied().unwrap_or(10_000);
+        set_dirty_decay_ms(if crowded { 0 } else { relaxed });
+    });
+}
+
+/// Sets the dirty-page decay of every arena and of arenas made later; setting
+/// it also purges the unused dirty pages an arena holds.
+#[cfg(unix)]
+fn set_dirty_decay_ms(ms: isize) {
+    // SAFETY: documented jemalloc settings (ssize_t decay times, an unsigned
+    // arena count), named with NUL-terminated strings.
+    unsafe {
+        let _ = tikv_jemalloc_ctl::raw::write(b"arenas.dirty_decay_ms\0", ms);
+    }
+    let arenas = tikv_jemalloc_ctl::arenas::narenas::read().unwrap_or(0);
+    for i in 0..arenas {
+        let name = format!("arena.{i}.dirty_decay_ms\0");
+        // An arena not made yet answers an error; it starts with the value above.
+        // SAFETY: as above.
+        let _ = unsafe { tikv_jemalloc_ctl::raw::write(name.as_bytes(), ms) };
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -102,6 +143,8 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    #[cfg(unix)]
+    install_crowding_purge();
     let cli = match cli.cmd {
         // Runs its own runtimes, each on a virtual clock.
         Cmd::Simulate(args) => {

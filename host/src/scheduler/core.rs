@@ -106,6 +106,8 @@ pub(super) struct Core {
     pub(super) reload_error: Option<String>,
     /// Requests waiting over all arms, for [`super::SchedulerHandle::waiting`].
     waiting_now: Arc<AtomicUsize>,
+    /// Whether so many wait that memory matters more than allocator speed.
+    crowding: crate::memory_mode::Crowding,
     pub(super) trace: Option<crate::trace::TraceSink>,
 }
 
@@ -134,6 +136,7 @@ impl Core {
             draining: false,
             reload_error: None,
             waiting_now,
+            crowding: Default::default(),
             trace: setup.trace,
         };
         core.metrics.slots_total.set(core.total_slots as i64);
@@ -248,8 +251,9 @@ impl Core {
 
     /// Publishes each arm's waiting count where it changed, and the total.
     fn publish_waiting(&mut self) {
-        self.waiting_now
-            .store(self.waiting_count(), Ordering::Release);
+        let waiting = self.waiting_count();
+        self.waiting_now.store(waiting, Ordering::Release);
+        self.crowding.update(waiting);
         for a in &mut self.arms {
             let n = a.queued();
             if a.published_waiting != Some(n) {

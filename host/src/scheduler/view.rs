@@ -5,8 +5,6 @@
 //! with a summary of what lies beyond it; a 0.1.0 plugin gets every waiting
 //! request, as that interface promises.
 
-use std::collections::BTreeSet;
-
 use super::core::{Core, State};
 use crate::policy::{Beyond, Class, Running, View, Waiting};
 
@@ -54,7 +52,7 @@ impl Core {
             })
             .collect();
         let beyond = if waiting.len() < arm.waiting.len() {
-            let set: BTreeSet<u64> = ids.iter().copied().collect();
+            let set: rustc_hash::FxHashSet<u64> = ids.iter().copied().collect();
             [Class::Realtime, Class::Batch]
                 .into_iter()
                 .filter_map(|class| {
