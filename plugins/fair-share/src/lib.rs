@@ -19,8 +19,11 @@
 //!   that has waited `max_wait_seconds` goes first: nothing starves.
 //! - Each start names a backend with the request's model loaded, else one
 //!   with room to load it, else the one whose load evicts the cheapest
-//!   model ([`Plan`]);
-//!   the fair order itself ignores residency.
+//!   model ([`Plan`]).
+//! - Under memory pressure a batch request whose start would evict a model
+//!   is passed over for requests that need no eviction, for at most
+//!   `group_max_wait_ms` since its arrival ([`Plan::hold`]): backends don't
+//!   thrash between models, at the price of a bounded delay.
 //!
 //! The guarantee and the parameters are in this crate's README.md.
 
@@ -28,8 +31,8 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use maitre_policy_sdk::{
-    Action, Admission, Class, Config, Placement, Plan, Policy, Request, View, class_from_hint,
-    export_policy,
+    Action, Admission, Class, Config, GROUP_MAX_WAIT_DEFAULT_MS, GROUP_MAX_WAIT_KEY, Hold,
+    Placement, Plan, Policy, Request, View, class_from_hint, export_policy,
 };
 
 /// Config key: cost estimate of a request without `num_predict`.
@@ -47,7 +50,7 @@ pub const REALTIME_FIRST: &str = "realtime_first";
 /// Config key: class of requests without a recognised `X-Priority` header.
 pub const DEFAULT_CLASS: &str = "default_class";
 /// Every config key this policy knows (besides the host's `maitre.*`).
-pub const KEYS: [&str; 7] = [
+pub const KEYS: [&str; 8] = [
     OUTPUT_TOKENS_DEFAULT,
     INPUT_WEIGHT,
     OUTPUT_WEIGHT,
@@ -55,6 +58,7 @@ pub const KEYS: [&str; 7] = [
     MAX_WAIT_SECONDS,
     REALTIME_FIRST,
     DEFAULT_CLASS,
+    GROUP_MAX_WAIT_KEY,
 ];
 
 /// Admissions remembered for the end-of-request correction, at most.
@@ -77,6 +81,9 @@ pub struct FairShare {
     pub realtime_first: bool,
     /// Class of requests without a recognised `X-Priority` header.
     pub default_class: Class,
+    /// Longest a batch request is passed over, since its arrival, because
+    /// its start would evict a model (default 5,000; 0 = never).
+    pub group_max_wait_ms: u64,
     /// The fair-queueing state.
     pub state: RefCell<State>,
 }
@@ -119,6 +126,9 @@ impl Policy for FairShare {
             max_wait_seconds: positive(MAX_WAIT_SECONDS, 120.0)?,
             realtime_first: config.get_bool(REALTIME_FIRST, true)?,
             default_class: config.get_class(DEFAULT_CLASS, Class::Batch)?,
+            group_max_wait_ms: config
+                .get_u32(GROUP_MAX_WAIT_KEY, GROUP_MAX_WAIT_DEFAULT_MS)?
+                .into(),
             state: RefCell::new(State::default()),
         })
     }
@@ -153,10 +163,11 @@ impl Policy for FairShare {
     fn schedule(&self, view: &View) -> Vec<Action> {
         self.correct(view);
         let max_wait_ms = self.max_wait_seconds * 1000.0;
-        let mut order: Vec<(bool, bool, f64, u64, u64, u32)> = view
+        let mut order: Vec<(bool, bool, f64, u64, u64, usize)> = view
             .waiting
             .iter()
-            .map(|w| {
+            .enumerate()
+            .map(|(i, w)| {
                 let overdue = view.now_ms.saturating_sub(w.arrival_ms) as f64 >= max_wait_ms;
                 let later_class = self.realtime_first && w.class == Class::Batch;
                 (
@@ -165,7 +176,7 @@ impl Policy for FairShare {
                     -w.priority,
                     w.arrival_ms,
                     w.id,
-                    w.model,
+                    i,
                 )
             })
             .collect();
@@ -178,14 +189,40 @@ impl Policy for FairShare {
         });
         let mut s = self.state.borrow_mut();
         let mut plan = Plan::new(view);
-        order
-            .into_iter()
-            .take(view.free_slots as usize)
-            .map(|(_, _, tag, _, id, model)| {
-                s.now = s.now.max(tag);
-                plan.start(id, model)
-            })
-            .collect()
+        let mut actions = Vec::new();
+        let mut start = |actions: &mut Vec<Action>, plan: &mut Plan, tag: f64, i: usize| {
+            s.now = s.now.max(tag);
+            let w = &view.waiting[i];
+            actions.push(plan.start(w.id, w.model));
+        };
+        let free = view.free_slots as usize;
+        // Batch requests whose start would evict a model, passed over for
+        // now; they take what is left, in fair order.
+        let mut later = Vec::new();
+        for &(_, _, tag, _, _, i) in &order {
+            if actions.len() >= free {
+                break;
+            }
+            let w = &view.waiting[i];
+            if w.class == Class::Batch {
+                match plan.hold(w, self.group_max_wait_ms, |_| true) {
+                    Hold::Go => {}
+                    Hold::Later => {
+                        later.push((tag, i));
+                        continue;
+                    }
+                    Hold::Wait => continue,
+                }
+            }
+            start(&mut actions, &mut plan, tag, i);
+        }
+        for (tag, i) in later {
+            if actions.len() >= free {
+                break;
+            }
+            start(&mut actions, &mut plan, tag, i);
+        }
+        actions
     }
 }
 

@@ -140,3 +140,29 @@ fn fair_order_first_then_the_backend_with_the_model_loaded() {
     );
     assert_eq!(placed(&p.schedule(&v)), [(1, Some(1)), (2, Some(0))]);
 }
+
+#[test]
+fn under_memory_pressure_a_start_that_evicts_waits_its_bound() {
+    use maitre_policy_sdk::testing::{backend, fleet, of_model, placed};
+    let p = policy(&[("maitre.slots", "2"), ("group_max_wait_ms", "5000")]);
+    // Tenant a is first in fair order, for m2 (loaded nowhere); tenant b
+    // asks for m1. One model fits per backend: b0 (m0) is busy, b1 (m1) free.
+    let a = of_model(arrive(&p, 1, "a", None, 1_000), 2);
+    let b = of_model(arrive(&p, 2, "b", None, 1_001), 1);
+    let bs = || vec![backend(1, 0, 1, &[0]), backend(1, 1, 1, &[1])];
+    // m1 goes where it is loaded; a's start would evict m1 there, so it waits.
+    let v = fleet(2_000, bs(), vec![], vec![a.clone(), b.clone()]);
+    assert_eq!(placed(&p.schedule(&v)), [(2, Some(1))]);
+    // Without b, a takes the slot at once (passed over only for others).
+    let v = fleet(2_000, bs(), vec![], vec![a.clone()]);
+    assert_eq!(placed(&p.schedule(&v)), [(1, Some(1))]);
+    // Once a has waited group_max_wait_ms, fair order holds again.
+    let v = fleet(6_000, bs(), vec![], vec![a.clone(), b.clone()]);
+    assert_eq!(placed(&p.schedule(&v)), [(1, Some(1))]);
+    // group_max_wait_ms = 0: never passed over.
+    let p0 = policy(&[("maitre.slots", "2"), ("group_max_wait_ms", "0")]);
+    let a = of_model(arrive(&p0, 1, "a", None, 1_000), 2);
+    let b = of_model(arrive(&p0, 2, "b", None, 1_001), 1);
+    let v = fleet(2_000, bs(), vec![], vec![a, b]);
+    assert_eq!(placed(&p0.schedule(&v)), [(1, Some(1))]);
+}
