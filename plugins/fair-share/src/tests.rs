@@ -151,13 +151,13 @@ fn under_memory_pressure_a_start_that_evicts_waits_its_bound() {
     let b = of_model(arrive(&p, 2, "b", None, 1_001), 1);
     let bs = || vec![backend(1, 0, 1, &[0]), backend(1, 1, 1, &[1])];
     // m1 goes where it is loaded; a's start would evict m1 there, so it waits.
-    let v = fleet(2_000, bs(), vec![], vec![a.clone(), b.clone()]);
+    let v = fleet(2_000, bs(), vec![], vec![a, b]);
     assert_eq!(placed(&p.schedule(&v)), [(2, Some(1))]);
     // Without b, a takes the slot at once (passed over only for others).
-    let v = fleet(2_000, bs(), vec![], vec![a.clone()]);
+    let v = fleet(2_000, bs(), vec![], vec![a]);
     assert_eq!(placed(&p.schedule(&v)), [(1, Some(1))]);
     // Once a has waited group_max_wait_ms, fair order holds again.
-    let v = fleet(6_000, bs(), vec![], vec![a.clone(), b.clone()]);
+    let v = fleet(6_000, bs(), vec![], vec![a, b]);
     assert_eq!(placed(&p.schedule(&v)), [(1, Some(1))]);
     // group_max_wait_ms = 0: never passed over.
     let p0 = policy(&[("maitre.slots", "2"), ("group_max_wait_ms", "0")]);
