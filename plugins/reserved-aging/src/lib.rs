@@ -19,10 +19,12 @@
 //!
 //! The exact rule is in this crate's README.md.
 
+use std::cell::RefCell;
+
 use maitre_policy_sdk::{
     Action, Admission, Aging, Class, Config, GROUP_MAX_WAIT_DEFAULT_MS, GROUP_MAX_WAIT_KEY, Hold,
     Placement, Plan, Policy, RT_GROUP_MAX_WAIT_DEFAULT_MS, RT_GROUP_MAX_WAIT_KEY, Request, View,
-    Waiting, class_from_hint, export_policy, order_waiting, start_on,
+    Waiting, class_from_hint, export_policy, model_key, order_waiting, start_on,
 };
 
 /// Config key: slots only real-time requests may use.
@@ -39,6 +41,13 @@ pub const KEYS: [&str; 6] = [
     RT_GROUP_MAX_WAIT_KEY,
 ];
 
+/// How long a model stays protected from eviction after a real-time request
+/// for it arrived (ms): real-time traffic comes back, and a real-time request
+/// that finds its model evicted waits seconds for a load.
+pub const RT_MODEL_MEMORY_MS: u64 = 120_000;
+/// Real-time models remembered, at most (the least recent is forgotten).
+const RT_MODELS_MAX: usize = 16;
+
 /// Priority given to real-time requests at admission.
 pub const REALTIME_PRIORITY: f64 = 1.0;
 /// Priority given to batch requests at admission (before aging).
@@ -47,6 +56,10 @@ pub const BATCH_PRIORITY: f64 = 0.0;
 /// Reserved real-time slots plus batch aging.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReservedAging {
+    /// Models real-time requests asked for ([`model_key`] form), with the
+    /// arrival of the latest: kept loaded ([`Plan::protect`]) for
+    /// [`RT_MODEL_MEMORY_MS`] after it.
+    pub rt_models: RefCell<Vec<(String, u64)>>,
     /// Slots only real-time requests may use (default 1).
     pub rt_reserved_slots: u32,
     /// How waiting batch requests gain priority (default 60 s, +0.5).
@@ -79,6 +92,7 @@ impl Policy for ReservedAging {
             ));
         }
         Ok(ReservedAging {
+            rt_models: RefCell::new(Vec::new()),
             rt_reserved_slots,
             aging,
             default_class,
@@ -97,6 +111,9 @@ impl Policy for ReservedAging {
             Class::Realtime => REALTIME_PRIORITY,
             Class::Batch => BATCH_PRIORITY,
         };
+        if class == Class::Realtime {
+            self.remember_rt_model(&req.model, req.arrival_ms);
+        }
         Admission::Queue(Placement { class, priority })
     }
 
@@ -105,6 +122,7 @@ impl Policy for ReservedAging {
             return Vec::new();
         }
         let mut d = Decision::new(self, view);
+        self.protect_rt_models(&mut d.plan, view);
         let mut later = Vec::new();
         for i in order_waiting(view, |w| self.aging.priority(w, view.now_ms)) {
             let w = &view.waiting[i];
@@ -135,6 +153,40 @@ impl Policy for ReservedAging {
             }
         }
         d.actions
+    }
+}
+
+impl ReservedAging {
+    fn remember_rt_model(&self, model: &str, at_ms: u64) {
+        let key = model_key(model);
+        let mut m = self.rt_models.borrow_mut();
+        match m.iter_mut().find(|(k, _)| *k == key) {
+            Some(e) => e.1 = e.1.max(at_ms),
+            None => {
+                if m.len() >= RT_MODELS_MAX
+                    && let Some(oldest) = (0..m.len()).min_by_key(|&i| m[i].1)
+                {
+                    m.swap_remove(oldest);
+                }
+                m.push((key.into_owned(), at_ms));
+            }
+        }
+    }
+
+    /// Protects from eviction the models real-time requests used recently.
+    fn protect_rt_models(&self, plan: &mut Plan, view: &View) {
+        let m = self.rt_models.borrow();
+        if m.is_empty() {
+            return;
+        }
+        for (i, name) in view.names.iter().enumerate() {
+            let key = model_key(name);
+            if m.iter().any(|(k, at)| {
+                *k == key && view.now_ms.saturating_sub(*at) < RT_MODEL_MEMORY_MS
+            }) {
+                plan.protect(i as u32);
+            }
+        }
     }
 }
 

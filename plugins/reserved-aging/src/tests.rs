@@ -338,6 +338,31 @@ mod fleet {
     }
 
     #[test]
+    fn a_model_realtime_used_recently_is_evicted_last() {
+        // Both backends full. b0's victim is m0, which b1 holds too (a spare
+        // copy, nobody waits for it); b1's victim is m1, the only copy, and
+        // one request waits for it. A batch request for m5 must evict one.
+        let bs = || vec![backend(2, 2, 2, &[0, 4]), backend(2, 2, 2, &[1, 0])];
+        let waiting = vec![of_model(be(1, 100), 5), of_model(be(2, 200), 1)];
+        let cfg = [("maitre.slots", "4"), ("group_max_wait_ms", "0")];
+        let p = policy(&cfg);
+        let v = fleet(1_000, bs(), vec![], waiting.clone());
+        assert_eq!(placed(&p.schedule(&v))[0], (1, Some(0)), "the spare m0");
+        // Once a real-time request asked for m0, m0 stays: m1 goes instead.
+        let p = policy(&cfg);
+        let req = Request {
+            model: "m0".into(),
+            ..request(7, 500, Some(Class::Realtime))
+        };
+        let _ = p.admit(&req, &view(500, 4, vec![], vec![]));
+        let v = fleet(1_000, bs(), vec![], waiting.clone());
+        assert_eq!(placed(&p.schedule(&v))[0], (1, Some(1)));
+        // ... for RT_MODEL_MEMORY_MS after that request.
+        let v = fleet(500 + RT_MODEL_MEMORY_MS, bs(), vec![], waiting);
+        assert_eq!(placed(&p.schedule(&v))[0], (1, Some(0)));
+    }
+
+    #[test]
     fn under_memory_pressure_loaded_models_go_first_until_the_bound() {
         // Every backend holds one model, its limit. b0 (m0) is busy with
         // batch, b1 (m1) has one free batch slot, b2 (m2) too.

@@ -117,6 +117,8 @@ pub struct Plan<'a> {
     need: Vec<u32>,
     /// Per name id, the first id of the same model ([`model_key`]).
     canon: Vec<u32>,
+    /// Models (canonical ids) a policy wants kept loaded ([`Plan::protect`]).
+    protected: Vec<u32>,
     /// No backend is healthy: the host decides everything.
     blind: bool,
 }
@@ -146,6 +148,7 @@ impl<'a> Plan<'a> {
         }
         Plan {
             canon,
+            protected: Vec::new(),
             view,
             free: view.backends.iter().map(|b| b.free_slots).collect(),
             added: vec![Vec::new(); view.backends.len()],
@@ -228,18 +231,32 @@ impl<'a> Plan<'a> {
             .count()
     }
 
+    /// Marks `model` (an index into `view.names`) as one to keep loaded:
+    /// evicting it costs more than evicting any other model
+    /// ([`Plan::victim_cost`]). For models whose next request must not wait
+    /// for a load, such as those real-time requests use.
+    pub fn protect(&mut self, model: u32) {
+        let m = self.canon(model);
+        if !self.protected.contains(&m) {
+            self.protected.push(m);
+        }
+    }
+
     /// What evicting the predicted victim of backend `b` costs, the lower
     /// the better: `(0, 0)` when nothing would be evicted (or nothing known
     /// is loaded); `(1, n)` for a victim no waiting or running request needs
     /// (n = 0) or one loaded on another healthy backend too (n = the
     /// requests that need it); `(2, n)` for the only copy of a model n
-    /// requests need: its next request pays a load.
+    /// requests need: its next request pays a load; `(3, n)` for a model
+    /// the policy protects ([`Plan::protect`]), however many copies.
     pub fn victim_cost(&self, b: u32) -> (u8, u32) {
         let Some(v) = self.victim(b) else {
             return (0, 0);
         };
         let n = self.need(v);
-        if n == 0 || self.copies(v) > 1 {
+        if self.protected.contains(&v) {
+            (3, n)
+        } else if n == 0 || self.copies(v) > 1 {
             (1, n)
         } else {
             (2, n)

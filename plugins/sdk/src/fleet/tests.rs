@@ -233,6 +233,29 @@ fn a_load_evicts_a_spare_copy_or_an_idle_model_before_the_only_copy_in_demand() 
 }
 
 #[test]
+fn a_protected_model_is_evicted_last_even_as_a_spare_copy() {
+    // As above with m3's requests waiting: the spare copy of m0 on b1 is
+    // the cheapest victim, until the policy protects m0 (real-time uses it).
+    let b = || {
+        vec![
+            full(2, 2, &[(2, Some(1)), (1, Some(9))]),
+            full(2, 1, &[(0, Some(1)), (4, Some(9))]),
+            full(2, 1, &[(3, Some(1)), (0, Some(9))]),
+        ]
+    };
+    let wait = |id, m| of_model(waiting(id, BE, 0.0, 0), m);
+    let ws = [(1, 2), (2, 2), (3, 5), (4, 0), (5, 3), (6, 3)];
+    let v = fleet(0, b(), vec![], ws.iter().map(|&(i, m)| wait(i, m)).collect());
+    let mut plan = Plan::new(&v);
+    assert_eq!(plan.pick(5, |_| true).and_then(|p| p.named()), Some(1));
+    plan.protect(0);
+    assert_eq!(plan.victim_cost(1), (3, 1));
+    // Then the only copies: m2 on b0 and m3 on b2, two wait for each, so
+    // (2, 2) both: the least busy, b0.
+    assert_eq!(plan.pick(5, |_| true).and_then(|p| p.named()), Some(0));
+}
+
+#[test]
 fn realtime_waits_for_its_models_busy_backend_bounded() {
     // b0 runs m0 (full), b1 has a free slot and m1, at its limit.
     let v = fleet(
