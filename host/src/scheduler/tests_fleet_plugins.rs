@@ -1,7 +1,8 @@
 //! maitre's own plugins (the built-in WebAssembly components) deciding for
 //! a fleet of three backends, on the paused clock: reserved-aging keeps a
-//! real-time slot free on each backend, and starts requests where their
-//! model is loaded rather than evict another model.
+//! real-time slot free on each backend (then only where real-time requests'
+//! models are loaded), and starts requests where their model is loaded
+//! rather than evict another model.
 
 use std::sync::Arc;
 
@@ -98,14 +99,17 @@ async fn reserved_aging_keeps_a_realtime_slot_free_on_each_backend() {
     // A real-time request finds a free slot on its model's backend at once.
     let mut rt = submit(&s, "beta", "realtime").await;
     assert_eq!(granted(&mut rt).await.backend, 1);
+    // From now on real-time requests are known to use beta, loaded on b
+    // only: a and c keep no real-time slot. Their second slots go to batch:
+    // alpha where it is loaded, beta to c (room to load it; b is full).
+    assert_eq!(granted(&mut batch[3]).await.backend, 0);
+    assert_eq!(granted(&mut batch[4]).await.backend, 2);
+    not_granted(&mut batch[5]).await;
     // When b's batch request ends, its real-time request holds b's
-    // reserved slot, so the other is batch's: the oldest batch request
-    // (alpha, whose backend keeps its reserved slot) takes it, since b has
-    // room to load alpha without evicting.
+    // reserved slot, so the other is batch's: gamma takes it (room to load).
     batch.remove(1).finish(Outcome::Ok);
-    // (batch[1] is gone: the alpha request is batch[2] now.)
-    assert_eq!(granted(&mut batch[2]).await.backend, 1);
-    not_granted(&mut batch[3]).await;
+    // (batch[1] is gone: the gamma request is batch[4] now.)
+    assert_eq!(granted(&mut batch[4]).await.backend, 1);
 }
 
 #[tokio::test(start_paused = true)]

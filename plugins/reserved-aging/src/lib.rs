@@ -123,6 +123,7 @@ impl Policy for ReservedAging {
         }
         let mut d = Decision::new(self, view);
         self.protect_rt_models(&mut d.plan, view);
+        d.find_rt_homes();
         let mut later = Vec::new();
         for i in order_waiting(view, |w| self.aging.priority(w, view.now_ms)) {
             let w = &view.waiting[i];
@@ -200,6 +201,9 @@ struct Decision<'a> {
     batch_running: u32,
     /// Real-time requests running (or started now) per backend.
     rt_on: Vec<u32>,
+    /// Backends that keep real-time slots: those with a real-time model
+    /// loaded, or all while no healthy backend has one.
+    rt_home: Vec<bool>,
     actions: Vec<Action>,
 }
 
@@ -224,7 +228,22 @@ impl<'a> Decision<'a> {
             batch_cap: view.total_slots.saturating_sub(policy.rt_reserved_slots),
             batch_running,
             rt_on,
+            rt_home: vec![true; view.backends.len()],
             actions: Vec::new(),
+        }
+    }
+
+    /// Reserves real-time slots only where real-time requests can be served
+    /// without a load: on the healthy backends that hold a real-time model
+    /// ([`Plan::holds_protected`]). A reserved slot elsewhere would idle: a
+    /// real-time request sent there waits seconds for its model anyway.
+    fn find_rt_homes(&mut self) {
+        let view = self.plan.view();
+        let homes: Vec<bool> = (0..view.backends.len() as u32)
+            .map(|b| view.backends[b as usize].healthy && self.plan.holds_protected(b))
+            .collect();
+        if homes.iter().any(|&h| h) {
+            self.rt_home = homes;
         }
     }
 
@@ -232,6 +251,9 @@ impl<'a> Decision<'a> {
     /// never all of its slots (the arm-wide cap keeps a slot for real-time
     /// then), less the real-time requests already running there.
     fn reserved(&self, b: u32) -> u32 {
+        if !self.rt_home[b as usize] {
+            return 0;
+        }
         let total = self.plan.view().backends[b as usize].total_slots;
         let reserve = self.policy.rt_reserved_slots.min(total.saturating_sub(1));
         reserve.saturating_sub(self.rt_on[b as usize])

@@ -363,6 +363,35 @@ mod fleet {
     }
 
     #[test]
+    fn real_time_slots_are_kept_where_a_real_time_model_is_loaded() {
+        // b0 holds m0, b1 holds m2; two batch requests for m2.
+        let bs = || vec![backend(2, 2, 2, &[0]), backend(2, 2, 2, &[2])];
+        let waiting = vec![of_model(be(1, 100), 2), of_model(be(2, 200), 2)];
+        let cfg = [("maitre.slots", "4")];
+        // No real-time traffic seen yet: every backend keeps a slot, so the
+        // second request loads m2 on b0.
+        let p = policy(&cfg);
+        let v = fleet(1_000, bs(), vec![], waiting.clone());
+        assert_eq!(placed(&p.schedule(&v)), [(1, Some(1)), (2, Some(0))]);
+        // Real-time requests use m0: b0 keeps its slot, b1 keeps none, and
+        // both run where m2 is loaded.
+        let req = Request {
+            model: "m0".into(),
+            ..request(7, 500, Some(Class::Realtime))
+        };
+        let _ = p.admit(&req, &view(500, 4, vec![], vec![]));
+        let v = fleet(1_000, bs(), vec![], waiting.clone());
+        assert_eq!(placed(&p.schedule(&v)), [(1, Some(1)), (2, Some(1))]);
+        // b0 still keeps its real-time slot: of two more batch requests for
+        // m0, one takes b0's other slot and one waits.
+        let mut w = waiting;
+        w.push(of_model(be(3, 300), 0));
+        w.push(of_model(be(4, 400), 0));
+        let v = fleet(1_000, bs(), vec![], w);
+        assert_eq!(placed(&p.schedule(&v)), [(1, Some(1)), (2, Some(1)), (3, Some(0))]);
+    }
+
+    #[test]
     fn under_memory_pressure_loaded_models_go_first_until_the_bound() {
         // Every backend holds one model, its limit. b0 (m0) is busy with
         // batch, b1 (m1) has one free batch slot, b2 (m2) too.

@@ -242,6 +242,12 @@ impl<'a> Plan<'a> {
         }
     }
 
+    /// Whether backend `b` holds a protected model ([`Plan::protect`]), or
+    /// gets one loaded in this decision.
+    pub fn holds_protected(&self, b: u32) -> bool {
+        self.protected.iter().any(|&m| self.has(b, m))
+    }
+
     /// What evicting the predicted victim of backend `b` costs, the lower
     /// the better: `(0, 0)` when nothing would be evicted (or nothing known
     /// is loaded); `(1, n)` for a victim no waiting or running request needs
