@@ -199,20 +199,27 @@ fn the_victim_is_the_least_recently_used_not_running_model() {
     assert_eq!(plan.fit(0, 6), Fit::Evict, "still at its limit");
 }
 
+/// Every backend full and at its limit: b0's victim is m2, b1's is m0
+/// (loaded on b2 too), b2's is m3.
+fn three_full() -> Vec<crate::Backend> {
+    vec![
+        full(2, 2, &[(2, Some(1)), (1, Some(9))]),
+        full(2, 1, &[(0, Some(1)), (4, Some(9))]),
+        full(2, 1, &[(3, Some(1)), (0, Some(9))]),
+    ]
+}
+
+/// Batch request `id` for model `m`, waiting since 0.
+fn wait(id: u64, m: u32) -> Waiting {
+    of_model(waiting(id, BE, 0.0, 0), m)
+}
+
 #[test]
 fn a_load_evicts_a_spare_copy_or_an_idle_model_before_the_only_copy_in_demand() {
-    // Every backend full and at its limit. b0's victim m2 is the only copy
-    // and two requests wait for it; b1's victim m0 is loaded on b2 too;
-    // b2's victim m3 is the only copy, no one needs it.
-    let b = || {
-        vec![
-            full(2, 2, &[(2, Some(1)), (1, Some(9))]),
-            full(2, 1, &[(0, Some(1)), (4, Some(9))]),
-            full(2, 1, &[(3, Some(1)), (0, Some(9))]),
-        ]
-    };
-    let wait = |id, m| of_model(waiting(id, BE, 0.0, 0), m);
-    let v = fleet(0, b(), vec![], vec![wait(1, 2), wait(2, 2), wait(3, 5), wait(4, 0)]);
+    // b0's victim m2 is the only copy and two requests wait for it; b1's
+    // victim m0 is loaded on b2 too; b2's victim m3 is the only copy, no
+    // one needs it.
+    let v = fleet(0, three_full(), vec![], vec![wait(1, 2), wait(2, 2), wait(3, 5), wait(4, 0)]);
     let plan = Plan::new(&v);
     assert_eq!(plan.victim_cost(0), (2, 2));
     assert_eq!(plan.victim_cost(1), (1, 1), "m0 is on b2 too");
@@ -221,7 +228,7 @@ fn a_load_evicts_a_spare_copy_or_an_idle_model_before_the_only_copy_in_demand() 
     assert_eq!(v.best_backend(5), Some(2));
     // Once m3's requests wait too, the spare copy of m0 is the cheapest.
     let ws = [(1, 2), (2, 2), (3, 5), (4, 0), (5, 3), (6, 3)];
-    let v = fleet(0, b(), vec![], ws.iter().map(|&(i, m)| wait(i, m)).collect());
+    let v = fleet(0, three_full(), vec![], ws.iter().map(|&(i, m)| wait(i, m)).collect());
     assert_eq!(v.best_backend(5), Some(1));
     // Evicting m0 from b1 leaves b2's m0 as the only copy: the next load
     // in the same decision does not take it.
@@ -236,16 +243,8 @@ fn a_load_evicts_a_spare_copy_or_an_idle_model_before_the_only_copy_in_demand() 
 fn a_protected_model_is_evicted_last_even_as_a_spare_copy() {
     // As above with m3's requests waiting: the spare copy of m0 on b1 is
     // the cheapest victim, until the policy protects m0 (real-time uses it).
-    let b = || {
-        vec![
-            full(2, 2, &[(2, Some(1)), (1, Some(9))]),
-            full(2, 1, &[(0, Some(1)), (4, Some(9))]),
-            full(2, 1, &[(3, Some(1)), (0, Some(9))]),
-        ]
-    };
-    let wait = |id, m| of_model(waiting(id, BE, 0.0, 0), m);
     let ws = [(1, 2), (2, 2), (3, 5), (4, 0), (5, 3), (6, 3)];
-    let v = fleet(0, b(), vec![], ws.iter().map(|&(i, m)| wait(i, m)).collect());
+    let v = fleet(0, three_full(), vec![], ws.iter().map(|&(i, m)| wait(i, m)).collect());
     let mut plan = Plan::new(&v);
     assert_eq!(plan.pick(5, |_| true).and_then(|p| p.named()), Some(1));
     plan.protect(0);
