@@ -358,15 +358,8 @@ async fn merged_tags_and_ps_through_the_official_client() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 400);
-    let e: Value = r.json().await.unwrap();
-    assert!(
-        e["error"]
-            .as_str()
-            .unwrap()
-            .contains("the backends are a, b, c"),
-        "{e}"
-    );
+    let e = error_of(r, 400).await;
+    assert!(e.contains("the backends are a, b, c"), "{e}");
 }
 
 #[tokio::test]

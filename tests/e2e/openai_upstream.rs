@@ -93,14 +93,12 @@ async fn one_openai_backend_serves_v1_and_maitre_refuses_api_naming_its_kind() {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 404, "{path}");
-        let v: Value = r.json().await.unwrap();
-        let msg = v["error"].as_str().unwrap_or_default();
+        let msg = error_of(r, 404).await;
         assert!(
             msg.starts_with(&format!(
                 "maitre: backend \"default\" is an OpenAI-compatible server (kind = \"openai\"): it has no {path}; use /v1/"
             )),
-            "{path}: {v}"
+            "{path}: {msg}"
         );
     }
     assert!(api_paths(&f).is_empty(), "{:?}", api_paths(&f));
@@ -223,14 +221,10 @@ async fn a_mixed_fleet_sends_api_only_to_ollama() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 404);
-    let v: Value = r.json().await.unwrap();
+    let msg = error_of(r, 404).await;
     assert!(
-        v["error"]
-            .as_str()
-            .unwrap()
-            .contains("backend \"llama\" is an OpenAI-compatible server (kind = \"openai\")"),
-        "{v}"
+        msg.contains("backend \"llama\" is an OpenAI-compatible server (kind = \"openai\")"),
+        "{msg}"
     );
     assert!(api_paths(&llama).is_empty(), "{:?}", api_paths(&llama));
 }

@@ -31,6 +31,20 @@ pub fn generate(
     r
 }
 
+/// The `error` message of an Ollama-shaped error answer (`{"error": ...}`),
+/// after checking that `r` has `status`.
+pub async fn error_of(r: reqwest::Response, status: u16) -> String {
+    let got = r.status().as_u16();
+    let body = r.text().await.expect("error body");
+    assert_eq!(got, status, "{body}");
+    let v: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+    v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error message: {body}"))
+        .to_string()
+}
+
 /// The Python that has the official clients and prometheus_client:
 /// `MAITRE_PYTHON`, else the venv `.ci/run` creates in target/pyenv.
 pub fn python() -> PathBuf {
