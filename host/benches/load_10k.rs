@@ -22,18 +22,8 @@
 use std::time::{Duration, Instant};
 
 use maitre_testkit::{
-    Arm, EventKind, Limits, ModelConfig, PolicyFile, Scrape, Serve, UpstreamModel,
+    Arm, EventKind, Limits, ModelConfig, PolicyFile, Scrape, Serve, UpstreamModel, rss_kib,
 };
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
 
 /// Requests maitre counts as waiting, over all arms.
 async fn waiting(admin: &str) -> usize {

@@ -282,17 +282,6 @@ async fn beyond_the_connection_cap_new_connections_wait_unaccepted() {
     assert!(gauge(&m, "maitre_client_connections").await <= 3.0);
 }
 
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// The memory a waiting request costs maitre, each on its own connection
 /// (the `load_10k` bench measures the same at 10,000). Connections arrive
 /// in concurrent batches, as real clients do: the pages freed by one batch

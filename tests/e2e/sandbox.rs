@@ -30,16 +30,6 @@ fn fd_count(pid: u32) -> usize {
         .count()
 }
 
-/// Resident memory of process `pid`, in KiB (`VmRSS` of `/proc/PID/status`).
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmRSS in {status}"))
-}
-
 fn report(line: std::fmt::Arguments) {
     if std::env::var_os("MAITRE_HOSTILE_REPORT").is_some() {
         eprintln!("SANDBOX {line}");

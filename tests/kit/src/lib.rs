@@ -23,7 +23,7 @@ pub mod upstream;
 
 pub use http::{client, error_of, generate, python};
 pub use policy::{Ab, Arm, Backend, Fleet, Limits, PolicyFile};
-pub use process::{Exited, Maitre, Ready, Serve};
+pub use process::{Exited, Maitre, Ready, Serve, rss_kib};
 pub use prom::Scrape;
 pub use upstream::{
     EventKind, LogEvent, ModelConfig, UpstreamModel, fake, llama_like, seq_of, start_order,
