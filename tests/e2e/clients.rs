@@ -12,21 +12,7 @@ async fn official_python_clients_work_through_maitre() {
         &PolicyFile::new(fake.url(), 2)
             .arm(Arm::builtin("main", "reserved-aging").config("rt_reserved_slots", 1)),
     );
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/python/clients.py");
-    let out = tokio::process::Command::new(python())
-        .arg(script)
-        .env("MAITRE_URL", &m.url)
-        .env("NO_PROXY", "127.0.0.1")
-        .output()
-        .await
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "python clients failed:\n{stdout}\n{stderr}"
-    );
-    assert!(stdout.contains("python clients ok"), "{stdout}");
+    run_python("clients.py", &m.url, &[], "python clients ok").await;
     // They really went through maitre's scheduler.
     let scheduled = fake
         .log()

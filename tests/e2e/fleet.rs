@@ -280,26 +280,22 @@ async fn a_backend_killed_mid_run_loses_no_request() {
 #[tokio::test]
 async fn merged_tags_and_ps_through_the_official_client() {
     let f = fleet3(Arm::builtin("main", "reserved-aging"), 5).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/python/fleet.py");
-    let out = tokio::process::Command::new(python())
-        .arg(script)
-        .env("MAITRE_URL", &f.m.url)
-        .env("NO_PROXY", "127.0.0.1")
-        .env(
-            "ON_DISK",
-            "fake-alpha:latest,fake-beta:latest,fake-gamma:latest,fake-shared:latest",
-        )
-        .env(
-            "LOADED",
-            "fake-alpha:latest,fake-beta:latest,fake-gamma:latest",
-        )
-        .output()
-        .await
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "python failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("python fleet ok"), "{stdout}");
+    run_python(
+        "fleet.py",
+        &f.m.url,
+        &[
+            (
+                "ON_DISK",
+                "fake-alpha:latest,fake-beta:latest,fake-gamma:latest,fake-shared:latest",
+            ),
+            (
+                "LOADED",
+                "fake-alpha:latest,fake-beta:latest,fake-gamma:latest",
+            ),
+        ],
+        "python fleet ok",
+    )
+    .await;
     // /api/ps names the backend of each model; /api/version is the fleet's lowest.
     let c = client();
     let ps: Value = c

@@ -113,21 +113,13 @@ async fn the_official_openai_client_works() {
             .upstream_kind("openai", None)
             .arm(Arm::builtin("main", "reserved-aging")),
     );
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/python/openai_upstream.py"
-    );
-    let out = tokio::process::Command::new(python())
-        .arg(script)
-        .env("MAITRE_URL", &m.url)
-        .env("NO_PROXY", "127.0.0.1")
-        .output()
-        .await
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "python failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("python openai upstream ok"), "{stdout}");
+    run_python(
+        "openai_upstream.py",
+        &m.url,
+        &[],
+        "python openai upstream ok",
+    )
+    .await;
 }
 
 /// A fleet of one Ollama (`ollama`, 1 slot) and one OpenAI-compatible

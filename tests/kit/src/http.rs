@@ -61,3 +61,23 @@ pub fn python() -> PathBuf {
     );
     venv
 }
+
+/// Runs `tests/python/SCRIPT` against maitre at `url` (`MAITRE_URL`, no
+/// proxy, plus `env`), checks that it succeeded and printed `done`, and
+/// returns what it printed.
+pub async fn run_python(script: &str, url: &str, env: &[(&str, &str)], done: &str) -> String {
+    let path = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../python")).join(script);
+    let out = tokio::process::Command::new(python())
+        .arg(&path)
+        .env("MAITRE_URL", url)
+        .env("NO_PROXY", "127.0.0.1")
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{script} failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains(done), "{stdout}");
+    stdout
+}
