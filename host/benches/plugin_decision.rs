@@ -31,7 +31,7 @@ use maitre::config::PluginSource;
 use maitre::plugin::{Instance, PluginLimits, Runtime};
 use maitre::policy::{Backend, Beyond, Class, Running, View, Waiting};
 use maitre::scheduler::queue::Queue;
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 
 #[path = "../build/plugin_cargo.rs"]
 mod plugin_cargo;
@@ -142,11 +142,10 @@ fn build_view(
         })
         .collect();
     let beyond = if waiting.len() < queue.len() {
-        let set: FxHashSet<u64> = shown.iter().copied().collect();
         [Class::Realtime, Class::Batch]
             .into_iter()
             .map(|class| {
-                let (oldest, highest) = queue.beyond(class, &set);
+                let (oldest, highest) = queue.beyond(class, &shown);
                 Beyond {
                     class,
                     count: (queue.count(class)

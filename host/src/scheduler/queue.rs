@@ -149,14 +149,17 @@ impl Queue {
         picked
     }
 
-    /// Of `class`, the oldest id and the highest priority not in `window`.
-    /// Walks past at most the window's members.
-    pub fn beyond(&self, class: Class, window: &FxHashSet<u64>) -> (Option<u64>, Option<f64>) {
+    /// Of `class`, the oldest id and the highest priority not in `window`
+    /// (ids in ascending order, as [`Queue::window`] gives them). Walks past
+    /// at most the window's members.
+    pub fn beyond(&self, class: Class, window: &[u64]) -> (Option<u64>, Option<f64>) {
+        debug_assert!(window.is_sorted(), "a window lists its ids in order");
+        let shown = |id: &u64| window.binary_search(id).is_ok();
         let s = slot(class);
-        let oldest = self.by_arrival[s].iter().find(|id| !window.contains(id));
+        let oldest = self.by_arrival[s].iter().find(|id| !shown(id));
         let highest = self.by_priority[s]
             .iter()
-            .find(|(_, id)| !window.contains(id))
+            .find(|(_, id)| !shown(id))
             .map(|(Reverse(p), _)| p.0);
         (oldest.copied(), highest)
     }
@@ -198,9 +201,8 @@ mod tests {
         // Batch: the 4 oldest and the 4 highest (90..=93).
         let be: Vec<u64> = w.iter().copied().filter(|id| *id <= 100).collect();
         assert_eq!(be, vec![1, 2, 3, 4, 90, 91, 92, 93]);
-        let set: FxHashSet<u64> = w.into_iter().collect();
-        assert_eq!(q.beyond(Class::Batch, &set), (Some(5), Some(5.0)));
-        assert_eq!(q.beyond(Class::Realtime, &set), (Some(109), Some(1.0)));
+        assert_eq!(q.beyond(Class::Batch, &w), (Some(5), Some(5.0)));
+        assert_eq!(q.beyond(Class::Realtime, &w), (Some(109), Some(1.0)));
     }
 
     #[test]

@@ -52,14 +52,13 @@ impl Core {
             })
             .collect();
         let beyond = if waiting.len() < arm.waiting.len() {
-            let set: rustc_hash::FxHashSet<u64> = ids.iter().copied().collect();
             [Class::Realtime, Class::Batch]
                 .into_iter()
                 .filter_map(|class| {
                     let shown = waiting.iter().filter(|w| w.class == class).count();
                     let count = arm.waiting.count(class).saturating_sub(shown);
                     (count > 0).then(|| {
-                        let (oldest, highest) = arm.waiting.beyond(class, &set);
+                        let (oldest, highest) = arm.waiting.beyond(class, &ids);
                         Beyond {
                             class,
                             count: count as u32,
