@@ -5,6 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use super::tests::{arm, granted, start, weighted};
+use super::view::BUSY_WINDOW;
 use super::*;
 use crate::config::Limits;
 use crate::policy::{Action, Admission, Class, Request, View};
@@ -33,8 +34,10 @@ impl Decider for Watcher {
 }
 
 /// One slot held by request 1, then 100 batch and 5 real-time requests
-/// waiting; returns the last view the decider got, and the last `admit` got.
-async fn last_views(windowed: bool) -> (View, View) {
+/// waiting (the window is `candidate_window`). Returns the last view the
+/// decider got with the slot held, the last `admit` got, and the view of the
+/// decision after request 1 finished and freed the slot.
+async fn last_views(windowed: bool, candidate_window: usize) -> (View, View, View) {
     let views = Arc::new(Mutex::new(Vec::new()));
     let admit_views = Arc::new(Mutex::new(Vec::new()));
     let w = Watcher {
@@ -43,7 +46,7 @@ async fn last_views(windowed: bool) -> (View, View) {
         admit_views: admit_views.clone(),
     };
     let limits = Limits {
-        candidate_window: 16,
+        candidate_window,
         ..Limits::default()
     };
     let h = start(1, vec![arm("a", 100, Box::new(w))], weighted(), limits);
@@ -58,20 +61,26 @@ async fn last_views(windowed: bool) -> (View, View) {
     }
     // A tick makes the arm decide again with everything queued.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let v = views.lock().unwrap().last().cloned().unwrap();
+    let busy = views.lock().unwrap().last().cloned().unwrap();
     let a = admit_views.lock().unwrap().last().cloned().unwrap();
+    first.finish(Outcome::Ok);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let freed = views.lock().unwrap().last().cloned().unwrap();
     drop(tickets);
-    (v, a)
+    (busy, a, freed)
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_windowed_decider_sees_a_bounded_window_and_a_summary_of_the_rest() {
-    let (v, admitted) = last_views(true).await;
+    let (busy, admitted, v) = last_views(true, 16).await;
+    assert_eq!(busy.free_slots, 0);
+    assert_eq!(busy.waiting.len(), 16);
     // `admit` sees the queue only as counts (the last arrival found 104
     // waiting: 100 batch and 4 real-time).
     assert!(admitted.waiting.is_empty());
     let counts: Vec<(Class, u32)> = admitted.beyond.iter().map(|b| (b.class, b.count)).collect();
     assert_eq!(counts, vec![(Class::Realtime, 4), (Class::Batch, 100)]);
+    assert_eq!(v.free_slots, 1);
     assert_eq!(v.waiting.len(), 16);
     let rt = v
         .waiting
@@ -96,8 +105,29 @@ async fn a_windowed_decider_sees_a_bounded_window_and_a_summary_of_the_rest() {
 
 #[tokio::test(start_paused = true)]
 async fn a_0_1_0_decider_still_sees_the_whole_queue() {
-    let (v, admitted) = last_views(false).await;
+    let (v, admitted, _) = last_views(false, 16).await;
     assert_eq!(v.waiting.len(), 105);
     assert!(v.beyond.is_empty());
     assert_eq!(admitted.waiting.len(), 104);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_no_slot_free_the_window_shrinks_to_what_preemption_needs() {
+    let (busy, _, freed) = last_views(true, 64).await;
+    // Every slot busy: only pre-emption or rejection can act, for the
+    // oldest and the highest of each class; all 5 real-time requests are
+    // among the 16.
+    assert_eq!(busy.free_slots, 0);
+    assert_eq!(busy.waiting.len(), BUSY_WINDOW);
+    let rt = busy
+        .waiting
+        .iter()
+        .filter(|w| w.class == Class::Realtime)
+        .count();
+    assert_eq!(rt, 5);
+    let beyond: u32 = busy.beyond.iter().map(|b| b.count).sum();
+    assert_eq!(beyond as usize, 105 - BUSY_WINDOW);
+    // A slot frees: the next call offers the whole window to start from.
+    assert_eq!(freed.free_slots, 1);
+    assert_eq!(freed.waiting.len(), 64);
 }

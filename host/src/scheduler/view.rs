@@ -8,13 +8,27 @@
 use super::core::{Core, State};
 use crate::policy::{Beyond, Class, Running, View, Waiting};
 
+/// The candidate window of a windowed decider's call when no slot is free.
+pub(super) const BUSY_WINDOW: usize = 16;
+
 impl Core {
     /// Arm `a`'s view for its decider: windowed when the decider asks for it.
+    ///
+    /// With no slot free nothing can start, so a call can only pre-empt or
+    /// reject: the window shrinks to [`BUSY_WINDOW`], which still holds each
+    /// class's oldest and highest-priority requests, the ones pre-emption
+    /// and rejection act for. While hundreds wait and every slot is busy,
+    /// most decisions are such calls (each arrival makes one); copying the
+    /// whole window into the sandbox for them cost throughput as the queue
+    /// grew.
     pub(super) fn view(&self, a: usize) -> View {
-        let window = self.arms[a]
-            .decider
-            .windowed()
-            .then_some(self.limits.candidate_window);
+        let window = self.arms[a].decider.windowed().then(|| {
+            if self.free_slots(a) == 0 {
+                self.limits.candidate_window.min(BUSY_WINDOW)
+            } else {
+                self.limits.candidate_window
+            }
+        });
         self.view_of(a, window)
     }
 
