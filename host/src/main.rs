@@ -336,9 +336,14 @@ async fn check(file: PathBuf) -> anyhow::Result<()> {
     for (model, rule) in cfg.models.iter() {
         let num_ctx = rule.num_ctx.map(|n| n.to_string());
         println!(
-            "  model {model}: num_ctx {}  keep_alive {}",
+            "  model {model}: num_ctx {}  keep_alive {}{}",
             num_ctx.as_deref().unwrap_or("(as asked)"),
-            rule.keep_alive.as_deref().unwrap_or("(as asked)")
+            rule.keep_alive.as_deref().unwrap_or("(as asked)"),
+            if rule.resume_preempted {
+                "  resume_preempted"
+            } else {
+                ""
+            }
         );
     }
     for (a, spec) in cfg.arms.iter().zip(&arms) {

@@ -144,6 +144,9 @@ pub struct Metrics {
     /// already received (the upstream always streams, so non-streaming
     /// requests count too).
     pub preempted_tokens: Family<ArmLabel, Counter>,
+    /// Of those, the tokens kept: a pre-empted chat of a model with
+    /// `resume_preempted` continues its answer so far.
+    pub resumed_tokens: Family<ArmLabel, Counter>,
     /// Upstream answers of 503 (busy) that maitre requeued.
     pub upstream_busy_retries: Counter,
     /// Requests whose upstream connection failed before anything reached
@@ -200,6 +203,7 @@ impl Metrics {
             reloads: Family::default(),
             preemptions: Family::default(),
             preempted_tokens: Family::default(),
+            resumed_tokens: Family::default(),
             upstream_busy_retries: Counter::default(),
             upstream_lost_retries: Counter::default(),
             normalised_requests: Counter::default(),
@@ -273,6 +277,11 @@ impl Metrics {
             "preempted_tokens",
             "Response chunks (tokens) of pre-empted requests thrown away (the upstream always streams, so non-streaming requests count too)",
             m.preempted_tokens.clone(),
+        );
+        registry.register(
+            "resumed_tokens",
+            "Of the pre-empted tokens, those kept: a chat of a model with resume_preempted continued its answer so far instead of restarting",
+            m.resumed_tokens.clone(),
         );
         registry.register(
             "trace_dropped",

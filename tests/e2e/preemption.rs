@@ -447,3 +447,137 @@ async fn example_preemptive_policy_passes_check() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A non-streaming chat of `tokens` tokens, tagged.
+fn chat(
+    c: &reqwest::Client,
+    base: &str,
+    tag: &str,
+    path: &str,
+    tokens: u64,
+) -> reqwest::RequestBuilder {
+    let body = if path == "/api/chat" {
+        serde_json::json!({"model": "fake", "messages": [{"role": "user", "content": "hi"}],
+            "stream": false, "options": {"num_predict": tokens}})
+    } else {
+        serde_json::json!({"model": "fake", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": tokens})
+    };
+    c.post(format!("{base}{path}"))
+        .header("x-test-tag", tag)
+        .header("x-priority", "batch")
+        .json(&body)
+}
+
+/// The tokens the upstream made for `tag`, over all its generations:
+/// those of cancelled ones and of the finished one.
+fn made(log: &[LogEvent], tag: &str) -> u64 {
+    log.iter()
+        .filter(|e| e.tag.as_deref() == Some(tag))
+        .filter(|e| matches!(e.kind, EventKind::Cancelled | EventKind::Finished))
+        .map(|e| e.tokens)
+        .sum()
+}
+
+/// With `resume_preempted`, a pre-empted chat continues its answer so far:
+/// the client gets the answer an uninterrupted generation gives, and the
+/// upstream makes each token once.
+async fn resumed(path: &str) {
+    let fake = fake(2, 20).await;
+    let mut rule = toml::Table::new();
+    rule.insert("resume_preempted".into(), true.into());
+    let m = start(&preemptive(&fake.url(), toml::Table::new(), None).model_rule("fake", rule));
+    let c = client();
+    let b1 = tokio::spawn(chat(&c, &m.url, "b1", path, 40).send());
+    fake.wait_for("b1", EventKind::FirstToken, T).await.unwrap();
+    let b2 = tokio::spawn(chat(&c, &m.url, "b2", path, 40).send());
+    fake.wait_for("b2", EventKind::FirstToken, T).await.unwrap();
+    // b2 has made a few tokens when the real-time request takes its slot.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rt = answer(
+        generate_stream(&c, &m.url, "rt", "realtime", 5)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(rt.status, 200);
+    let b1 = b1.await.unwrap().unwrap();
+    let b2 = b2.await.unwrap().unwrap();
+    let (s1, s2) = (b1.status().as_u16(), b2.status().as_u16());
+    let p2 = b2
+        .headers()
+        .get("x-maitre-preempted")
+        .map(|v| v.to_str().unwrap().to_string());
+    let (b1, b2): (serde_json::Value, serde_json::Value) =
+        (b1.json().await.unwrap(), b2.json().await.unwrap());
+    assert_eq!((s1, s2), (200, 200), "{b1} {b2}");
+    assert_eq!(p2.as_deref(), Some("1"), "b2 was pre-empted: {b2}");
+    let log = fake.log();
+    let thrown = log
+        .iter()
+        .find(|e| e.kind == EventKind::Cancelled && e.tag.as_deref() == Some("b2"))
+        .unwrap_or_else(|| panic!("b2 was not cancelled upstream: {log:#?}"))
+        .tokens;
+    assert!((1..40).contains(&thrown), "cut mid-generation: {thrown}");
+    let metrics = Scrape::get(&m.admin).await;
+    let kept = metrics.sum("maitre_resumed_tokens_total", &[("arm", "main")]) as u64;
+    // maitre keeps what reached it; a token still on its way when the
+    // connection closed is the only one made twice.
+    assert!(
+        kept >= 1 && thrown - kept <= 1,
+        "kept {kept} of {thrown}: {metrics}"
+    );
+    // Each token made once: the resumed generation made the rest.
+    assert_eq!(made(&log, "b2"), 40 + thrown - kept, "{log:#?}");
+    let expected: String = (0..40).map(|i| format!("tok{i} ")).collect();
+    for b in [&b1, &b2] {
+        if path == "/api/chat" {
+            assert_eq!(b["message"]["content"], expected.as_str(), "{b}");
+            assert_eq!(b["message"]["role"], "assistant", "{b}");
+            assert_eq!(b["eval_count"], 40, "{b}");
+            assert_eq!(b["done_reason"], "length", "{b}");
+        } else {
+            assert_eq!(
+                b["choices"][0]["message"]["content"],
+                expected.as_str(),
+                "{b}"
+            );
+            assert_eq!(b["usage"]["completion_tokens"], 40, "{b}");
+            assert_eq!(b["choices"][0]["finish_reason"], "length", "{b}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_preempted_native_chat_of_a_resumable_model_continues_its_answer() {
+    resumed("/api/chat").await;
+}
+
+#[tokio::test]
+async fn a_preempted_openai_chat_of_a_resumable_model_continues_its_answer() {
+    resumed("/v1/chat/completions").await;
+}
+
+#[tokio::test]
+async fn without_resume_a_preempted_chat_starts_over() {
+    let fake = fake(2, 20).await;
+    let m = start(&preemptive(&fake.url(), toml::Table::new(), None));
+    let c = client();
+    let b1 = tokio::spawn(chat(&c, &m.url, "b1", "/api/chat", 40).send());
+    fake.wait_for("b1", EventKind::FirstToken, T).await.unwrap();
+    let b2 = tokio::spawn(chat(&c, &m.url, "b2", "/api/chat", 40).send());
+    fake.wait_for("b2", EventKind::FirstToken, T).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rt = generate_stream(&c, &m.url, "rt", "realtime", 5)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer(rt).await.status, 200);
+    let b2: serde_json::Value = b2.await.unwrap().unwrap().json().await.unwrap();
+    b1.await.unwrap().unwrap();
+    let expected: String = (0..40).map(|i| format!("tok{i} ")).collect();
+    assert_eq!(b2["message"]["content"], expected.as_str(), "{b2}");
+    // The tokens before the pre-emption were made twice.
+    assert!(made(&fake.log(), "b2") > 40);
+}

@@ -7,6 +7,7 @@
 //! [models."llama3.1:8b"]
 //! num_ctx = 8192
 //! keep_alive = "30m"     # a Go duration, or seconds as a number; -1 keeps it loaded
+//! resume_preempted = true  # a pre-empted chat continues its answer so far
 //! ```
 
 use std::collections::BTreeMap;
@@ -25,6 +26,7 @@ use crate::fleet::model_key;
 pub(super) struct RawModel {
     num_ctx: Option<Spanned<i64>>,
     keep_alive: Option<Spanned<toml::Value>>,
+    resume_preempted: Option<bool>,
 }
 
 /// What maitre writes into requests for one model.
@@ -35,6 +37,10 @@ pub struct ModelRule {
     /// `keep_alive` every request for the model gets, as the JSON to send
     /// (a string such as `"30m"`, or a number of seconds).
     pub keep_alive: Option<String>,
+    /// A pre-empted non-streamed chat continues its answer so far (sent
+    /// as a trailing assistant message, which the model's template must
+    /// continue) instead of restarting.
+    pub resume_preempted: bool,
 }
 
 /// The rules of a policy file, by model name as Ollama matches names
@@ -105,11 +111,12 @@ pub(super) fn models(
                 )
             })?),
         };
-        if num_ctx.is_none() && keep_alive.is_none() {
+        let resume_preempted = raw.resume_preempted.unwrap_or(false);
+        if num_ctx.is_none() && keep_alive.is_none() && raw.resume_preempted.is_none() {
             return Err(cx.err(
                 m.span(),
                 &key,
-                "sets nothing: give num_ctx and/or keep_alive, or remove the table",
+                "sets nothing: give num_ctx, keep_alive and/or resume_preempted, or remove the table",
             ));
         }
         let k = model_key(name);
@@ -125,6 +132,7 @@ pub(super) fn models(
             ModelRule {
                 num_ctx,
                 keep_alive,
+                resume_preempted,
             },
         );
     }

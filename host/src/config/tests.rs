@@ -268,6 +268,14 @@ fn model_rules_are_read_by_ollama_name() {
     );
     assert!(c.models.get("qwen").is_none());
     assert!(parse(GOOD).unwrap().models.is_empty());
+    assert!(!r.resume_preempted);
+    let c = parse(&format!(
+        "{GOOD}\n[models.\"llama3\"]\nresume_preempted = true\n"
+    ))
+    .unwrap();
+    let r = c.models.get("llama3").unwrap();
+    assert!(r.resume_preempted);
+    assert_eq!((r.num_ctx, r.keep_alive.as_deref()), (None, None));
 }
 
 #[test]
@@ -280,6 +288,7 @@ fn a_bad_model_rule_names_its_key() {
             "duration",
         ),
         ("keep_alive = true", "models.\"m\".keep_alive", "duration"),
+        ("resume_preempted = 1", "resume_preempted", "bool"),
         ("", "models.\"m\"", "sets nothing"),
     ] {
         let e = parse(&format!("{GOOD}\n[models.\"m\"]\n{rule}\n"))

@@ -41,6 +41,7 @@ mod live;
 mod normalise;
 mod read;
 mod refusal;
+mod resume;
 mod rewrite;
 mod room;
 mod scheduled;

@@ -15,7 +15,7 @@
 
 use bytes::Bytes;
 
-use super::rewrite::{first_object_end, members, named, rebuild};
+use super::rewrite::{Member, first_object_end, members, named, rebuild};
 use crate::config::ModelRule;
 use crate::request::go_lossy;
 
@@ -30,30 +30,17 @@ const NATIVE: [&str; 4] = [
 /// `body` with `rule` applied, for a request to `path`; `None`: send it as
 /// it is (another path, a body Ollama would refuse, or nothing to change).
 pub(crate) fn normalise(path: &str, body: &[u8], rule: &ModelRule) -> Option<Bytes> {
-    if !NATIVE.contains(&path) {
+    if !NATIVE.contains(&path) || (rule.num_ctx.is_none() && rule.keep_alive.is_none()) {
         return None;
     }
     let text = go_lossy(body);
     let end = first_object_end(&text)?;
     let all = members(&text[..end])?;
-    // The options map as Go builds it: entries in first-seen order, the
-    // last value of a key winning, `null` emptying it.
-    let mut options: Vec<(String, &str)> = Vec::new();
-    if rule.num_ctx.is_some() {
-        for m in all.iter().filter(|m| named(m.key, "options")) {
-            if m.value == "null" {
-                options.clear();
-                continue;
-            }
-            for e in members(m.value)? {
-                let key: String = serde_json::from_str(e.key).ok()?;
-                match options.iter_mut().find(|(k, _)| *k == key) {
-                    Some(slot) => slot.1 = e.value,
-                    None => options.push((key, e.value)),
-                }
-            }
-        }
-    }
+    let options = if rule.num_ctx.is_some() {
+        go_options(&all)?
+    } else {
+        Vec::new()
+    };
     let replaced = |key: &str| {
         (rule.num_ctx.is_some() && named(key, "options"))
             || (rule.keep_alive.is_some() && named(key, "keep_alive"))
@@ -77,6 +64,27 @@ pub(crate) fn normalise(path: &str, body: &[u8], rule: &ModelRule) -> Option<Byt
     Some(Bytes::from(rebuild(&text, end, &all, replaced, &added)))
 }
 
+/// The `options` map of a body's top-level `members` as Go builds it:
+/// entries in first-seen order, the last value of a key winning, `null`
+/// emptying it. `None`: Ollama would refuse the options (not an object).
+pub(super) fn go_options<'a>(all: &[Member<'a>]) -> Option<Vec<(String, &'a str)>> {
+    let mut options: Vec<(String, &str)> = Vec::new();
+    for m in all.iter().filter(|m| named(m.key, "options")) {
+        if m.value == "null" {
+            options.clear();
+            continue;
+        }
+        for e in members(m.value)? {
+            let key: String = serde_json::from_str(e.key).ok()?;
+            match options.iter_mut().find(|(k, _)| *k == key) {
+                Some(slot) => slot.1 = e.value,
+                None => options.push((key, e.value)),
+            }
+        }
+    }
+    Some(options)
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::{Value, json};
@@ -87,6 +95,7 @@ mod tests {
         ModelRule {
             num_ctx,
             keep_alive: keep_alive.map(str::to_string),
+            resume_preempted: false,
         }
     }
 

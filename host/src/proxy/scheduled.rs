@@ -25,7 +25,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use super::aggregate::Api;
+use super::aggregate::{Api, Partial};
 use super::body::{Framing, TrackedBody};
 use super::budget::Held;
 use super::head::{Head, PackedHead};
@@ -34,6 +34,7 @@ use super::link::Link;
 use super::normalise::normalise;
 use super::read::{discard, read_body};
 use super::refusal::Refusal;
+use super::resume;
 use super::rewrite::{ask_for_stream, takes_priority, with_priority};
 use super::whole::{self, Whole};
 use super::{
@@ -97,6 +98,12 @@ struct Queued {
     bytes: Bytes,
     /// Set when the answer is folded back into a non-streamed one.
     fold: Option<Api>,
+    /// The path of a chat whose pre-empted generation resumes
+    /// (`resume_preempted`), else `None`.
+    resumes: Option<&'static str>,
+    /// The answer so far of the pre-empted generation the next dispatch
+    /// continues.
+    partial: Option<Partial>,
     /// A `/v1` generation: a backend with `pass_priority` is told the
     /// request's class in its body.
     takes_priority: bool,
@@ -172,6 +179,13 @@ impl Proxy {
         let meta = extract_meta(&path, &bytes);
         // `[models."NAME"]`: the model's settings, whatever the client asked.
         let rule = self.live.load().models.get(&meta.model).cloned();
+        // A chat of a model whose pre-empted generations resume.
+        let resumes = match path.as_str() {
+            "/api/chat" => Some("/api/chat"),
+            "/v1/chat/completions" => Some("/v1/chat/completions"),
+            _ => None,
+        }
+        .filter(|_| rule.as_ref().is_some_and(|r| r.resume_preempted));
         let bytes = match rule.and_then(|r| normalise(&path, &bytes, &r)) {
             Some(normalised) => {
                 self.metrics.normalised_requests.inc();
@@ -193,6 +207,8 @@ impl Proxy {
         let queued = Queued {
             head: PackedHead::pack(&head),
             bytes: upstream_body,
+            resumes: resumes.filter(|_| fold.is_some()),
+            partial: None,
             fold,
             takes_priority: takes_priority(&path),
             _held: held,
@@ -239,7 +255,7 @@ impl Proxy {
         // run, not in this one for its whole life.
         let head = q.head.unpack();
         let target = &self.backends[grant.backend];
-        let body = self.body_for(&q, &grant);
+        let (body, seed) = self.body_for(&q, &grant);
         let sent = Box::pin(self.dispatch(&head, &body, &grant, &mut q.ticket)).await;
         drop(body);
         let (resp, link) = match sent {
@@ -290,11 +306,14 @@ impl Proxy {
             return Attempt::Requeued(q);
         }
         if let Some(api) = q.fold.filter(|api| whole::folds(&resp, *api)) {
-            let read = Box::pin(whole::read(resp, api, &grant.run)).await;
+            let read = Box::pin(whole::read(resp, api, &grant.run, seed.as_ref())).await;
             let (parts, folded) = match read {
                 Whole::Folded(parts, folded) => (parts, folded),
-                Whole::Preempted => {
+                Whole::Preempted(partial) => {
                     // The stream was dropped, closing its connection.
+                    if q.resumes.is_some() {
+                        self.keep(&mut q, partial, seed.as_ref(), &grant);
+                    }
                     q.ticket.requeue_after_preempt();
                     return Attempt::Requeued(q);
                 }
@@ -324,15 +343,54 @@ impl Proxy {
         Attempt::Done(Ok(relay(resp, &grant, q.ticket, link)))
     }
 
-    /// The body for the granted backend: with the request's priority in it
+    /// The body for the granted backend, and the answer so far it
+    /// continues: the request's body, or the one that resumes its
+    /// pre-empted generation (`resume`); with the request's priority in it
     /// when that backend takes one (`pass_priority`).
-    fn body_for(&self, q: &Queued, grant: &Grant) -> Bytes {
-        match self.backends[grant.backend].pass_priority {
+    fn body_for(&self, q: &Queued, grant: &Grant) -> (Bytes, Option<Partial>) {
+        let resumed = q.partial.as_ref().and_then(|p| {
+            let path = q.resumes?;
+            resume::continued(path, &q.bytes, p).map(|b| (b, p.clone()))
+        });
+        let (bytes, seed) = match resumed {
+            Some((b, p)) => (b, Some(p)),
+            None => (q.bytes.clone(), None),
+        };
+        let body = match self.backends[grant.backend].pass_priority {
             Some(p) if q.takes_priority => {
-                with_priority(&q.bytes, p.value(grant.class)).unwrap_or_else(|| q.bytes.clone())
+                with_priority(&bytes, p.value(grant.class)).unwrap_or(bytes)
             }
-            _ => q.bytes.clone(),
+            _ => bytes,
+        };
+        (body, seed)
+    }
+
+    /// After a pre-emption: keeps the answer so far of a resumable chat for
+    /// the next dispatch to continue, counting the tokens kept. `seed`: the
+    /// answer so far this dispatch had continued.
+    fn keep(
+        &self,
+        q: &mut Queued,
+        partial: Option<Partial>,
+        seed: Option<&Partial>,
+        grant: &Grant,
+    ) {
+        let before = seed.map_or(0, |s| s.tokens);
+        if let Some(p) = &partial {
+            let kept = p.tokens.saturating_sub(before);
+            if kept > 0 {
+                let label = crate::metrics::ArmLabel {
+                    arm: grant.arm.to_string(),
+                };
+                self.metrics
+                    .resumed_tokens
+                    .get_or_create(&label)
+                    .inc_by(kept);
+            }
         }
+        // Nothing new to continue from (pre-empted before a token): what
+        // this dispatch continued still stands.
+        q.partial = partial.or_else(|| seed.cloned());
     }
 
     /// Phase 2: hands the request to the scheduler, which queues it or

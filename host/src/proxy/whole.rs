@@ -16,7 +16,7 @@ use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use super::aggregate::{self, Api, Folded};
+use super::aggregate::{Api, Folded, Partial, Reader};
 use super::headers::strip_hop_by_hop;
 use super::refusal::Refusal;
 use super::{Grant, Outcome, ProxyBody, Run, Ticket};
@@ -25,7 +25,8 @@ use crate::escape::Escaped;
 /// What reading an upstream stream to its end came to.
 pub(super) enum Whole {
     /// The policy pre-empted the request meanwhile; the stream was dropped.
-    Preempted,
+    /// What a resumed generation could continue from ([`Partial`]).
+    Preempted(Option<Partial>),
     /// The stream, folded (an answer, an error answer, or a broken stream).
     Folded(Parts, Folded),
     /// The upstream connection failed mid-stream: the error.
@@ -45,16 +46,26 @@ pub(super) fn folds(resp: &Response<Incoming>, api: Api) -> bool {
 }
 
 /// Reads the upstream's stream to its end, unless the policy pre-empts the
-/// request first; each chunk counts as a token of `run`.
-pub(super) async fn read(resp: Response<Incoming>, api: Api, run: &Run) -> Whole {
+/// request first; each chunk counts as a token of `run`. `seed`: the answer
+/// so far of the pre-empted generation this stream continues.
+pub(super) async fn read(
+    resp: Response<Incoming>,
+    api: Api,
+    run: &Run,
+    seed: Option<&Partial>,
+) -> Whole {
     let (parts, body) = resp.into_parts();
-    tokio::select! {
+    let mut reader = Reader::new(api, seed, || run.add_token());
+    let read = tokio::select! {
         biased;
-        _ = run.preempt.cancelled() => Whole::Preempted,
-        r = aggregate::read_whole(body, api, || run.add_token()) => match r {
-            Ok(folded) => Whole::Folded(parts, folded),
-            Err(e) => Whole::Lost(e),
-        },
+        _ = run.preempt.cancelled() => None,
+        r = reader.read(body) => Some(r),
+    };
+    match read {
+        None => Whole::Preempted(reader.partial()),
+        Some(Ok(Some(decided))) => Whole::Folded(parts, decided),
+        Some(Ok(None)) => Whole::Folded(parts, reader.end()),
+        Some(Err(e)) => Whole::Lost(e),
     }
 }
 

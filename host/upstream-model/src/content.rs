@@ -96,6 +96,25 @@ pub(crate) struct Script {
     calls: Vec<String>,
     json: bool,
     tokens: u64,
+    /// Text tokens already in the answer: a chat whose last message is the
+    /// assistant's continues it, numbering on.
+    offset: u64,
+}
+
+/// The words of a chat's trailing assistant message: the answer so far a
+/// chat continues (as Ollama's templates leave the last assistant turn
+/// open). 0 when the last message is not the assistant's.
+pub(crate) fn prefill(m: &Map<String, Value>) -> u64 {
+    let last = m
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|v| v.last());
+    match last {
+        Some(msg) if msg.get("role").and_then(Value::as_str) == Some("assistant") => {
+            crate::util::count_words(msg.get("content").and_then(Value::as_str).unwrap_or(""))
+        }
+        _ => 0,
+    }
 }
 
 impl Script {
@@ -111,7 +130,14 @@ impl Script {
             calls,
             json: asks.json,
             tokens,
+            offset: 0,
         }
+    }
+
+    /// The answer continues `words` tokens of text already given.
+    pub fn continuing(mut self, words: u64) -> Script {
+        self.offset = words;
+        self
     }
 
     /// Token `i` (0-based).
@@ -125,7 +151,7 @@ impl Script {
             return Piece::Call(j as usize);
         }
         if !self.json {
-            return Piece::Text(format!("tok{i} "));
+            return Piece::Text(format!("tok{} ", i + self.offset));
         }
         let k = j - calls;
         let open = if k == 0 { "{" } else { "," };
@@ -260,5 +286,19 @@ mod tests {
         assert!(o.think && o.json);
         let none = Asks::openai(&body(json!({"reasoning": {"effort": "none"}})), true);
         assert!(!none.think);
+    }
+
+    #[test]
+    fn a_chat_ending_with_the_assistant_continues_its_numbering() {
+        let m = body(json!({"messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "tok0 tok1 tok2 "}
+        ]}));
+        assert_eq!(prefill(&m), 3);
+        let s = Script::new(Asks::default(), 2).continuing(prefill(&m));
+        assert_eq!(s.piece(0), Piece::Text("tok3 ".into()));
+        assert_eq!(s.piece(1), Piece::Text("tok4 ".into()));
+        let m = body(json!({"messages": [{"role": "user", "content": "a b"}]}));
+        assert_eq!(prefill(&m), 0);
     }
 }

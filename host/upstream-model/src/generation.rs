@@ -158,6 +158,13 @@ impl Gen {
         }
     }
 
+    /// The answer continues `words` tokens of text already given (a chat
+    /// with a trailing assistant message).
+    pub fn continuing(mut self, words: u64) -> Self {
+        self.script = self.script.continuing(words);
+        self
+    }
+
     /// Takes a slot, waits out the prompt delay, and then either produces the
     /// first frame of a stream or the whole text.
     pub async fn run(mut self, stream: bool) -> Outcome {

@@ -89,6 +89,14 @@ pub(crate) async fn generate(
     }
     let limit = util::pos_int(m.get("options").and_then(|o| o.get("num_predict")));
     let (n, length) = token_count(&call, limit);
+    // A chat that ends with the assistant's message continues it: an answer
+    // of a natural length (no limit) has that much less to say.
+    let prefill = if chat { crate::content::prefill(m) } else { 0 };
+    let n = if limit.is_none() && prefill > 0 {
+        n.saturating_sub(prefill).max(1)
+    } else {
+        n
+    };
     let flavor = if chat { Flavor::Chat } else { Flavor::Generate };
     let mut g = Gen::new(
         call.tracker,
@@ -101,7 +109,8 @@ pub(crate) async fn generate(
         call.shape,
         keep_alive,
         Asks::native(m, chat),
-    );
+    )
+    .continuing(prefill);
     g.num_ctx = num_ctx;
     generation::respond(g, stream).await
 }

@@ -55,6 +55,14 @@ pub(crate) async fn completion(call: Call, model: &str, m: &Map<String, Value>) 
     // is ignored.
     let limit = util::pos_int(m.get("max_tokens"));
     let (n, length) = token_count(&call, limit);
+    // A chat that ends with the assistant's message continues it: an answer
+    // of a natural length (no limit) has that much less to say.
+    let prefill = if chat { crate::content::prefill(m) } else { 0 };
+    let n = if limit.is_none() && prefill > 0 {
+        n.saturating_sub(prefill).max(1)
+    } else {
+        n
+    };
     let flavor = if chat {
         Flavor::OaChat
     } else {
@@ -71,7 +79,8 @@ pub(crate) async fn completion(call: Call, model: &str, m: &Map<String, Value>) 
         call.shape,
         None,
         Asks::openai(m, chat),
-    );
+    )
+    .continuing(prefill);
     generation::respond(g, stream).await
 }
 

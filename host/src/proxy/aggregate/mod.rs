@@ -78,6 +78,16 @@ pub(crate) enum Folded {
     Cut(&'static str),
 }
 
+/// The answer so far of a chat that was pre-empted before its end: what a
+/// resumed generation continues from (`resume`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Partial {
+    /// The answer's text so far.
+    pub text: String,
+    /// The tokens that made it (chunks that carried text).
+    pub tokens: u64,
+}
+
 /// Folds one API's stream, chunk by chunk.
 pub(crate) trait Fold {
     /// One chunk (an NDJSON line, an event's data); `Some` when it decides
@@ -85,10 +95,21 @@ pub(crate) trait Fold {
     fn chunk(&mut self, data: &[u8]) -> Option<Folded>;
     /// The stream ended.
     fn end(self: Box<Self>) -> Folded;
+    /// What a resumed generation can continue from, had the stream stopped
+    /// here: a chat's plain text, one choice, with no thinking, tool calls
+    /// or logprobs (which a trailing assistant message cannot carry on).
+    /// `None`: restart it instead.
+    fn partial(&self) -> Option<Partial> {
+        None
+    }
+    /// Starts from `p`: the stream that follows continues it, so the answer
+    /// is `p`'s text and then the stream's, its token counts `p.tokens`
+    /// higher.
+    fn seed(&mut self, _p: &Partial) {}
 }
 
 /// Chunks out of the body's frames into the fold.
-struct Reader<T> {
+pub(crate) struct Reader<T> {
     fold: Box<dyn Fold + Send>,
     lines: Lines,
     /// For SSE; `None` for NDJSON.
@@ -98,6 +119,29 @@ struct Reader<T> {
 }
 
 impl<T: FnMut()> Reader<T> {
+    /// A reader of a streamed answer of `api`, continuing `seed` when the
+    /// request resumes a pre-empted generation; `tick` is called once per
+    /// chunk, as the relay of a stream counts its chunks.
+    pub(crate) fn new(api: Api, seed: Option<&Partial>, tick: T) -> Self {
+        let mut fold = api.fold();
+        if let Some(p) = seed {
+            fold.seed(p);
+        }
+        Reader {
+            fold,
+            lines: Lines::default(),
+            events: matches!(api, Api::OpenAi { .. }).then(Events::default),
+            decided: None,
+            tick,
+        }
+    }
+
+    /// What a resumed generation can continue from, as far as the stream
+    /// was read ([`Fold::partial`]).
+    pub(crate) fn partial(&self) -> Option<Partial> {
+        self.fold.partial()
+    }
+
     fn line(&mut self, l: &[u8]) {
         if self.decided.is_some() {
             return;
@@ -120,7 +164,32 @@ impl<T: FnMut()> Reader<T> {
         self.lines = lines;
     }
 
-    fn end(mut self) -> Folded {
+    /// Reads the body to its end (or to an error chunk). `None`: read on
+    /// to [`Reader::end`]. `Err` when the body failed (the connection was
+    /// lost), with the error and its causes.
+    pub(crate) async fn read<B>(&mut self, mut body: B) -> Result<Option<Folded>, String>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::error::Error,
+    {
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => {
+                    if let Ok(data) = f.into_data() {
+                        self.feed(&data);
+                    }
+                }
+                Err(e) => return Err(super::target::causes(&e)),
+            }
+            if let Some(d) = self.decided.take() {
+                return Ok(Some(d));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The body ended: the folded answer.
+    pub(crate) fn end(mut self) -> Folded {
         if let Some(rest) = self.lines.rest().map(<[u8]>::to_vec) {
             self.line(&rest);
         }
@@ -138,39 +207,19 @@ impl<T: FnMut()> Reader<T> {
 }
 
 /// Reads a streamed answer of `api` to its end (or to an error chunk) and
-/// folds it; `tick` is called once per chunk, as the relay of a stream
-/// counts its chunks. `Err` when the body failed (the connection was lost),
-/// with the error and its causes.
-pub(crate) async fn read_whole<B>(
-    mut body: B,
-    api: Api,
-    tick: impl FnMut(),
-) -> Result<Folded, String>
+/// folds it; `tick` is called once per chunk. `Err` when the body failed
+/// (the connection was lost), with the error and its causes.
+#[cfg(test)]
+pub(crate) async fn read_whole<B>(body: B, api: Api, tick: impl FnMut()) -> Result<Folded, String>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::error::Error,
 {
-    let mut r = Reader {
-        fold: api.fold(),
-        lines: Lines::default(),
-        events: matches!(api, Api::OpenAi { .. }).then(Events::default),
-        decided: None,
-        tick,
-    };
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(f) => {
-                if let Ok(data) = f.into_data() {
-                    r.feed(&data);
-                }
-            }
-            Err(e) => return Err(super::target::causes(&e)),
-        }
-        if let Some(d) = r.decided.take() {
-            return Ok(d);
-        }
+    let mut r = Reader::new(api, None, tick);
+    match r.read(body).await? {
+        Some(d) => Ok(d),
+        None => Ok(r.end()),
     }
-    Ok(r.end())
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@
 use http::StatusCode;
 
 use super::json::{Json, Obj};
-use super::{Fold, Folded};
+use super::{Fold, Folded, Partial};
 
 /// `api.GenerateResponse`'s fields in order (`Metrics` inlined).
 const GENERATE: &[&str] = &[
@@ -82,6 +82,10 @@ pub(crate) struct Ollama {
     calls: Vec<Json>,
     logprobs: Vec<Json>,
     done: bool,
+    /// Chunks that carried text (counting a seed's).
+    text_tokens: u64,
+    /// Tokens of the pre-empted generation this one continues.
+    seeded: u64,
 }
 
 impl Ollama {
@@ -103,6 +107,13 @@ impl Ollama {
             return Folded::Cut("the stream ended before its done:true line");
         }
         let logprobs = (!self.logprobs.is_empty()).then_some(Json::Array(self.logprobs));
+        if self.seeded > 0
+            && let Some(n) = r.get("eval_count").and_then(Json::as_u64)
+        {
+            // The resumed generation's count is of its own tokens.
+            let order = if self.chat { CHAT } else { GENERATE };
+            r.set_in_order("eval_count", Json::Number((n + self.seeded).into()), order);
+        }
         if self.chat {
             let mut msg = match r.get("message") {
                 Some(Json::Object(m)) => m.clone(),
@@ -161,8 +172,11 @@ impl Fold for Ollama {
         };
         if let Some(p) = part {
             let text_key = if self.chat { "content" } else { "response" };
-            self.text
-                .push_str(p.get(text_key).and_then(Json::as_str).unwrap_or(""));
+            let text = p.get(text_key).and_then(Json::as_str).unwrap_or("");
+            if !text.is_empty() {
+                self.text_tokens += 1;
+            }
+            self.text.push_str(text);
             self.thinking
                 .push_str(p.get("thinking").and_then(Json::as_str).unwrap_or(""));
             if self.chat && self.tools {
@@ -180,6 +194,24 @@ impl Fold for Ollama {
 
     fn end(self: Box<Self>) -> Folded {
         self.answer()
+    }
+
+    fn partial(&self) -> Option<Partial> {
+        let plain = self.chat
+            && !self.done
+            && self.thinking.is_empty()
+            && self.calls.is_empty()
+            && self.logprobs.is_empty();
+        (plain && !self.text.is_empty()).then(|| Partial {
+            text: self.text.clone(),
+            tokens: self.text_tokens,
+        })
+    }
+
+    fn seed(&mut self, p: &Partial) {
+        self.text = p.text.clone();
+        self.text_tokens = p.tokens;
+        self.seeded = p.tokens;
     }
 }
 
@@ -284,5 +316,51 @@ mod tests {
         assert!(matches!(f, Folded::Cut(_)), "{f:?}");
         assert!(matches!(fold(false, false, &[]), Folded::Cut(_)));
         assert!(matches!(fold(false, false, &["nope"]), Folded::Cut(_)));
+    }
+
+    #[test]
+    fn a_chat_cut_short_continues_where_it_stopped() {
+        let mut f = Box::new(Ollama::new(true, false));
+        for l in [
+            r#"{"model":"m","message":{"role":"assistant","content":"a "},"done":false}"#,
+            r#"{"model":"m","message":{"role":"assistant","content":""},"done":false}"#,
+            r#"{"model":"m","message":{"role":"assistant","content":"b "},"done":false}"#,
+        ] {
+            assert!(f.chunk(l.as_bytes()).is_none());
+        }
+        let p = f.partial().expect("plain text resumes");
+        assert_eq!((p.text.as_str(), p.tokens), ("a b ", 2));
+        let mut g = Box::new(Ollama::new(true, false));
+        g.seed(&p);
+        for l in [
+            r#"{"model":"m","message":{"role":"assistant","content":"c "},"done":false}"#,
+            r#"{"model":"m","message":{"role":"assistant","content":""},"done":true,"done_reason":"stop","eval_count":1}"#,
+        ] {
+            assert!(g.chunk(l.as_bytes()).is_none());
+        }
+        assert_eq!(
+            text(g.end()),
+            r#"{"model":"m","message":{"role":"assistant","content":"a b c "},"done":true,"done_reason":"stop","eval_count":3}"#
+        );
+    }
+
+    #[test]
+    fn thinking_tool_calls_and_generate_restart() {
+        let think = r#"{"model":"m","message":{"role":"assistant","content":"x","thinking":"t"},"done":false}"#;
+        let mut f = Box::new(Ollama::new(true, false));
+        f.chunk(think.as_bytes());
+        assert!(f.partial().is_none());
+        let call = r#"{"model":"m","message":{"role":"assistant","content":"x","tool_calls":[{"function":{"name":"f"}}]},"done":false}"#;
+        let mut f = Box::new(Ollama::new(true, true));
+        f.chunk(call.as_bytes());
+        assert!(f.partial().is_none());
+        let mut f = Box::new(Ollama::new(false, false));
+        f.chunk(br#"{"model":"m","response":"x","done":false}"#);
+        assert!(
+            f.partial().is_none(),
+            "generate has no assistant message to continue"
+        );
+        // Nothing said yet: nothing to continue.
+        assert!(Ollama::new(true, false).partial().is_none());
     }
 }

@@ -19,7 +19,7 @@
 use http::StatusCode;
 
 use super::json::{Json, Obj};
-use super::{Fold, Folded};
+use super::{Fold, Folded, Partial};
 
 /// Delta fields holding reasoning text, by upstream: Ollama, vLLM.
 const REASONING: &[&str] = &["reasoning", "reasoning_content"];
@@ -35,6 +35,10 @@ pub(crate) struct OpenAi {
     choices: Vec<Choice>,
     usage: Option<Json>,
     done: bool,
+    /// Deltas that carried text (counting a seed's).
+    text_tokens: u64,
+    /// Tokens of the pre-empted generation this one continues.
+    seeded: u64,
 }
 
 /// One choice as far as its deltas went.
@@ -106,6 +110,7 @@ impl OpenAi {
         let index = c.get("index").cloned().unwrap_or(Json::Number(0.into()));
         let chat = self.chat;
         let choice = self.choice(&index);
+        let before = choice.content.as_ref().map_or(0, String::len);
         if chat {
             if let Some(d) = c.get("delta").and_then(Json::as_obj) {
                 choice.add_delta(d);
@@ -113,6 +118,10 @@ impl OpenAi {
         } else if let Some(t) = c.get("text").and_then(Json::as_str) {
             choice.content.get_or_insert_default().push_str(t);
         }
+        if choice.content.as_ref().map_or(0, String::len) > before {
+            self.text_tokens += 1;
+        }
+        let choice = self.choice(&index);
         match c.get("finish_reason") {
             None | Some(Json::Null) => {}
             Some(f) => choice.finish = f.clone(),
@@ -132,6 +141,17 @@ impl OpenAi {
             );
         }
         let chat = self.chat;
+        let mut usage = self.usage;
+        if self.seeded > 0
+            && let Some(Json::Object(u)) = usage.as_mut()
+        {
+            // The resumed generation's usage counts its own tokens.
+            for key in ["completion_tokens", "total_tokens"] {
+                if let Some(n) = u.get(key).and_then(Json::as_u64) {
+                    u.push(key, Json::Number((n + self.seeded).into()));
+                }
+            }
+        }
         let mut choices = self.choices;
         choices.sort_by_key(|c| c.index.as_u64().unwrap_or(u64::MAX));
         let choices = choices.into_iter().map(|c| c.into_json(chat)).collect();
@@ -148,7 +168,7 @@ impl OpenAi {
             ("model", self.model),
             ("system_fingerprint", self.fingerprint),
             ("choices", Some(Json::Array(choices))),
-            ("usage", self.usage),
+            ("usage", usage),
         ] {
             if let Some(v) = value {
                 r.push(key, v);
@@ -347,6 +367,31 @@ impl Fold for OpenAi {
     fn end(self: Box<Self>) -> Folded {
         self.answer()
     }
+
+    fn partial(&self) -> Option<Partial> {
+        let [c] = self.choices.as_slice() else {
+            return None;
+        };
+        let plain = self.chat
+            && !self.done
+            && c.index.as_u64() == Some(0)
+            && c.reasoning.iter().all(|(_, r)| r.is_empty())
+            && c.calls.is_empty()
+            && c.logprobs.is_none()
+            && matches!(c.finish, Json::Null);
+        let text = c.content.as_deref().unwrap_or("");
+        (plain && !text.is_empty()).then(|| Partial {
+            text: text.to_string(),
+            tokens: self.text_tokens,
+        })
+    }
+
+    fn seed(&mut self, p: &Partial) {
+        let c = self.choice(&Json::Number(0.into()));
+        c.content = Some(p.text.clone());
+        self.text_tokens = p.tokens;
+        self.seeded = p.tokens;
+    }
 }
 
 #[cfg(test)]
@@ -475,5 +520,48 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(fold(false, &["nope"]), Folded::Cut(_)));
+    }
+
+    #[test]
+    fn a_chat_cut_short_continues_where_it_stopped() {
+        let mut f = Box::new(OpenAi::new(true));
+        for e in [
+            r#"{"id":"c1","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"a "},"finish_reason":null}]}"#,
+            r#"{"id":"c1","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"b "},"finish_reason":null}]}"#,
+        ] {
+            assert!(f.chunk(e.as_bytes()).is_none());
+        }
+        let p = f.partial().expect("plain text resumes");
+        assert_eq!((p.text.as_str(), p.tokens), ("a b ", 2));
+        let mut g = Box::new(OpenAi::new(true));
+        g.seed(&p);
+        for e in [
+            r#"{"id":"c2","created":2,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"c "},"finish_reason":null}]}"#,
+            r#"{"id":"c2","created":2,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+            r#"{"id":"c2","created":2,"model":"m","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#,
+            "[DONE]",
+        ] {
+            assert!(g.chunk(e.as_bytes()).is_none());
+        }
+        assert_eq!(
+            answer(g.end()),
+            "{\"id\":\"c2\",\"object\":\"chat.completion\",\"created\":2,\"model\":\"m\",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":\"a b c \"},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":3,\"total_tokens\":8}}\n"
+        );
+    }
+
+    #[test]
+    fn several_choices_and_tool_calls_restart() {
+        let mut f = Box::new(OpenAi::new(true));
+        f.chunk(br#"{"choices":[{"index":0,"delta":{"content":"a"}},{"index":1,"delta":{"content":"b"}}]}"#);
+        assert!(f.partial().is_none());
+        let mut f = Box::new(OpenAi::new(true));
+        f.chunk(br#"{"choices":[{"index":0,"delta":{"content":"a","tool_calls":[{"index":0,"id":"x","function":{"name":"f","arguments":""}}]}}]}"#);
+        assert!(f.partial().is_none());
+        let mut f = Box::new(OpenAi::new(false));
+        f.chunk(br#"{"choices":[{"index":0,"text":"a"}]}"#);
+        assert!(
+            f.partial().is_none(),
+            "completions have no message to continue"
+        );
     }
 }
