@@ -42,6 +42,10 @@
 //! MAX_WAITS (30: one preemptive row per `max_wait_ms` value, comma-separated),
 //! MAX_PREEMPTIONS (the plugin's and the host's bound, default 2).
 //!
+//! `RESUME=1`: batch jobs are chats (`/api/chat`) of a model with
+//! `resume_preempted`, so a pre-empted one continues its answer so far
+//! instead of starting over (every row sends the same chats).
+//!
 //! `MIX=rt-every` runs the two harsh mixes of issue 11 one after the other in
 //! one invocation: 1 s batch jobs (50 tokens, 2 loops per replica) and short
 //! real-time requests (5-15 tokens) every 0.5 s and every 1.5 s on average,
@@ -117,6 +121,9 @@ struct Knobs {
     max_preemptions: Option<u32>,
     /// Upstreams in their llama-server-like mode.
     llama_like: bool,
+    /// Batch jobs are chats (`/api/chat`) of a model with
+    /// `resume_preempted`: a pre-empted one continues its answer so far.
+    resume: bool,
     /// The batch throughput target, % of fifo's.
     batch_target: f64,
 }
@@ -139,7 +146,14 @@ fn generate_body(tokens: u64, stream: bool) -> serde_json::Value {
     serde_json::json!({"model": "fake", "prompt": "summarise this article", "stream": stream, "options": {"num_predict": tokens}})
 }
 
-/// One batch client loop: a job, then the next, until the deadline.
+/// A non-streaming chat of the same job.
+fn chat_body(tokens: u64) -> serde_json::Value {
+    serde_json::json!({"model": "fake", "messages": [{"role": "user", "content": "summarise this article"}], "stream": false, "options": {"num_predict": tokens}})
+}
+
+/// One batch client loop: a job, then the next, until the deadline; each a
+/// chat when `chat`.
+#[allow(clippy::too_many_arguments)]
 async fn batch_loop(
     c: reqwest::Client,
     url: String,
@@ -148,13 +162,19 @@ async fn batch_loop(
     end: Instant,
     rec: Shared,
     (lo, hi): (u64, u64),
+    chat: bool,
 ) {
     while Instant::now() < end {
         let tokens = rng.range(lo, hi);
+        let (path, body) = if chat {
+            ("/api/chat", chat_body(tokens))
+        } else {
+            ("/api/generate", generate_body(tokens, false))
+        };
         let r = c
-            .post(format!("{url}/api/generate"))
+            .post(format!("{url}{path}"))
             .header("x-priority", "batch")
-            .json(&generate_body(tokens, false))
+            .json(&body)
             .send()
             .await;
         let Ok(r) = r else { continue };
@@ -219,7 +239,13 @@ struct Replica {
     client: reqwest::Client,
 }
 
-async fn replica(arm: Arm, slots: u32, llama_like: bool, max_preemptions: Option<u32>) -> Replica {
+async fn replica(
+    arm: Arm,
+    slots: u32,
+    llama_like: bool,
+    max_preemptions: Option<u32>,
+    resume: bool,
+) -> Replica {
     let fake_start = Instant::now();
     let fake = UpstreamModel::start(ModelConfig {
         slots: slots as usize,
@@ -229,7 +255,12 @@ async fn replica(arm: Arm, slots: u32, llama_like: bool, max_preemptions: Option
     })
     .await
     .expect("fake ollama");
-    let policy = PolicyFile::new(fake.url(), slots).arm(arm);
+    let mut policy = PolicyFile::new(fake.url(), slots).arm(arm);
+    if resume {
+        let mut rule = toml::Table::new();
+        rule.insert("resume_preempted".into(), true.into());
+        policy = policy.model_rule("fake", rule);
+    }
     let policy = match max_preemptions {
         Some(m) => policy.limits(Limits {
             max_preemptions: Some(m.into()),
@@ -327,6 +358,7 @@ fn main() {
         rt_tokens: range("RT_TOKENS", (50, 100)),
         max_waits,
         llama_like: env_or("LLAMA_LIKE", rt_every as u8) != 0,
+        resume: env_or("RESUME", 0u8) != 0,
         max_preemptions: std::env::var("MAX_PREEMPTIONS")
             .ok()
             .and_then(|v| v.parse().ok()),
@@ -374,6 +406,7 @@ async fn run(k: Knobs, preempts: &Preempts) {
                     SLOTS,
                     k.llama_like,
                     k.max_preemptions,
+                    k.resume,
                 )
                 .await,
             );
@@ -382,7 +415,7 @@ async fn run(k: Knobs, preempts: &Preempts) {
     }
     // Enough slots that a real-time request always finds one free, whatever
     // the overlap of the pooled arrivals.
-    let idle = replica(Arm::builtin("idle", "fifo"), 32, k.llama_like, None).await;
+    let idle = replica(Arm::builtin("idle", "fifo"), 32, k.llama_like, None, false).await;
     // The same real-time arrivals per replica on SLOTS slots and no batch
     // load: real-time requests then wait only for each other, which no
     // policy that never cuts a real-time stream can avoid.
@@ -394,6 +427,7 @@ async fn run(k: Knobs, preempts: &Preempts) {
                 SLOTS,
                 k.llama_like,
                 None,
+                false,
             )
             .await,
         );
@@ -441,10 +475,10 @@ async fn run(k: Knobs, preempts: &Preempts) {
             for j in 0..k.loops {
                 let (c, url, rec) = (r.client.clone(), r.maitre.url.clone(), recs[gi].clone());
                 let rng = Rng::new(k.seed, (ri * 100 + j) as u64);
-                let tokens = k.batch_tokens;
+                let (tokens, chat) = (k.batch_tokens, k.resume);
                 tasks.push(tokio::spawn(async move {
                     tokio::time::sleep_until(t0.into()).await;
-                    batch_loop(c, url, rng, t0, end, rec, tokens).await
+                    batch_loop(c, url, rng, t0, end, rec, tokens, chat).await
                 }));
             }
             for (offset, tokens) in rt_schedule(&k, ri) {
@@ -501,7 +535,7 @@ async fn run(k: Knobs, preempts: &Preempts) {
     let (floor_ttft, _, _, floor_incomplete, _) = take(&recs[groups.len() + 1]);
     println!();
     println!(
-        "policies: {} replicas per policy, each 1 maitre + 1 {} ({SLOTS} slots, {TOKEN_MS} ms/token); {} batch loops per replica (non-streaming, {}-{} tokens), RT streaming {}-{} tokens, exponential arrivals mean {} s per replica; {} s run, first {} s not measured; seed {}; max_preemptions {}; load average {}",
+        "policies: {} replicas per policy, each 1 maitre + 1 {} ({SLOTS} slots, {TOKEN_MS} ms/token); {} batch loops per replica (non-streaming {}, {}-{} tokens), RT streaming {}-{} tokens, exponential arrivals mean {} s per replica; {} s run, first {} s not measured; seed {}; max_preemptions {}; load average {}",
         k.replicas,
         if k.llama_like {
             "llama-like upstream model (non-streaming generations run on without their client)"
@@ -509,6 +543,11 @@ async fn run(k: Knobs, preempts: &Preempts) {
             "upstream model (Ollama-like)"
         },
         k.loops,
+        if k.resume {
+            "chats, resume_preempted"
+        } else {
+            "generates"
+        },
         k.batch_tokens.0,
         k.batch_tokens.1,
         k.rt_tokens.0,
