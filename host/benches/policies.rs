@@ -45,6 +45,9 @@
 //! `RESUME=1`: batch jobs are chats (`/api/chat`) of a model with
 //! `resume_preempted`, so a pre-empted one continues its answer so far
 //! instead of starting over (every row sends the same chats).
+//! `PROMPT_TOKEN_MS=1`: every upstream takes that long per prompt word to
+//! prefill, so a resumed chat pays for its answer so far again (a real
+//! engine re-reads it unless its prompt cache still holds it).
 //!
 //! `MIX=rt-every` runs the two harsh mixes of issue 11 one after the other in
 //! one invocation: 1 s batch jobs (50 tokens, 2 loops per replica) and short
@@ -124,6 +127,9 @@ struct Knobs {
     /// Batch jobs are chats (`/api/chat`) of a model with
     /// `resume_preempted`: a pre-empted one continues its answer so far.
     resume: bool,
+    /// Upstream prefill time per prompt word, ms: a resumed chat pays for
+    /// its answer so far again.
+    prompt_token_ms: f64,
     /// The batch throughput target, % of fifo's.
     batch_target: f64,
 }
@@ -242,7 +248,7 @@ struct Replica {
 async fn replica(
     arm: Arm,
     slots: u32,
-    llama_like: bool,
+    k: &Knobs,
     max_preemptions: Option<u32>,
     resume: bool,
 ) -> Replica {
@@ -250,7 +256,8 @@ async fn replica(
     let fake = UpstreamModel::start(ModelConfig {
         slots: slots as usize,
         token_delay: Duration::from_millis(TOKEN_MS),
-        ignore_disconnect_non_streaming: llama_like,
+        ignore_disconnect_non_streaming: k.llama_like,
+        prompt_token_delay: Duration::from_secs_f64(k.prompt_token_ms / 1000.0),
         ..ModelConfig::default()
     })
     .await
@@ -285,6 +292,8 @@ struct Ends {
     cancels_fake: usize,
     preemptions: f64,
     thrown_tokens_maitre: f64,
+    /// Of those, kept by resuming (`maitre_resumed_tokens_total`).
+    resumed_tokens_maitre: f64,
     after: After,
 }
 
@@ -317,6 +326,7 @@ async fn ends(gi: usize, group: &[Replica], preempts: &Preempts) -> Ends {
         let metrics = Scrape::parse(&text).expect("valid /metrics");
         e.preemptions += metrics.sum("maitre_preemptions_total", &[]);
         e.thrown_tokens_maitre += metrics.sum("maitre_preempted_tokens_total", &[]);
+        e.resumed_tokens_maitre += metrics.sum("maitre_resumed_tokens_total", &[]);
     }
     e
 }
@@ -359,6 +369,7 @@ fn main() {
         max_waits,
         llama_like: env_or("LLAMA_LIKE", rt_every as u8) != 0,
         resume: env_or("RESUME", 0u8) != 0,
+        prompt_token_ms: env_or("PROMPT_TOKEN_MS", 0.0),
         max_preemptions: std::env::var("MAX_PREEMPTIONS")
             .ok()
             .and_then(|v| v.parse().ok()),
@@ -404,7 +415,7 @@ async fn run(k: Knobs, preempts: &Preempts) {
                 replica(
                     arm(arm_name(gi, ri)),
                     SLOTS,
-                    k.llama_like,
+                    &k,
                     k.max_preemptions,
                     k.resume,
                 )
@@ -415,7 +426,7 @@ async fn run(k: Knobs, preempts: &Preempts) {
     }
     // Enough slots that a real-time request always finds one free, whatever
     // the overlap of the pooled arrivals.
-    let idle = replica(Arm::builtin("idle", "fifo"), 32, k.llama_like, None, false).await;
+    let idle = replica(Arm::builtin("idle", "fifo"), 32, &k, None, false).await;
     // The same real-time arrivals per replica on SLOTS slots and no batch
     // load: real-time requests then wait only for each other, which no
     // policy that never cuts a real-time stream can avoid.
@@ -425,7 +436,7 @@ async fn run(k: Knobs, preempts: &Preempts) {
             replica(
                 Arm::builtin(format!("floor{ri}"), "fifo"),
                 SLOTS,
-                k.llama_like,
+                &k,
                 None,
                 false,
             )
@@ -535,13 +546,14 @@ async fn run(k: Knobs, preempts: &Preempts) {
     let (floor_ttft, _, _, floor_incomplete, _) = take(&recs[groups.len() + 1]);
     println!();
     println!(
-        "policies: {} replicas per policy, each 1 maitre + 1 {} ({SLOTS} slots, {TOKEN_MS} ms/token); {} batch loops per replica (non-streaming {}, {}-{} tokens), RT streaming {}-{} tokens, exponential arrivals mean {} s per replica; {} s run, first {} s not measured; seed {}; max_preemptions {}; load average {}",
+        "policies: {} replicas per policy, each 1 maitre + 1 {} ({SLOTS} slots, {TOKEN_MS} ms/token, {} ms/prompt word to prefill); {} batch loops per replica (non-streaming {}, {}-{} tokens), RT streaming {}-{} tokens, exponential arrivals mean {} s per replica; {} s run, first {} s not measured; seed {}; max_preemptions {}; load average {}",
         k.replicas,
         if k.llama_like {
             "llama-like upstream model (non-streaming generations run on without their client)"
         } else {
             "upstream model (Ollama-like)"
         },
+        k.prompt_token_ms,
         k.loops,
         if k.resume {
             "chats, resume_preempted"
@@ -587,7 +599,7 @@ async fn run(k: Knobs, preempts: &Preempts) {
     );
     println!();
     println!(
-        "{:<17} {:>5} {:>6} | {:>9} {:>9} {:>9} {:>9} {:>10} | {:>11} {:>8} {:>7} | {:>6} {:>14} {:>13} | {:>6}",
+        "{:<17} {:>5} {:>6} | {:>9} {:>9} {:>9} {:>9} {:>10} | {:>11} {:>8} {:>7} | {:>6} {:>14} {:>13} {:>12} | {:>6}",
         "policy",
         "RT n",
         "RT %",
@@ -602,6 +614,7 @@ async fn run(k: Knobs, preempts: &Preempts) {
         "preem",
         "thrown (fake)",
         "thrown (mtr)",
+        "kept (mtr)",
         "errors"
     );
     let mut fifo_rate = f64::NAN;
@@ -615,7 +628,7 @@ async fn run(k: Knobs, preempts: &Preempts) {
         let e = &group_ends[gi];
         let p99 = pct(&ttft, 0.99);
         println!(
-            "{:<17} {:>5} {:>6.2} | {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} | {:>11.2} {:>7.1}% {:>7} | {:>6} {:>14} {:>13} | {:>6}",
+            "{:<17} {:>5} {:>6.2} | {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} | {:>11.2} {:>7.1}% {:>7} | {:>6} {:>14} {:>13} {:>12} | {:>6}",
             name,
             ttft.len(),
             100.0 * ttft.len() as f64 / (ttft.len() + batch) as f64,
@@ -630,6 +643,7 @@ async fn run(k: Knobs, preempts: &Preempts) {
             e.preemptions,
             e.thrown_tokens_fake,
             e.thrown_tokens_maitre,
+            e.resumed_tokens_maitre,
             b_bad + rt_bad
         );
         if name.starts_with("preemptive") {
@@ -657,7 +671,7 @@ async fn run(k: Knobs, preempts: &Preempts) {
     }
     println!();
     println!(
-        "batch/min = complete batch answers per minute per replica; preem = pre-emptions (maitre metric); thrown (fake) = tokens the fake generated for cancelled requests; thrown (mtr) = maitre_preempted_tokens_total; errors = incomplete answers"
+        "batch/min = complete batch answers per minute per replica; preem = pre-emptions (maitre metric); thrown (fake) = tokens the fake generated for cancelled requests; thrown (mtr) = maitre_preempted_tokens_total; kept (mtr) = of those, kept by resuming (maitre_resumed_tokens_total); errors = incomplete answers"
     );
     println!();
     println!(

@@ -128,8 +128,15 @@ impl Gen {
             Flavor::OaChat => format!("chatcmpl-{}", tracker.req()),
             _ => format!("cmpl-{}", tracker.req()),
         };
+        // Prefill grows with the prompt (a resumed chat's answer so far
+        // included).
+        let mut timing = shape.timing;
+        let per_word = tracker.state().cfg.prompt_token_delay;
+        timing.prompt = timing.prompt.saturating_add(
+            per_word.saturating_mul(u32::try_from(prompt_tokens).unwrap_or(u32::MAX)),
+        );
         let plan = Plan {
-            timing: shape.timing,
+            timing,
             tokens: n,
             fail_after: shape.fail_after,
         };

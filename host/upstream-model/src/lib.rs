@@ -96,6 +96,10 @@ pub struct ModelConfig {
     pub token_delay: Duration,
     /// Prefill time, after getting a slot and before the first token's time.
     pub prompt_delay: Duration,
+    /// More prefill time per prompt token (words of the prompt, the
+    /// messages and the system prompt): a chat that continues a long
+    /// assistant message takes longer to start.
+    pub prompt_token_delay: Duration,
     /// Tokens per answer when the request sets no limit.
     pub default_tokens: u64,
     /// Answer 403 (empty body) to a Host that is not loopback, like Ollama
@@ -164,6 +168,7 @@ impl Default for ModelConfig {
             slots: 2,
             token_delay: Duration::from_millis(20),
             prompt_delay: Duration::ZERO,
+            prompt_token_delay: Duration::ZERO,
             default_tokens: 5,
             check_host: true,
             embedding_dims: 8,

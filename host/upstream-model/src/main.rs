@@ -27,6 +27,10 @@ struct Args {
     /// Milliseconds of prompt processing before the first token.
     #[arg(long, default_value_t = 0)]
     prompt_ms: u64,
+    /// More milliseconds of prompt processing per prompt word (fractions
+    /// allowed: 0.5).
+    #[arg(long, default_value_t = 0.0)]
+    prompt_token_ms: f64,
     /// Tokens per answer when the request sets no limit.
     #[arg(long, default_value_t = 5)]
     tokens: u64,
@@ -88,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
         slots: args.slots,
         token_delay: Duration::from_millis(args.token_ms),
         prompt_delay: Duration::from_millis(args.prompt_ms),
+        prompt_token_delay: Duration::from_secs_f64(args.prompt_token_ms.max(0.0) / 1000.0),
         default_tokens: args.tokens,
         check_host: !args.no_host_check,
         control_routes: !args.no_control_routes,
