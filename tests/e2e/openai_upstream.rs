@@ -404,4 +404,7 @@ async fn busy_check_keeps_a_slow_releasing_engine_within_its_slots() {
         preempt_on_a_slow_releasing_engine(Some("llama-server")).await,
         1
     );
+    // Or until /metrics (llama-server's `llamacpp:requests_processing`)
+    // does.
+    assert_eq!(preempt_on_a_slow_releasing_engine(Some("metrics")).await, 1);
 }

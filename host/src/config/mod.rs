@@ -180,11 +180,22 @@ pub struct UpstreamConfig {
     /// priority, mapped from the request's class, to the `/v1` bodies it
     /// sends this backend; off by default.
     pub pass_priority: Option<PassPriority>,
-    /// `busy_check = "llama-server"`: before a request is sent, maitre reads
-    /// the engine's own busy slots (`GET /slots`) and waits until one is
-    /// free, so an engine that frees a slot after it closed the connection
-    /// of a cancelled generation is never sent more than it has slots.
-    pub busy_check: bool,
+    /// `busy_check`: before a request is sent, maitre reads the engine's own
+    /// count of busy slots and waits until one is free, so an engine that
+    /// frees a slot after it closed the connection of a cancelled
+    /// generation is never sent more than it has slots. `None`: no check.
+    pub busy_check: Option<BusyCheck>,
+}
+
+/// Where an engine tells its busy slots (`busy_check` of an upstream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusyCheck {
+    /// `"llama-server"`: `GET /slots`, the slots with `is_processing`.
+    Slots,
+    /// `"metrics"`: `GET /metrics` (Prometheus text), the gauge of running
+    /// requests: llama-server's `llamacpp:requests_processing` (with
+    /// `--metrics`) or vLLM's `vllm:num_requests_running`.
+    Metrics,
 }
 
 /// What an upstream server speaks (`kind` of an `[upstream]`). It decides

@@ -311,18 +311,28 @@ fn a_bad_model_rule_names_its_key() {
 }
 
 #[test]
-fn busy_check_is_for_llama_server_only() {
+fn busy_check_is_for_openai_compatible_servers_only() {
     let with = |extra: &str| parse(&GOOD.replace("slots = 2\n", &format!("slots = 2\n{extra}\n")));
     let c = with("kind = \"openai\"\nbusy_check = \"llama-server\"").unwrap();
-    assert!(c.upstreams[0].busy_check);
-    assert!(!parse(GOOD).unwrap().upstreams[0].busy_check);
-    let e = with("busy_check = \"llama-server\"")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("upstream.busy_check") && e.contains("kind"),
-        "{e}"
+    assert_eq!(
+        c.upstreams[0].busy_check,
+        Some(crate::config::BusyCheck::Slots)
     );
+    let c = with("kind = \"openai\"\nbusy_check = \"metrics\"").unwrap();
+    assert_eq!(
+        c.upstreams[0].busy_check,
+        Some(crate::config::BusyCheck::Metrics)
+    );
+    assert_eq!(parse(GOOD).unwrap().upstreams[0].busy_check, None);
+    for check in ["llama-server", "metrics"] {
+        let e = with(&format!("busy_check = \"{check}\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("upstream.busy_check") && e.contains("kind"),
+            "{e}"
+        );
+    }
     let e = with("kind = \"openai\"\nbusy_check = \"vllm\"")
         .unwrap_err()
         .to_string();

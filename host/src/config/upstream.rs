@@ -210,22 +210,28 @@ fn one(
         }
     };
     let busy_check = match &u.busy_check {
-        None => false,
-        Some(s) if s.get_ref() == "none" => false,
-        Some(s) if s.get_ref() == "llama-server" && kind == BackendKind::OpenAi => true,
-        Some(s) if s.get_ref() == "llama-server" => {
-            return Err(cx.err(
-                s.span(),
-                &k("busy_check"),
-                "llama-server's /slots is on an OpenAI-compatible server: add kind = \"openai\" to this upstream, or remove busy_check",
-            ));
+        None => None,
+        Some(s) if s.get_ref() == "none" => None,
+        Some(s) if matches!(s.get_ref().as_str(), "llama-server" | "metrics") => {
+            if kind != BackendKind::OpenAi {
+                return Err(cx.err(
+                    s.span(),
+                    &k("busy_check"),
+                    "llama-server's /slots and the /metrics of llama-server and vLLM are on OpenAI-compatible servers: add kind = \"openai\" to this upstream, or remove busy_check",
+                ));
+            }
+            Some(if s.get_ref() == "metrics" {
+                super::BusyCheck::Metrics
+            } else {
+                super::BusyCheck::Slots
+            })
         }
         Some(s) => {
             return Err(cx.err(
                 s.span(),
                 &k("busy_check"),
                 format!(
-                    "unknown busy check {:?}: use \"llama-server\" (GET /slots before each dispatch) or \"none\"",
+                    "unknown busy check {:?}: use \"llama-server\" (GET /slots before each dispatch), \"metrics\" (GET /metrics: llama-server with --metrics, vLLM) or \"none\"",
                     s.get_ref()
                 ),
             ));

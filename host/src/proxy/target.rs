@@ -38,7 +38,7 @@ pub struct Target {
     pub slots: u32,
     /// Whether the engine's own busy count is read before each dispatch
     /// (`busy_check`, see `busy`).
-    pub busy_check: bool,
+    pub busy_check: Option<crate::config::BusyCheck>,
 }
 
 impl Target {

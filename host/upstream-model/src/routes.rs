@@ -39,6 +39,9 @@ pub(crate) enum Route {
     /// llama-server's `GET /slots`: each slot with `is_processing`
     /// (OpenAI-only mode).
     Slots,
+    /// llama-server's `GET /metrics` (with `--metrics`): Prometheus text,
+    /// `llamacpp:requests_processing` the slots busy (OpenAI-only mode).
+    Metrics,
 }
 
 impl Route {
@@ -49,6 +52,7 @@ impl Route {
             return match path {
                 "/health" => Some(Route::Health),
                 "/slots" => Some(Route::Slots),
+                "/metrics" => Some(Route::Metrics),
                 p if p.starts_with("/v1/") => Self::find(p, false),
                 _ => None,
             };
@@ -75,9 +79,12 @@ impl Route {
 
     fn allows(self, m: &Method) -> bool {
         match self {
-            Route::Root | Route::Version | Route::Tags | Route::Health | Route::Slots => {
-                m == Method::GET || m == Method::HEAD
-            }
+            Route::Root
+            | Route::Version
+            | Route::Tags
+            | Route::Health
+            | Route::Slots
+            | Route::Metrics => m == Method::GET || m == Method::HEAD,
             Route::Ps | Route::OaModels | Route::OaModel => m == Method::GET,
             _ => m == Method::POST,
         }
@@ -93,6 +100,7 @@ impl Route {
                 | Route::OaModel
                 | Route::Health
                 | Route::Slots
+                | Route::Metrics
         )
     }
 }
@@ -247,6 +255,7 @@ impl Call {
                 | Route::OaModel
                 | Route::Health
                 | Route::Slots
+                | Route::Metrics
         );
         let parsed = if needs_body {
             util::parse_body(body)
@@ -312,6 +321,17 @@ impl Call {
                     .map(|id| json!({ "id": id, "is_processing": id < busy }))
                     .collect();
                 self.ok(&Value::Array(slots))
+            }
+            Route::Metrics => {
+                // As llama-server words them: busy slots (a cancelled
+                // generation's not freed yet included) and queued requests.
+                let s = st.stats();
+                let text = format!(
+                    "# HELP llamacpp:requests_processing Number of requests processing.\n# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing {}\n# HELP llamacpp:requests_deferred Number of requests deferred.\n# TYPE llamacpp:requests_deferred gauge\nllamacpp:requests_deferred {}\n",
+                    s.active, s.waiting
+                );
+                self.tracker.finish();
+                util::response(StatusCode::OK, "text/plain; version=0.0.4", text)
             }
             Route::Tags => self.ok(&residency::tags(&st.cfg)),
             Route::Ps => self.ok(&residency::ps(&st.loaded())),
