@@ -47,15 +47,7 @@ pub(crate) fn normalise(path: &str, body: &[u8], rule: &ModelRule) -> Option<Byt
     };
     let mut added = Vec::new();
     if let Some(n) = rule.num_ctx {
-        let mut o = String::from("\"options\":{");
-        for (k, v) in options.iter().filter(|(k, _)| k != "num_ctx") {
-            o.push_str(&serde_json::to_string(k).ok()?);
-            o.push(':');
-            o.push_str(v);
-            o.push(',');
-        }
-        o.push_str(&format!("\"num_ctx\":{n}}}"));
-        added.push(o);
+        added.push(options_with(&options, "num_ctx", &n.to_string())?);
     }
     if let Some(k) = &rule.keep_alive {
         added.push(format!("\"keep_alive\":{k}"));
@@ -83,6 +75,23 @@ pub(super) fn go_options<'a>(all: &[Member<'a>]) -> Option<Vec<(String, &'a str)
         }
     }
     Some(options)
+}
+
+/// `"options":{...}`: `options` (as [`go_options`] gives them) with `key`
+/// set to `value` (JSON), last. `None`: a key that cannot be written.
+pub(super) fn options_with(options: &[(String, &str)], key: &str, value: &str) -> Option<String> {
+    let mut o = String::from("\"options\":{");
+    for (k, v) in options.iter().filter(|(k, _)| k != key) {
+        o.push_str(&serde_json::to_string(k).ok()?);
+        o.push(':');
+        o.push_str(v);
+        o.push(',');
+    }
+    o.push_str(&serde_json::to_string(key).ok()?);
+    o.push(':');
+    o.push_str(value);
+    o.push('}');
+    Some(o)
 }
 
 #[cfg(test)]

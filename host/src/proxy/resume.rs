@@ -24,7 +24,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::aggregate::Partial;
-use super::normalise::go_options;
+use super::normalise::{go_options, options_with};
 use super::rewrite::{Member, first_object_end, members, named, rebuild};
 use crate::request::go_lossy;
 
@@ -100,15 +100,7 @@ fn lowered_options(all: &[Member<'_>], made: u64) -> Option<Option<String>> {
     else {
         return Some(None);
     };
-    let mut o = String::from("\"options\":{");
-    for (k, v) in options.iter().filter(|(k, _)| k != "num_predict") {
-        o.push_str(&serde_json::to_string(k).ok()?);
-        o.push(':');
-        o.push_str(v);
-        o.push(',');
-    }
-    o.push_str(&format!("\"num_predict\":{}}}", left(n, made)));
-    Some(Some(o))
+    options_with(&options, "num_predict", &left(n, made).to_string()).map(Some)
 }
 
 #[cfg(test)]
