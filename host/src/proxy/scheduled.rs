@@ -98,12 +98,12 @@ struct Queued {
     bytes: Bytes,
     /// Set when the answer is folded back into a non-streamed one.
     fold: Option<Api>,
-    /// The path of a chat whose pre-empted generation resumes
-    /// (`resume_preempted`), else `None`.
-    resumes: Option<&'static str>,
+    /// A chat (its answer folded) whose pre-empted generation resumes
+    /// (`resume_preempted`).
+    resumes: bool,
     /// The answer so far of the pre-empted generation the next dispatch
-    /// continues.
-    partial: Option<Partial>,
+    /// continues; boxed, as most requests never have one.
+    partial: Option<Box<Partial>>,
     /// A `/v1` generation: a backend with `pass_priority` is told the
     /// request's class in its body.
     takes_priority: bool,
@@ -179,13 +179,8 @@ impl Proxy {
         let meta = extract_meta(&path, &bytes);
         // `[models."NAME"]`: the model's settings, whatever the client asked.
         let rule = self.live.load().models.get(&meta.model).cloned();
-        // A chat of a model whose pre-empted generations resume.
-        let resumes = match path.as_str() {
-            "/api/chat" => Some("/api/chat"),
-            "/v1/chat/completions" => Some("/v1/chat/completions"),
-            _ => None,
-        }
-        .filter(|_| rule.as_ref().is_some_and(|r| r.resume_preempted));
+        // A model whose pre-empted chats resume.
+        let resumes = rule.as_ref().is_some_and(|r| r.resume_preempted);
         let bytes = match rule.and_then(|r| normalise(&path, &bytes, &r)) {
             Some(normalised) => {
                 self.metrics.normalised_requests.inc();
@@ -207,7 +202,7 @@ impl Proxy {
         let queued = Queued {
             head: PackedHead::pack(&head),
             bytes: upstream_body,
-            resumes: resumes.filter(|_| fold.is_some()),
+            resumes: resumes && fold.is_some_and(Api::is_chat),
             partial: None,
             fold,
             takes_priority: takes_priority(&path),
@@ -311,7 +306,7 @@ impl Proxy {
                 Whole::Folded(parts, folded) => (parts, folded),
                 Whole::Preempted(partial) => {
                     // The stream was dropped, closing its connection.
-                    if q.resumes.is_some() {
+                    if q.resumes {
                         self.keep(&mut q, partial, seed.as_ref(), &grant);
                     }
                     q.ticket.requeue_after_preempt();
@@ -348,8 +343,8 @@ impl Proxy {
     /// pre-empted generation (`resume`); with the request's priority in it
     /// when that backend takes one (`pass_priority`).
     fn body_for(&self, q: &Queued, grant: &Grant) -> (Bytes, Option<Partial>) {
-        let resumed = q.partial.as_ref().and_then(|p| {
-            let path = q.resumes?;
+        let resumed = q.partial.as_deref().and_then(|p| {
+            let path = q.fold?.chat_path()?;
             resume::continued(path, &q.bytes, p).map(|b| (b, p.clone()))
         });
         let (bytes, seed) = match resumed {
@@ -390,7 +385,7 @@ impl Proxy {
         }
         // Nothing new to continue from (pre-empted before a token): what
         // this dispatch continued still stands.
-        q.partial = partial.or_else(|| seed.cloned());
+        q.partial = partial.or_else(|| seed.cloned()).map(Box::new);
     }
 
     /// Phase 2: hands the request to the scheduler, which queues it or

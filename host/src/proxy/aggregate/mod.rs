@@ -51,6 +51,20 @@ impl Api {
         }
     }
 
+    /// Whether it is a chat (`/api/chat`, `/v1/chat/completions`).
+    pub(crate) fn is_chat(self) -> bool {
+        self.chat_path().is_some()
+    }
+
+    /// The path of a chat; `None` for the completions.
+    pub(crate) fn chat_path(self) -> Option<&'static str> {
+        match self {
+            Api::Ollama { chat: true, .. } => Some("/api/chat"),
+            Api::OpenAi { chat: true } => Some("/v1/chat/completions"),
+            _ => None,
+        }
+    }
+
     /// The framing of the stream this API answers with.
     pub(crate) fn framing(self) -> Framing {
         match self {
