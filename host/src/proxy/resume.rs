@@ -10,9 +10,10 @@
 //! limit lowered by the tokens already made. The folded answer is then the
 //! text so far and the continuation, its token counts the sum of both.
 //!
-//! Only plain text resumes: a chat whose answer so far holds thinking, tool
-//! calls or logprobs, asks for several choices, or whose body maitre cannot
-//! read, restarts as before. Opt-in per model, since a template that closes
+//! Only plain text resumes: a chat that asks for a structured answer
+//! (`format`, `response_format`), whose answer so far holds thinking, tool
+//! calls or logprobs, that asks for several choices, or whose body maitre
+//! cannot read, restarts as before. Opt-in per model, since a template that closes
 //! every assistant turn would start a new answer instead of continuing.
 //!
 //! The body is read the way the upstream reads it (see `rewrite`): on
@@ -48,6 +49,12 @@ pub(crate) fn continued(path: &str, body: &[u8], p: &Partial) -> Option<Bytes> {
         }
     };
     let last = |name: &str| all.iter().rev().find(|m| is(m.key, name));
+    // A structured answer (JSON, a schema) cannot be continued: the
+    // continuation's constraint would start a new value.
+    let format = if openai { "response_format" } else { "format" };
+    if last(format).is_some_and(|m| structured(m.value)) {
+        return None;
+    }
     let mut messages: Vec<Value> = serde_json::from_str(last("messages")?.value).ok()?;
     messages.push(serde_json::json!({"role": "assistant", "content": p.text}));
     let mut added = vec![format!(
@@ -75,6 +82,20 @@ pub(crate) fn continued(path: &str, body: &[u8], p: &Partial) -> Option<Bytes> {
     let added: Vec<&str> = added.iter().map(String::as_str).collect();
     let dropped = |key: &str| replaced.iter().any(|name| is(key, name));
     Some(Bytes::from(rebuild(&text, end, &all, dropped, &added)))
+}
+
+/// Whether a `format` / `response_format` value asks for a structured
+/// answer: anything but absent, `null`, `""` or `{"type":"text"}`.
+fn structured(value: &str) -> bool {
+    match serde_json::from_str::<Value>(value) {
+        Ok(Value::Null) => false,
+        Ok(Value::String(s)) => !s.is_empty(),
+        Ok(Value::Object(o)) => {
+            !(o.is_empty()
+                || (o.len() == 1 && o.get("type").and_then(Value::as_str) == Some("text")))
+        }
+        _ => true,
+    }
 }
 
 /// A positive whole-number token limit as written, if it is one.
@@ -170,6 +191,18 @@ mod tests {
     #[test]
     fn what_cannot_be_continued_restarts() {
         let p = partial("a ", 1);
+        // Structured answers: a continuation would start a new JSON value.
+        let json = r#"{"model":"m","messages":[],"format":"json"}"#;
+        assert!(resume("/api/chat", json, &p).is_none());
+        let schema = r#"{"model":"m","messages":[],"Format":{"type":"object"}}"#;
+        assert!(resume("/api/chat", schema, &p).is_none());
+        let oa = r#"{"model":"m","messages":[],"response_format":{"type":"json_object"}}"#;
+        assert!(resume("/v1/chat/completions", oa, &p).is_none());
+        // Plain text asked for in so many words still resumes.
+        let text = r#"{"model":"m","messages":[],"format":"","response_format":{"type":"text"}}"#;
+        assert!(resume("/api/chat", text, &p).is_some());
+        let oa = r#"{"model":"m","messages":[],"response_format":{"type":"text"}}"#;
+        assert!(resume("/v1/chat/completions", oa, &p).is_some());
         assert!(resume("/api/generate", r#"{"model":"m","prompt":"x"}"#, &p).is_none());
         assert!(resume("/api/chat", r#"{"model":"m"}"#, &p).is_none());
         assert!(resume("/api/chat", r#"{"model":"m","messages":"x"}"#, &p).is_none());
