@@ -56,7 +56,17 @@ pub(crate) fn continued(path: &str, body: &[u8], p: &Partial) -> Option<Bytes> {
         return None;
     }
     let mut messages: Vec<Value> = serde_json::from_str(last("messages")?.value).ok()?;
-    messages.push(serde_json::json!({"role": "assistant", "content": p.text}));
+    // A chat that already ends with the assistant's words (the client's own
+    // prefill) is continued by the answer so far: the two make one message.
+    match messages.last_mut().and_then(Value::as_object_mut) {
+        Some(m) if m.get("role").and_then(Value::as_str) == Some("assistant") => {
+            let Some(Value::String(c)) = m.get_mut("content") else {
+                return None;
+            };
+            c.push_str(&p.text);
+        }
+        _ => messages.push(serde_json::json!({"role": "assistant", "content": p.text})),
+    }
     let mut added = vec![format!(
         "\"messages\":{}",
         serde_json::to_string(&messages).ok()?
@@ -185,6 +195,20 @@ mod tests {
         assert_eq!(
             v["messages"],
             json!([{"role":"user","content":"hi"},{"role":"assistant","content":"tok0 "}])
+        );
+    }
+
+    #[test]
+    fn a_chat_the_client_prefilled_continues_the_same_message() {
+        let v = resume(
+            "/api/chat",
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"Sure: "}]}"#,
+            &partial("tok0 ", 1),
+        )
+        .unwrap();
+        assert_eq!(
+            v["messages"],
+            json!([{"role":"user","content":"hi"},{"role":"assistant","content":"Sure: tok0 "}])
         );
     }
 
