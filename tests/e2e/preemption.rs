@@ -530,6 +530,23 @@ async fn resumed(path: &str) {
     );
     // Each token made once: the resumed generation made the rest.
     assert_eq!(made(&log, "b2"), 40 + thrown - kept, "{log:#?}");
+    // The A/B report counts the pre-emption, and no token thrown away.
+    let ab: serde_json::Value = c
+        .get(format!("{}/ab?window=60", m.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let batch = ab["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["class"] == "batch")
+        .unwrap_or_else(|| panic!("a batch row: {ab}"));
+    assert_eq!(batch["preemptions"], 1, "{ab}");
+    assert_eq!(batch["preempted_tokens"], 0, "{ab}");
     let expected: String = (0..40).map(|i| format!("tok{i} ")).collect();
     for b in [&b1, &b2] {
         if path == "/api/chat" {

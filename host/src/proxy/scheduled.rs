@@ -306,10 +306,12 @@ impl Proxy {
                 Whole::Folded(parts, folded) => (parts, folded),
                 Whole::Preempted(partial) => {
                     // The stream was dropped, closing its connection.
-                    if q.resumes {
-                        self.keep(&mut q, partial, seed.as_ref(), &grant);
-                    }
-                    q.ticket.requeue_after_preempt();
+                    let kept = if q.resumes {
+                        self.keep(&mut q, partial, seed.as_ref(), &grant)
+                    } else {
+                        0
+                    };
+                    q.ticket.requeue_after_preempt_keeping(kept);
                     return Attempt::Requeued(q);
                 }
                 Whole::Lost(detail) if retries.lost < MAX_LOST_RETRIES => {
@@ -361,31 +363,33 @@ impl Proxy {
     }
 
     /// After a pre-emption: keeps the answer so far of a resumable chat for
-    /// the next dispatch to continue, counting the tokens kept. `seed`: the
-    /// answer so far this dispatch had continued.
+    /// the next dispatch to continue, and returns the tokens of this
+    /// dispatch kept (counted). `seed`: the answer so far this dispatch had
+    /// continued.
     fn keep(
         &self,
         q: &mut Queued,
         partial: Option<Partial>,
         seed: Option<&Partial>,
         grant: &Grant,
-    ) {
+    ) -> u64 {
         let before = seed.map_or(0, |s| s.tokens);
-        if let Some(p) = &partial {
-            let kept = p.tokens.saturating_sub(before);
-            if kept > 0 {
-                let label = crate::metrics::ArmLabel {
-                    arm: grant.arm.to_string(),
-                };
-                self.metrics
-                    .resumed_tokens
-                    .get_or_create(&label)
-                    .inc_by(kept);
-            }
+        let kept = partial
+            .as_ref()
+            .map_or(0, |p| p.tokens.saturating_sub(before));
+        if kept > 0 {
+            let label = crate::metrics::ArmLabel {
+                arm: grant.arm.to_string(),
+            };
+            self.metrics
+                .resumed_tokens
+                .get_or_create(&label)
+                .inc_by(kept);
         }
         // Nothing new to continue from (pre-empted before a token): what
         // this dispatch continued still stands.
         q.partial = partial.or_else(|| seed.cloned()).map(Box::new);
+        kept
     }
 
     /// Phase 2: hands the request to the scheduler, which queues it or

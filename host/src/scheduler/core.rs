@@ -196,7 +196,8 @@ impl Core {
                 why,
                 signal,
                 lost_tokens,
-            } => self.requeue(id, why, signal, lost_tokens),
+                kept_tokens,
+            } => self.requeue(id, why, signal, lost_tokens, kept_tokens),
             Msg::LetGo { id } => self.let_go(id),
             Msg::Failover {
                 id,

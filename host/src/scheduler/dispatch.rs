@@ -275,6 +275,7 @@ impl Core {
         why: super::Requeued,
         signal: oneshot::Sender<Signal>,
         lost_tokens: u64,
+        kept_tokens: u64,
     ) {
         let Some(e) = self.entries.get_mut(&id) else {
             return;
@@ -293,7 +294,7 @@ impl Core {
         match why {
             super::Requeued::Preempted => {
                 e.preemptions += 1;
-                e.thrown_tokens += lost_tokens;
+                e.thrown_tokens = (e.thrown_tokens + lost_tokens).saturating_sub(kept_tokens);
             }
             super::Requeued::Busy => {
                 e.busy_retries += 1;

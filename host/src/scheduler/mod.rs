@@ -102,6 +102,9 @@ pub(crate) enum Msg {
         /// Tokens the upstream had generated for the aborted dispatch, when
         /// the caller knows (the simulator does; the proxy cannot see them).
         lost_tokens: u64,
+        /// Of the tokens counted as thrown away, those kept: the request
+        /// resumes its answer so far (`resume_preempted`).
+        kept_tokens: u64,
     },
     /// The upstream connection of a cut stream is let go: its slot is free.
     LetGo {

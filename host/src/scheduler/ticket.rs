@@ -336,7 +336,7 @@ impl Ticket {
 
     /// Puts the request back in the queue once its upstream connection is
     /// let go, with a new channel for its next go-ahead.
-    fn requeue(&mut self, why: Requeued, lost_tokens: u64) {
+    fn requeue(&mut self, why: Requeued, lost_tokens: u64, kept_tokens: u64) {
         let (signal, rx) = oneshot::channel();
         self.rx = Some(rx);
         let id = self.id;
@@ -345,6 +345,7 @@ impl Ticket {
             why,
             signal,
             lost_tokens,
+            kept_tokens,
         });
     }
 
@@ -358,20 +359,26 @@ impl Ticket {
     /// upstream had generated and were thrown away (the simulator knows;
     /// they are counted with the chunks maitre saw).
     pub fn requeue_after_preempt_losing(&mut self, tokens: u64) {
-        self.requeue(Requeued::Preempted, tokens);
+        self.requeue(Requeued::Preempted, tokens, 0);
+    }
+
+    /// [`Ticket::requeue_after_preempt`] for a request that resumes its
+    /// answer so far: `kept` of the tokens it had made are not thrown away.
+    pub fn requeue_after_preempt_keeping(&mut self, kept: u64) {
+        self.requeue(Requeued::Preempted, 0, kept);
     }
 
     /// The upstream answered 503 busy before any byte reached the client: put
     /// the request back in the queue (once its connection is let go).
     pub fn requeue_after_busy(&mut self) {
-        self.requeue(Requeued::Busy, 0);
+        self.requeue(Requeued::Busy, 0, 0);
     }
 
     /// The upstream connection failed before any byte reached the client (a
     /// kept-alive connection the upstream had closed, a stream lost while
     /// maitre was folding it): put the request back in the queue.
     pub fn requeue_after_lost(&mut self) {
-        self.requeue(Requeued::Lost, 0);
+        self.requeue(Requeued::Lost, 0, 0);
     }
 
     /// The upstream request failed on `backend` before anything reached the

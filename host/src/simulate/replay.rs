@@ -61,7 +61,8 @@ pub fn replay(cfg: &Config, jobs: &Arc<[Job]>, reloader: &Reloader) -> Result<Re
         let mut clients = JoinSet::new();
         for i in 0..jobs.len() {
             sleep_until(origin + Duration::from_secs_f64(jobs[i].at_ms / 1000.0)).await;
-            clients.spawn(client(sched.clone(), jobs.clone(), i, up.clone()));
+            let resumes = resumes(cfg, &jobs[i]);
+            clients.spawn(client(sched.clone(), jobs.clone(), i, up.clone(), resumes));
         }
         while clients.join_next().await.is_some() {}
         let span = origin.elapsed();
@@ -77,9 +78,26 @@ pub fn replay(cfg: &Config, jobs: &Arc<[Job]>, reloader: &Reloader) -> Result<Re
     })
 }
 
+/// Whether a pre-empted `job` continues its answer so far, as the proxy
+/// resumes it: a chat answered whole, of a model with `resume_preempted`.
+fn resumes(cfg: &Config, job: &Job) -> bool {
+    !job.stream
+        && matches!(job.path.as_str(), "/api/chat" | "/v1/chat/completions")
+        && cfg
+            .models
+            .get(&job.model)
+            .is_some_and(|r| r.resume_preempted)
+}
+
 /// One request: arrives now, and leaves early if the trace says its client
 /// gave up (unless it was served by then).
-async fn client(sched: SchedulerHandle, jobs: Arc<[Job]>, i: usize, up: Arc<Upstream>) {
+async fn client(
+    sched: SchedulerHandle,
+    jobs: Arc<[Job]>,
+    i: usize,
+    up: Arc<Upstream>,
+    resumes: bool,
+) {
     let job = &jobs[i];
     let arrival = Instant::now();
     let meta = RequestMeta {
@@ -93,7 +111,7 @@ async fn client(sched: SchedulerHandle, jobs: Arc<[Job]>, i: usize, up: Arc<Upst
         client_key: job.client_key.clone(),
         arrival,
     };
-    let served = serve(&sched, meta, job, &up);
+    let served = serve(&sched, meta, job, &up, resumes);
     match job.leave_after {
         None => served.await,
         // Dropping the request's future drops its ticket (the scheduler
@@ -108,23 +126,30 @@ async fn client(sched: SchedulerHandle, jobs: Arc<[Job]>, i: usize, up: Arc<Upst
 
 /// The proxy's phases for one request: submit, then wait for a slot and
 /// dispatch until the answer's head comes (a pre-emption before that
-/// requeues it), then relay.
-async fn serve(sched: &SchedulerHandle, meta: RequestMeta, job: &Job, up: &Arc<Upstream>) {
+/// requeues it), then relay. `resumes`: a pre-emption keeps what the
+/// upstream had made, and the next dispatch makes only the rest.
+async fn serve(
+    sched: &SchedulerHandle,
+    meta: RequestMeta,
+    job: &Job,
+    up: &Arc<Upstream>,
+    resumes: bool,
+) {
     let Ok(mut ticket) = sched.submit(meta).await else {
         return;
     };
-    let plan = Plan {
+    let mut plan = Plan {
         timing: job.timing,
         tokens: job.tokens,
         fail_after: None,
     };
-    // The upstream's response head comes with the first token of a stream,
-    // and with the whole answer otherwise (as Ollama sends them).
-    let head = match (job.stream, plan.first_token()) {
-        (true, Some(first)) => first,
-        _ => plan.end(),
-    };
     loop {
+        // The upstream's response head comes with the first token of a
+        // stream, and with the whole answer otherwise (as Ollama sends them).
+        let head = match (job.stream, plan.first_token()) {
+            (true, Some(first)) => first,
+            _ => plan.end(),
+        };
         let Ok(grant) = ticket.wait_start().await else {
             return;
         };
@@ -142,10 +167,15 @@ async fn serve(sched: &SchedulerHandle, meta: RequestMeta, job: &Job, up: &Arc<U
             }
         }
         // Aborted before anything reached the client: requeued, and what
-        // the upstream had made is thrown away.
-        let lost = lease.made_by(&plan, Instant::now());
+        // the upstream had made is thrown away, or kept by a resume.
+        let made = lease.made_by(&plan, Instant::now());
         drop(lease);
-        ticket.requeue_after_preempt_losing(lost);
+        if resumes && made > 0 {
+            plan.tokens = plan.tokens.saturating_sub(made).max(1);
+            ticket.requeue_after_preempt();
+        } else {
+            ticket.requeue_after_preempt_losing(made);
+        }
     }
 }
 

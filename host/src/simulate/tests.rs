@@ -77,6 +77,41 @@ fn same_inputs_same_output_and_every_request_is_accounted_for() {
 }
 
 #[test]
+fn a_resumed_chat_keeps_the_work_a_preemption_would_throw_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let resume = "\n[models.\"fake\"]\nresume_preempted = true\n";
+    let policies = vec![
+        policy(dir.path(), "restarts", "preemptive", 2, ""),
+        policy(dir.path(), "resumes", "preemptive", 2, resume),
+    ];
+    // The same flood, its batch jobs chats answered whole.
+    let mut trace = flood(300.0);
+    for r in trace.iter_mut().filter(|r| !r.stream) {
+        r.path = "/api/chat".into();
+    }
+    let a = simulate(trace, &policies, &Options::default()).unwrap();
+    let (restarts, resumes) = (&a.policies[0], &a.policies[1]);
+    for run in [restarts, resumes] {
+        let ok: usize = run.report.rows.iter().map(|r| r.ok).sum();
+        assert_eq!(ok, a.requests, "{}", run.name);
+        assert!(row(run, "batch").preemptions > 0, "{}", run.name);
+    }
+    assert!(row(restarts, "batch").preempted_tokens > 0);
+    assert_eq!(
+        row(resumes, "batch").preempted_tokens,
+        0,
+        "every pre-empted chat kept its tokens"
+    );
+    // Kept work is work not done twice: the flood drains sooner.
+    assert!(
+        resumes.simulated_seconds < restarts.simulated_seconds,
+        "{} vs {}",
+        resumes.simulated_seconds,
+        restarts.simulated_seconds
+    );
+}
+
+#[test]
 fn a_quiet_trace_is_replayed_exactly() {
     // Streams one at a time, far apart, on one slot: no queue, so each
     // request's simulated TTFT is its measured prompt + one token.
