@@ -21,7 +21,7 @@ fn one_slot(upstream: &str, limits: Limits) -> PolicyFile {
 
 /// A request that holds the only slot until its task is aborted.
 fn hold_the_slot(c: &reqwest::Client, m: &Maitre) -> tokio::task::JoinHandle<()> {
-    let r = generate(c, &m.url, "holder", None, 1).header("x-fake-prompt-ms", "60000");
+    let r = generate(c, &m.url, "holder", None, 1).header("x-fake-prompt-ms", "600000");
     tokio::spawn(async move {
         let _ = r.send().await;
     })
@@ -42,6 +42,28 @@ async fn wait_gauge(m: &Maitre, name: &str, pred: impl Fn(f64) -> bool) -> f64 {
             return v;
         }
         assert!(Instant::now() < end, "{name} stayed at {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until maitre has taken in `n` requests besides the holder: waiting,
+/// holding the slot, or ended (a holder that ended under a slow machine's
+/// load hands its slot to a waiting request). Panics after [`T`] with the
+/// counts, so a request lost in between shows.
+async fn wait_admitted(m: &Maitre, n: usize) {
+    let end = Instant::now() + T;
+    loop {
+        let s = Scrape::get(&m.admin).await;
+        let waiting = s.sum("maitre_waiting_requests", &[]);
+        let busy = s.sum("maitre_slots_busy", &[]);
+        let ended = s.sum("maitre_requests_total", &[]);
+        if waiting + busy + ended >= n as f64 + 1.0 {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "{n} requests sent besides the holder; waiting {waiting}, slots busy {busy}, ended {ended}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -338,8 +360,7 @@ async fn a_waiting_request_costs_maitre_a_few_kib() {
         for c in connecting {
             waiting.push(c.await.unwrap());
         }
-        let count = waiting.len() as f64;
-        wait_gauge(&m, "maitre_waiting_requests", |v| v >= count).await;
+        wait_admitted(&m, waiting.len()).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let per = rss_kib(m.pid()).saturating_sub(before) as f64 / n as f64;
