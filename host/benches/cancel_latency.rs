@@ -106,14 +106,7 @@ fn since(from: Instant, to: Instant) -> f64 {
 }
 
 async fn waiting_in_maitre(c: &reqwest::Client, admin: &str) -> u64 {
-    let s: serde_json::Value = c
-        .get(format!("{admin}/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s = maitre_testkit::get_json(c, &format!("{admin}/status")).await;
     s["waiting"].as_u64().unwrap_or(0)
 }
 

@@ -298,14 +298,7 @@ async fn merged_tags_and_ps_through_the_official_client() {
     .await;
     // /api/ps names the backend of each model; /api/version is the fleet's lowest.
     let c = client();
-    let ps: Value = c
-        .get(format!("{}/api/ps", f.m.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ps = get_json(&c, &format!("{}/api/ps", f.m.url)).await;
     let by_backend: BTreeMap<String, String> = ps["models"]
         .as_array()
         .unwrap()
@@ -318,14 +311,7 @@ async fn merged_tags_and_ps_through_the_official_client() {
         })
         .collect();
     assert_eq!(by_backend["fake-beta:latest"], "b", "{ps}");
-    let v: Value = c
-        .get(format!("{}/api/version", f.m.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = get_json(&c, &format!("{}/api/version", f.m.url)).await;
     assert_eq!(v["version"], "0.33.0-fake");
     // Every backend pulled.
     for fake in &f.fakes {

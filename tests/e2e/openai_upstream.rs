@@ -184,14 +184,7 @@ async fn a_mixed_fleet_sends_api_only_to_ollama() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-maitre-backend"], "llama");
     // Merged lists: /api/tags from Ollama only, /v1/models from both.
-    let tags: Value = c
-        .get(format!("{}/api/tags", m.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tags = get_json(&c, &format!("{}/api/tags", m.url)).await;
     assert_eq!(tags["models"][0]["name"], "fake:latest", "{tags}");
     let r = c.get(format!("{}/v1/models", m.url)).send().await.unwrap();
     assert!(r.headers().get("x-maitre-backends-failed").is_none());

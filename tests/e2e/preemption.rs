@@ -531,14 +531,7 @@ async fn resumed(path: &str) {
     // Each token made once: the resumed generation made the rest.
     assert_eq!(made(&log, "b2"), 40 + thrown - kept, "{log:#?}");
     // The A/B report counts the pre-emption, and no token thrown away.
-    let ab: serde_json::Value = c
-        .get(format!("{}/ab?window=60", m.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ab = m.ab().await;
     let batch = ab["rows"]
         .as_array()
         .unwrap()

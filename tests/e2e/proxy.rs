@@ -26,14 +26,7 @@ async fn root_version_tags_ps_show_pass_through() {
     assert_eq!(root.text().await.unwrap(), "Ollama is running");
 
     for path in ["/api/version", "/api/tags", "/api/ps", "/v1/models"] {
-        let direct: serde_json::Value = c
-            .get(format!("{}{path}", fake.url()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let direct = get_json(&c, &format!("{}{path}", fake.url())).await;
         let via = c.get(format!("{}{path}", m.url)).send().await.unwrap();
         assert_eq!(via.status(), 200, "{path}");
         assert!(

@@ -10,17 +10,6 @@ use serde_json::Value;
 use crate::common::*;
 use crate::hostile::{limits, wasm};
 
-async fn ab(m: &Maitre) -> Value {
-    client()
-        .get(format!("{}/ab?window=60", m.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 /// Sends `n` batch requests at once and, once they are all queued or
 /// running, one real-time request; returns every (status, arm) pair.
 async fn batch_then_realtime(m: &Maitre, n: usize) -> Vec<(u16, String)> {
@@ -68,7 +57,7 @@ async fn a_shadow_sees_real_traffic_reports_where_it_differs_and_never_acts() {
     // The shadow acted on nothing: no pre-emption happened.
     let scrape = Scrape::get(&m.admin).await;
     assert_eq!(scrape.sum("maitre_preemptions_total", &[]), 0.0);
-    let ab = ab(&m).await;
+    let ab = m.ab().await;
     let s = &ab["shadows"][0];
     assert_eq!(s["arm"], "cand");
     assert_eq!(s["watches"], "live");
@@ -154,7 +143,7 @@ async fn a_shadow_that_sleeps_past_its_deadline_never_delays_serving() {
     // The shadow may still be asleep in its call: its deadline ejects it.
     let mut s = Value::Null;
     for _ in 0..100 {
-        s = ab(&m).await["shadows"][0].clone();
+        s = m.ab().await["shadows"][0].clone();
         if s["ejected"] == true {
             break;
         }

@@ -189,14 +189,7 @@ async fn switchback_alternates_the_whole_upstream_between_arms() {
     );
     // The comparison counts windows, not requests: the requests of one
     // window share its load, so they are not independent samples.
-    let ab: Value = c
-        .get(format!("{}/ab?window=60", m.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ab = m.ab().await;
     assert_eq!(ab["mode"], "switchback");
     let p50 = ab["comparisons"]
         .as_array()
@@ -356,14 +349,7 @@ async fn ab_says_which_arm_is_slower_with_a_confidence_interval() {
     })
     .await;
 
-    let ab: Value = c
-        .get(format!("{}/ab?window=60", m.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ab = m.ab().await;
     assert_eq!(ab["mode"], "weighted");
     let find = |class: &str, metric: &str| {
         ab["comparisons"]

@@ -12,6 +12,20 @@ pub fn client() -> reqwest::Client {
         .expect("client")
 }
 
+/// `GET url` with `c`: the answer's body as JSON (panics on a failure, a
+/// non-2xx answer or a body that is not JSON, naming the URL).
+pub async fn get_json(c: &reqwest::Client, url: &str) -> serde_json::Value {
+    let r = c
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    assert!(r.status().is_success(), "GET {url}: {}", r.status());
+    r.json()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
+}
+
 /// A non-streaming `/api/generate` with a tag (`X-Test-Tag`, which the
 /// upstream model logs), a priority and a token count.
 pub fn generate(

@@ -21,7 +21,7 @@ pub mod process;
 pub mod prom;
 pub mod upstream;
 
-pub use http::{client, error_of, generate, python, run_python};
+pub use http::{client, error_of, generate, get_json, python, run_python};
 pub use policy::{Ab, Arm, Backend, Fleet, Limits, PolicyFile};
 pub use process::{Exited, Maitre, Ready, Serve, rss_kib};
 pub use prom::Scrape;

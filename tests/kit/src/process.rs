@@ -231,14 +231,17 @@ impl Maitre {
     /// `GET /status` on the admin listener, as JSON (panics on a non-2xx
     /// answer, naming the status).
     pub async fn status(&self) -> serde_json::Value {
-        let url = format!("{}/status", self.admin);
-        let r = crate::http::client()
-            .get(&url)
-            .send()
-            .await
-            .expect("GET /status");
-        assert!(r.status().is_success(), "{url}: {}", r.status());
-        r.json().await.expect("/status is JSON")
+        crate::http::get_json(&crate::http::client(), &format!("{}/status", self.admin)).await
+    }
+
+    /// `GET /ab?window=60` on the admin listener, as JSON (panics on a
+    /// non-2xx answer, naming the status).
+    pub async fn ab(&self) -> serde_json::Value {
+        crate::http::get_json(
+            &crate::http::client(),
+            &format!("{}/ab?window=60", self.admin),
+        )
+        .await
     }
 
     /// Everything maitre logged so far.
