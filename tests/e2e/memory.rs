@@ -32,18 +32,30 @@ async fn gauge(m: &Maitre, name: &str) -> f64 {
     Scrape::get(&m.admin).await.sum(name, &[])
 }
 
+/// Scrapes maitre's metrics until `done` holds of them, and returns them;
+/// panics after [`T`] with `say` of the last scrape.
+async fn wait_scrape(
+    m: &Maitre,
+    done: impl Fn(&Scrape) -> bool,
+    say: impl Fn(&Scrape) -> String,
+) -> Scrape {
+    let end = Instant::now() + T;
+    loop {
+        let s = Scrape::get(&m.admin).await;
+        if done(&s) {
+            return s;
+        }
+        assert!(Instant::now() < end, "{}", say(&s));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until the gauge `name` satisfies `pred`; panics with its last value
 /// after [`T`].
 async fn wait_gauge(m: &Maitre, name: &str, pred: impl Fn(f64) -> bool) -> f64 {
-    let end = Instant::now() + T;
-    loop {
-        let v = gauge(m, name).await;
-        if pred(v) {
-            return v;
-        }
-        assert!(Instant::now() < end, "{name} stayed at {v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let v = |s: &Scrape| s.sum(name, &[]);
+    let s = wait_scrape(m, |s| pred(v(s)), |s| format!("{name} stayed at {}", v(s))).await;
+    v(&s)
 }
 
 /// Waits until maitre has taken in `n` requests besides the holder: waiting,
@@ -51,21 +63,25 @@ async fn wait_gauge(m: &Maitre, name: &str, pred: impl Fn(f64) -> bool) -> f64 {
 /// load hands its slot to a waiting request). Panics after [`T`] with the
 /// counts, so a request lost in between shows.
 async fn wait_admitted(m: &Maitre, n: usize) {
-    let end = Instant::now() + T;
-    loop {
-        let s = Scrape::get(&m.admin).await;
-        let waiting = s.sum("maitre_waiting_requests", &[]);
-        let busy = s.sum("maitre_slots_busy", &[]);
-        let ended = s.sum("maitre_requests_total", &[]);
-        if waiting + busy + ended >= n as f64 + 1.0 {
-            return;
-        }
-        assert!(
-            Instant::now() < end,
-            "{n} requests sent besides the holder; waiting {waiting}, slots busy {busy}, ended {ended}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let counts = |s: &Scrape| {
+        (
+            s.sum("maitre_waiting_requests", &[]),
+            s.sum("maitre_slots_busy", &[]),
+            s.sum("maitre_requests_total", &[]),
+        )
+    };
+    wait_scrape(
+        m,
+        |s| {
+            let (waiting, busy, ended) = counts(s);
+            waiting + busy + ended >= n as f64 + 1.0
+        },
+        |s| {
+            let (waiting, busy, ended) = counts(s);
+            format!("{n} requests sent besides the holder; waiting {waiting}, slots busy {busy}, ended {ended}")
+        },
+    )
+    .await;
 }
 
 fn port(url: &str) -> u16 {
