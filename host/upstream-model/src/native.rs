@@ -28,11 +28,27 @@ pub(crate) fn model_error(model: &str) -> Option<(StatusCode, String)> {
     }
 }
 
-/// Token count for a request: `X-Fake-Tokens`, else the given limit, else the
-/// default. The bool says whether the limit was what stopped it ("length").
-pub(crate) fn token_count(call: &Call, limit: Option<u64>) -> (u64, bool) {
+/// Token count for a request with body `m` (a chat when `chat`):
+/// `X-Fake-Tokens`, else the given limit, else the default. The bool says
+/// whether the limit was what stopped it ("length"); the last number is the
+/// words of the answer so far a chat continues (its trailing assistant
+/// message), which an answer of a natural length (no limit) has that much
+/// less to say after.
+pub(crate) fn token_count(
+    call: &Call,
+    m: &Map<String, Value>,
+    chat: bool,
+    limit: Option<u64>,
+) -> (u64, bool, u64) {
     let default = call.tracker.state().cfg.default_tokens;
-    crate::timing::token_count(call.shape.tokens, limit, default)
+    let (n, length) = crate::timing::token_count(call.shape.tokens, limit, default);
+    let prefill = if chat { crate::content::prefill(m) } else { 0 };
+    let n = if limit.is_none() && prefill > 0 {
+        n.saturating_sub(prefill).max(1)
+    } else {
+        n
+    };
+    (n, length, prefill)
 }
 
 /// `POST /api/generate` and `POST /api/chat`.
@@ -88,15 +104,7 @@ pub(crate) async fn generate(
         return call.ok(&v);
     }
     let limit = util::pos_int(m.get("options").and_then(|o| o.get("num_predict")));
-    let (n, length) = token_count(&call, limit);
-    // A chat that ends with the assistant's message continues it: an answer
-    // of a natural length (no limit) has that much less to say.
-    let prefill = if chat { crate::content::prefill(m) } else { 0 };
-    let n = if limit.is_none() && prefill > 0 {
-        n.saturating_sub(prefill).max(1)
-    } else {
-        n
-    };
+    let (n, length, prefill) = token_count(&call, m, chat, limit);
     let flavor = if chat { Flavor::Chat } else { Flavor::Generate };
     let mut g = Gen::new(
         call.tracker,

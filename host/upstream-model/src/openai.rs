@@ -54,15 +54,7 @@ pub(crate) async fn completion(call: Call, model: &str, m: &Map<String, Value>) 
     // Ollama reads `max_tokens` only (openai.go); `max_completion_tokens`
     // is ignored.
     let limit = util::pos_int(m.get("max_tokens"));
-    let (n, length) = token_count(&call, limit);
-    // A chat that ends with the assistant's message continues it: an answer
-    // of a natural length (no limit) has that much less to say.
-    let prefill = if chat { crate::content::prefill(m) } else { 0 };
-    let n = if limit.is_none() && prefill > 0 {
-        n.saturating_sub(prefill).max(1)
-    } else {
-        n
-    };
+    let (n, length, prefill) = token_count(&call, m, chat, limit);
     let flavor = if chat {
         Flavor::OaChat
     } else {
