@@ -118,16 +118,16 @@ impl OpenAi {
         } else if let Some(t) = c.get("text").and_then(Json::as_str) {
             choice.content.get_or_insert_default().push_str(t);
         }
-        if choice.content.as_ref().map_or(0, String::len) > before {
-            self.text_tokens += 1;
-        }
-        let choice = self.choice(&index);
+        let grew = choice.content.as_ref().map_or(0, String::len) > before;
         match c.get("finish_reason") {
             None | Some(Json::Null) => {}
             Some(f) => choice.finish = f.clone(),
         }
         if let Some(l) = c.get("logprobs") {
             merge_logprobs(&mut choice.logprobs, l);
+        }
+        if grew {
+            self.text_tokens += 1;
         }
     }
 
