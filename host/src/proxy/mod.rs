@@ -41,7 +41,7 @@ mod live;
 mod normalise;
 mod read;
 mod refusal;
-mod resume;
+pub(crate) mod resume;
 mod rewrite;
 mod room;
 mod scheduled;

@@ -27,7 +27,17 @@ use serde_json::Value;
 use super::aggregate::Partial;
 use super::normalise::{go_options, options_with};
 use super::rewrite::{Member, first_object_end, members, named, rebuild};
+use crate::config::ModelRule;
 use crate::request::go_lossy;
+
+/// Whether a request to `path` for a model with `rule` resumes when it is
+/// pre-empted: a chat answered whole (`stream` false) of a model with
+/// `resume_preempted`. The proxy and the simulator both ask this.
+pub(crate) fn resumes(rule: Option<&ModelRule>, path: &str, stream: bool) -> bool {
+    !stream
+        && matches!(path, "/api/chat" | "/v1/chat/completions")
+        && rule.is_some_and(|r| r.resume_preempted)
+}
 
 /// The body that resumes the pre-empted generation `p` of a request to
 /// `path` whose upstream body is `body`. `None`: restart it instead (another

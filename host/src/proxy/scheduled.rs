@@ -179,8 +179,7 @@ impl Proxy {
         let meta = extract_meta(&path, &bytes);
         // `[models."NAME"]`: the model's settings, whatever the client asked.
         let rule = self.live.load().models.get(&meta.model).cloned();
-        // A model whose pre-empted chats resume.
-        let resumes = rule.as_ref().is_some_and(|r| r.resume_preempted);
+        let resumes = resume::resumes(rule.as_ref(), &path, meta.stream);
         let bytes = match rule.and_then(|r| normalise(&path, &bytes, &r)) {
             Some(normalised) => {
                 self.metrics.normalised_requests.inc();
@@ -202,7 +201,8 @@ impl Proxy {
         let queued = Queued {
             head: PackedHead::pack(&head),
             bytes: upstream_body,
-            resumes: resumes && fold.is_some_and(Api::is_chat),
+            // Only an answer maitre folds has an answer so far to keep.
+            resumes: resumes && fold.is_some(),
             partial: None,
             fold,
             takes_priority: takes_priority(&path),

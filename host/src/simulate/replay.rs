@@ -61,7 +61,9 @@ pub fn replay(cfg: &Config, jobs: &Arc<[Job]>, reloader: &Reloader) -> Result<Re
         let mut clients = JoinSet::new();
         for i in 0..jobs.len() {
             sleep_until(origin + Duration::from_secs_f64(jobs[i].at_ms / 1000.0)).await;
-            let resumes = resumes(cfg, &jobs[i]);
+            let job = &jobs[i];
+            let rule = cfg.models.get(&job.model);
+            let resumes = crate::proxy::resume::resumes(rule, &job.path, job.stream);
             clients.spawn(client(sched.clone(), jobs.clone(), i, up.clone(), resumes));
         }
         while clients.join_next().await.is_some() {}
@@ -76,17 +78,6 @@ pub fn replay(cfg: &Config, jobs: &Arc<[Job]>, reloader: &Reloader) -> Result<Re
             upstream_max_active: up.max_active(),
         })
     })
-}
-
-/// Whether a pre-empted `job` continues its answer so far, as the proxy
-/// resumes it: a chat answered whole, of a model with `resume_preempted`.
-fn resumes(cfg: &Config, job: &Job) -> bool {
-    !job.stream
-        && matches!(job.path.as_str(), "/api/chat" | "/v1/chat/completions")
-        && cfg
-            .models
-            .get(&job.model)
-            .is_some_and(|r| r.resume_preempted)
 }
 
 /// One request: arrives now, and leaves early if the trace says its client

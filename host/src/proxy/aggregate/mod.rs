@@ -51,11 +51,6 @@ impl Api {
         }
     }
 
-    /// Whether it is a chat (`/api/chat`, `/v1/chat/completions`).
-    pub(crate) fn is_chat(self) -> bool {
-        self.chat_path().is_some()
-    }
-
     /// The path of a chat; `None` for the completions.
     pub(crate) fn chat_path(self) -> Option<&'static str> {
         match self {
