@@ -6,7 +6,7 @@
 //! compiled into the binary, [`reload`] swaps policies while
 //! traffic flows, [`admin`] and [`metrics`] let operators watch and steer.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod ab_table;

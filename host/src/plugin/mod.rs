@@ -114,7 +114,7 @@ enum Pre {
 /// A live component instance of one interface version.
 enum Bound {
     V0_1_0(v0_1_0::Policy),
-    V0_2_0(v0_2_0::Policy),
+    V0_2_0(v0_2_0::Bound),
 }
 
 /// The shared wasmtime engine, linker and epoch ticker.
@@ -224,9 +224,11 @@ impl Runtime {
             Pre::V0_1_0(pre) => tokio::time::timeout(wall, pre.instantiate_async(&mut inst.store))
                 .await
                 .map(|r| r.map(Bound::V0_1_0)),
-            Pre::V0_2_0(pre) => tokio::time::timeout(wall, pre.instantiate_async(&mut inst.store))
-                .await
-                .map(|r| r.map(Bound::V0_2_0)),
+            Pre::V0_2_0(pre) => {
+                tokio::time::timeout(wall, v0_2_0::instantiate(pre, &mut inst.store))
+                    .await
+                    .map(|r| r.map(Bound::V0_2_0))
+            }
         };
         let bound = match bound {
             Ok(Ok(b)) => b,

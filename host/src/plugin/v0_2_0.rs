@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 use wasmtime::Store;
-use wasmtime::component::{HasSelf, Linker};
+use wasmtime::component::{HasSelf, InstancePre, Linker, TypedFunc};
 
 use super::sandbox::State;
 use crate::policy;
@@ -24,8 +24,11 @@ mod bindings {
     });
 }
 
+mod lower;
+
+use bindings::Policy;
+pub(super) use bindings::PolicyPre;
 use bindings::maitre::policy::types as wit;
-pub(super) use bindings::{Policy, PolicyPre};
 
 /// The package this module speaks.
 pub(super) const PACKAGE: &str = "maitre:policy@0.2.0";
@@ -37,33 +40,60 @@ pub(super) fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> 
     Policy::add_to_linker::<_, HasSelf<_>>(linker, |s| s)
 }
 
+/// A live instance: the generated bindings for `init`, and `admit` and
+/// `schedule` as typed functions taking the view with its bulk-lowered
+/// window ([`lower`]).
+pub(super) struct Bound {
+    policy: Policy,
+    admit: TypedFunc<(wit::Request, lower::View), (wit::Admission,)>,
+    schedule: TypedFunc<(lower::View,), (Vec<wit::Action>,)>,
+}
+
+/// Instantiates `pre` in `store`. Looking `admit` and `schedule` up as
+/// typed functions checks [`lower::View`] against the plugin's own types.
+pub(super) async fn instantiate(
+    pre: &PolicyPre<State>,
+    store: &mut Store<State>,
+) -> wasmtime::Result<Bound> {
+    let instance_pre: &InstancePre<State> = pre.instance_pre();
+    let instance = instance_pre.instantiate_async(&mut *store).await?;
+    Ok(Bound {
+        policy: Policy::new(&mut *store, &instance)?,
+        admit: instance.get_typed_func(&mut *store, "admit")?,
+        schedule: instance.get_typed_func(&mut *store, "schedule")?,
+    })
+}
+
 /// Calls `init`.
 pub(super) async fn init(
-    p: &Policy,
+    b: &Bound,
     store: &mut Store<State>,
     config: &[(String, String)],
 ) -> wasmtime::Result<Result<(), String>> {
-    p.call_init(store, config).await
+    b.policy.call_init(store, config).await
 }
 
 /// Calls `admit`, converting both ways.
 pub(super) async fn admit(
-    p: &Policy,
+    b: &Bound,
     store: &mut Store<State>,
     req: &policy::Request,
     view: &policy::View,
 ) -> wasmtime::Result<policy::Admission> {
-    let a = p.call_admit(store, &request(req), &to_view(view)).await?;
+    let (a,) = b
+        .admit
+        .call_async(store, (request(req), to_view(view)))
+        .await?;
     Ok(admission(a))
 }
 
 /// Calls `schedule`, converting both ways.
 pub(super) async fn schedule(
-    p: &Policy,
+    b: &Bound,
     store: &mut Store<State>,
     view: &policy::View,
 ) -> wasmtime::Result<Vec<policy::Action>> {
-    let actions = p.call_schedule(store, &to_view(view)).await?;
+    let (actions,) = b.schedule.call_async(store, (to_view(view),)).await?;
     Ok(actions.into_iter().map(action).collect())
 }
 
@@ -127,7 +157,7 @@ impl Names {
     }
 }
 
-fn to_view(v: &policy::View) -> wit::View {
+fn to_view(v: &policy::View) -> lower::View {
     let mut names = Names::default();
     let backends = v
         .backends
@@ -185,7 +215,7 @@ fn to_view(v: &policy::View) -> wit::View {
     let waiting = v
         .waiting
         .iter()
-        .map(|w| wit::Waiting {
+        .map(|w| lower::Waiting {
             id: w.id,
             class: class(w.class),
             priority: w.priority,
@@ -198,7 +228,7 @@ fn to_view(v: &policy::View) -> wit::View {
             preemptions: w.preemptions,
         })
         .collect();
-    wit::View {
+    lower::View {
         now_ms: v.now_ms,
         total_slots: v.total_slots,
         free_slots: v.free_slots,
