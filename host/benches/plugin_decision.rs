@@ -12,6 +12,8 @@
 //!   (`admit` gets no waiting request at all, only per-class counts.)
 //! - "1 free": one slot free, so the plugin orders its queue and starts one.
 //!   "0 free, RT waits": every slot busy and a real-time request waits.
+//!   "1 free kept for RT": reserved-aging under a batch flood, its one free
+//!   slot kept for real-time work and only batch waiting: nothing can start.
 //! - "view build" builds the host's view the way the scheduler does (a
 //!   replica of the private `Core::view_of`), whole or windowed.
 //!
@@ -54,10 +56,16 @@ struct Entry {
     preemptions: u32,
 }
 
-/// `n` waiting requests: 1 in 50 real-time, arrivals spread over the last
-/// 50 s (below the default 60 s aging threshold, so a waiting real-time
-/// request is first in line), listed oldest first like the host does.
-fn entries(n: usize, origin: Instant, model: &str) -> (FxHashMap<u64, Entry>, Queue) {
+/// `n` waiting requests: 1 in 50 real-time (none with `batch_only`),
+/// arrivals spread over the last 50 s (below the default 60 s aging
+/// threshold, so a waiting real-time request is first in line), listed
+/// oldest first like the host does.
+fn entries(
+    n: usize,
+    origin: Instant,
+    model: &str,
+    batch_only: bool,
+) -> (FxHashMap<u64, Entry>, Queue) {
     let mut rng = Rng::new(7, n as u64);
     let mut arrivals: Vec<u64> = (0..n).map(|_| NOW_MS - rng.range(0, 50_000)).collect();
     arrivals.sort_unstable();
@@ -65,7 +73,7 @@ fn entries(n: usize, origin: Instant, model: &str) -> (FxHashMap<u64, Entry>, Qu
     let mut ids = Queue::default();
     for (i, a) in arrivals.into_iter().enumerate() {
         let id = 100 + i as u64;
-        let rt = i % 50 == 49;
+        let rt = !batch_only && i % 50 == 49;
         map.insert(
             id,
             Entry {
@@ -85,7 +93,10 @@ fn entries(n: usize, origin: Instant, model: &str) -> (FxHashMap<u64, Entry>, Qu
     (map, ids)
 }
 
-fn running() -> Vec<Running> {
+/// 2 batch and 1 real-time request running, or (`all_batch`) 3 batch:
+/// then reserved-aging's batch cap (4 slots, 1 kept for real-time) is
+/// reached and its one free slot is the reserved one.
+fn running(all_batch: bool) -> Vec<Running> {
     let r = |id: u64, class: Class, started_ms: u64, tokens: u64, streaming: bool| Running {
         id,
         class,
@@ -105,7 +116,11 @@ fn running() -> Vec<Running> {
     vec![
         r(1, Class::Batch, NOW_MS - 4_000, 0, false),
         r(2, Class::Batch, NOW_MS - 1_000, 0, false),
-        r(3, Class::Realtime, NOW_MS - 2_000, 90, true),
+        if all_batch {
+            r(3, Class::Batch, NOW_MS - 2_000, 90, false)
+        } else {
+            r(3, Class::Realtime, NOW_MS - 2_000, 90, true)
+        },
     ]
 }
 
@@ -267,12 +282,12 @@ fn main() {
         .unwrap_or_else(|_| vec![100, 1000, 10_000]);
     rt.block_on(async {
         let origin = Instant::now() - Duration::from_millis(NOW_MS);
-        let run = running();
+        let run = running(false);
         // (call, interface, waiting, stats, actions)
         let mut rows: Vec<(String, &str, usize, Stats, String)> = Vec::new();
         let mut compat = instance("compat").await;
         for &n in &sizes {
-            let (map, ids) = entries(n, origin, "llama3.2:3b-instruct-q4_K_M");
+            let (map, ids) = entries(n, origin, "llama3.2:3b-instruct-q4_K_M", false);
             for (iface, window) in [("0.1.0", None), ("0.2.0", Some(WINDOW))] {
                 let calls = calls_for(n, window.is_none());
                 let mut us = Vec::with_capacity(calls);
@@ -298,6 +313,14 @@ fn main() {
                     let (s, a) = time_schedule(&mut inst, &free0, calls).await;
                     rows.push((format!("{plugin}, 0 free, RT waits"), "0.2.0", n, s, a.to_string()));
                 }
+                if plugin == "reserved-aging" {
+                    // A batch flood: the free slot is kept for real-time
+                    // and only batch waits (the throughput bench's case).
+                    let (map, ids) = entries(n, origin, "llama3.2:3b-instruct-q4_K_M", true);
+                    let v = build_view(origin, &map, &ids, &running(true), 1, Some(WINDOW));
+                    let (s, a) = time_schedule(&mut inst, &v, calls).await;
+                    rows.push((format!("{plugin}, 1 free kept for RT"), "0.2.0", n, s, a.to_string()));
+                }
             }
         }
         println!();
@@ -307,12 +330,12 @@ fn main() {
         println!("200 warm-up calls, then 10,000 timed calls (2,000 at 1,000+ waiting, 300 for 0.1.0 at 10,000)");
         println!();
         println!(
-            "{:<30} {:>6} {:>8} {:>11} {:>9} {:>10} {:>8}",
+            "{:<36} {:>6} {:>8} {:>11} {:>9} {:>10} {:>8}",
             "call", "iface", "waiting", "median µs", "p99 µs", "mean µs", "actions"
         );
         for (name, iface, n, s, a) in &rows {
             println!(
-                "{:<30} {:>6} {:>8} {:>11.2} {:>9.2} {:>10.2} {:>8}",
+                "{:<36} {:>6} {:>8} {:>11.2} {:>9.2} {:>10.2} {:>8}",
                 name, iface, n, s.median, s.p99, s.mean, a
             );
         }

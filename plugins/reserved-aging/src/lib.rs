@@ -124,10 +124,19 @@ impl Policy for ReservedAging {
         let mut d = Decision::new(self, view);
         self.protect_rt_models(&mut d.plan, view);
         d.find_rt_homes();
+        // While the free slots are the ones kept for real-time (the common
+        // case under a batch flood), no batch request can start: with no
+        // real-time request waiting either, there is nothing to order.
+        if !d.batch_room() && !view.waiting.iter().any(|w| w.class == Class::Realtime) {
+            return Vec::new();
+        }
         let mut later = Vec::new();
         for i in order_waiting(view, |w| self.aging.priority(w, view.now_ms)) {
             let w = &view.waiting[i];
             if w.class == Class::Batch {
+                if !d.batch_room() {
+                    continue;
+                }
                 let hold = d.plan.hold(w, self.group_max_wait_ms, |b| d.batch_fits(b));
                 match hold {
                     Hold::Go => {}
@@ -263,6 +272,13 @@ impl<'a> Decision<'a> {
     /// reserved real-time slots free.
     fn batch_fits(&self, b: u32) -> bool {
         self.plan.free(b) > self.reserved(b)
+    }
+
+    /// Whether a batch request could still start in this call: the arm's
+    /// batch cap leaves room and some backend keeps its reserved slots free
+    /// after one more. It only turns false as the call starts requests.
+    fn batch_room(&self) -> bool {
+        self.batch_running < self.batch_cap && self.plan.has_room(|b| self.batch_fits(b))
     }
 
     /// Starts `w` if a slot allows it.

@@ -298,8 +298,7 @@ impl<'a> Plan<'a> {
                 fit: Fit::Evict,
             });
         }
-        (0..self.view.backends.len() as u32)
-            .filter(|&b| self.view.backends[b as usize].healthy && self.free(b) > 0 && allow(b))
+        self.open(allow)
             .map(|b| {
                 let x = &self.view.backends[b as usize];
                 let busy = 1.0 - self.free(b) as f64 / x.total_slots.max(1) as f64;
@@ -321,6 +320,19 @@ impl<'a> Plan<'a> {
                 backend: Some(b),
                 fit,
             })
+    }
+
+    /// Whether [`Plan::pick`] with `allow` finds a place, for any model:
+    /// a policy can skip a whole class of requests when it is false.
+    pub fn has_room(&self, allow: impl Fn(u32) -> bool) -> bool {
+        self.blind || self.open(allow).next().is_some()
+    }
+
+    /// The healthy backends with a free slot that `allow` accepts.
+    fn open(&self, allow: impl Fn(u32) -> bool) -> impl Iterator<Item = u32> {
+        (0..self.view.backends.len() as u32).filter(move |&b| {
+            self.view.backends[b as usize].healthy && self.free(b) > 0 && allow(b)
+        })
     }
 
     /// Books a start of a request for `model` where `pick` says.

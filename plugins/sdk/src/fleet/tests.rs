@@ -51,6 +51,29 @@ fn unhealthy_backends_are_never_named() {
 }
 
 #[test]
+fn has_room_answers_whether_pick_finds_a_place() {
+    let mut down = backend(2, 2, 2, &[]);
+    down.healthy = false;
+    // b0 down with free slots, b1 full, b2 one free slot.
+    let v = fleet(
+        0,
+        vec![down.clone(), backend(2, 0, 2, &[0]), backend(2, 1, 2, &[])],
+        vec![],
+        vec![],
+    );
+    let mut plan = Plan::new(&v);
+    assert!(plan.has_room(|_| true));
+    assert!(!plan.has_room(|b| b != 2), "b2 is the only open one");
+    let pick = plan.pick(0, |_| true).expect("b2");
+    plan.book(pick, 0);
+    assert!(!plan.has_room(|_| true), "booked full");
+    assert_eq!(plan.pick(0, |_| true), None);
+    // Every backend down: the host decides, so there is always room.
+    let v = fleet(0, vec![down], vec![], vec![]);
+    assert!(Plan::new(&v).has_room(|_| false));
+}
+
+#[test]
 fn least_busy_then_first_listed_within_a_tier() {
     let v = fleet(
         0,
