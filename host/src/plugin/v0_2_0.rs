@@ -132,16 +132,17 @@ struct Names {
     index: FxHashMap<Arc<str>, u32>,
     list: Vec<String>,
     /// The name asked for last: neighbours in a queue mostly share a model,
-    /// and a compare costs less than hashing the name again.
-    last: Option<(Arc<str>, u32)>,
+    /// and a compare costs less than hashing the name again (or than
+    /// keeping a clone of its `Arc`: two atomic operations per record).
+    last: Option<u32>,
 }
 
 impl Names {
     fn id(&mut self, s: &Arc<str>) -> u32 {
-        if let Some((last, i)) = &self.last
-            && (Arc::ptr_eq(last, s) || **last == **s)
+        if let Some(i) = self.last
+            && self.list[i as usize] == **s
         {
-            return *i;
+            return i;
         }
         let i = match self.index.get(s) {
             Some(i) => *i,
@@ -152,7 +153,7 @@ impl Names {
                 i
             }
         };
-        self.last = Some((s.clone(), i));
+        self.last = Some(i);
         i
     }
 }
