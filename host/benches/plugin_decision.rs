@@ -136,9 +136,13 @@ fn build_view(
     window: Option<usize>,
 ) -> View {
     let ms_of = |t: Instant| t.saturating_duration_since(origin).as_millis() as u64;
-    let shown: Vec<u64> = match window {
-        None => queue.iter().copied().collect(),
-        Some(w) => queue.window(w),
+    let (shown, outside) = match window {
+        None => (queue.iter().copied().collect(), Vec::new()),
+        Some(w) => {
+            let w = queue.window(w);
+            let outside = [Class::Realtime, Class::Batch].map(|c| (c, w.outside(c)));
+            (w.ids, outside.to_vec())
+        }
     };
     let waiting: Vec<Waiting> = shown
         .iter()
@@ -156,24 +160,16 @@ fn build_view(
             preemptions: e.preemptions,
         })
         .collect();
-    let beyond = if waiting.len() < queue.len() {
-        [Class::Realtime, Class::Batch]
-            .into_iter()
-            .map(|class| {
-                let (oldest, highest) = queue.beyond(class, &shown);
-                Beyond {
-                    class,
-                    count: (queue.count(class)
-                        - waiting.iter().filter(|w| w.class == class).count())
-                        as u32,
-                    oldest_arrival_ms: oldest.and_then(|id| map.get(&id)).map(|e| e.arrival_ms),
-                    highest_priority: highest,
-                }
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let beyond = outside
+        .into_iter()
+        .filter(|(_, o)| o.count > 0)
+        .map(|(class, o)| Beyond {
+            class,
+            count: o.count as u32,
+            oldest_arrival_ms: o.oldest.and_then(|id| map.get(&id)).map(|e| e.arrival_ms),
+            highest_priority: o.highest_priority,
+        })
+        .collect();
     View {
         now_ms: NOW_MS,
         total_slots: TOTAL_SLOTS,

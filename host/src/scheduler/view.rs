@@ -45,9 +45,14 @@ impl Core {
     pub(super) fn view_of(&self, a: usize, window: Option<usize>) -> View {
         let arm = &self.arms[a];
         let free = self.free_slots(a);
-        let ids: Vec<u64> = match window {
-            Some(n) => arm.waiting.window(n),
-            None => arm.waiting.iter().copied().collect(),
+        // The ids shown, and per class what lies outside them.
+        let (ids, outside) = match window {
+            Some(n) => {
+                let w = arm.waiting.window(n);
+                let outside = [Class::Realtime, Class::Batch].map(|c| (c, w.outside(c)));
+                (w.ids, outside.to_vec())
+            }
+            None => (arm.waiting.iter().copied().collect(), Vec::new()),
         };
         let waiting: Vec<Waiting> = ids
             .iter()
@@ -65,28 +70,19 @@ impl Core {
                 preemptions: e.preemptions,
             })
             .collect();
-        let beyond = if waiting.len() < arm.waiting.len() {
-            [Class::Realtime, Class::Batch]
-                .into_iter()
-                .filter_map(|class| {
-                    let shown = waiting.iter().filter(|w| w.class == class).count();
-                    let count = arm.waiting.count(class).saturating_sub(shown);
-                    (count > 0).then(|| {
-                        let (oldest, highest) = arm.waiting.beyond(class, &ids);
-                        Beyond {
-                            class,
-                            count: count as u32,
-                            oldest_arrival_ms: oldest
-                                .and_then(|id| self.entries.get(&id))
-                                .map(|e| e.arrival_ms),
-                            highest_priority: highest,
-                        }
-                    })
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let beyond = outside
+            .into_iter()
+            .filter(|(_, o)| o.count > 0)
+            .map(|(class, o)| Beyond {
+                class,
+                count: o.count as u32,
+                oldest_arrival_ms: o
+                    .oldest
+                    .and_then(|id| self.entries.get(&id))
+                    .map(|e| e.arrival_ms),
+                highest_priority: o.highest_priority,
+            })
+            .collect();
         let mut running: Vec<Running> = arm
             .running
             .iter()
