@@ -5,12 +5,17 @@
 //! store looks the guest's memory up again (`LowerContext::get`): with 128
 //! waiting requests of 10 fields each that was most of a call's cost, and
 //! the main reason throughput fell as the queue grew. [`Waiting`] lowers a
-//! whole list by encoding it on the host side, in the canonical ABI's
-//! layout, and copying the bytes once. The layout is computed from the
-//! field types' own ABI descriptions, and `schedule` is looked up as a
-//! typed function whose parameter wasmtime type-checks against the
-//! plugin's WIT when it is instantiated: a record that drifted from
-//! `policy.wit` fails to load, it never writes a wrong byte.
+//! whole list in one pass: it looks the memory up once and writes every
+//! record's bytes, in the canonical ABI's layout, into the space the guest
+//! allocated for the list. The layout is computed from the field types' own
+//! ABI descriptions, and `admit` and `schedule` are looked up as typed
+//! functions whose parameters wasmtime type-checks against the plugin's WIT
+//! at instantiation: a record that drifted from `policy.wit` fails to load.
+//!
+//! `Lower`'s methods are wasmtime internals (hidden from its docs); the
+//! crate is pinned to wasmtime 48 by Cargo.lock, and the echo test below
+//! (wasmtime's own lifting reads back what this writes, on dirty memory)
+//! fails if an upgrade changes what they mean.
 //!
 //! Everything else in the view (names, backends, running requests) keeps
 //! the generated types and lowering: few records, small cost.
