@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use maitre::config::PluginSource;
 use maitre::plugin::{Instance, PluginLimits, Runtime};
-use maitre::policy::{Backend, Beyond, Class, Running, View, Waiting};
+use maitre::policy::{Backend, Class, Running, View, Waiting};
 use maitre::scheduler::queue::Queue;
 use rustc_hash::FxHashMap;
 
@@ -136,12 +136,12 @@ fn build_view(
     window: Option<usize>,
 ) -> View {
     let ms_of = |t: Instant| t.saturating_duration_since(origin).as_millis() as u64;
-    let (shown, outside) = match window {
+    let (shown, beyond) = match window {
         None => (queue.iter().copied().collect(), Vec::new()),
         Some(w) => {
             let w = queue.window(w);
-            let outside = [Class::Realtime, Class::Batch].map(|c| (c, w.outside(c)));
-            (w.ids, outside.to_vec())
+            let beyond = w.beyond(|id| map.get(&id).map(|e| e.arrival_ms));
+            (w.ids, beyond)
         }
     };
     let waiting: Vec<Waiting> = shown
@@ -158,16 +158,6 @@ fn build_view(
             arrival_ms: e.arrival_ms,
             enqueued_ms: ms_of(e.enqueued_at),
             preemptions: e.preemptions,
-        })
-        .collect();
-    let beyond = outside
-        .into_iter()
-        .filter(|(_, o)| o.count > 0)
-        .map(|(class, o)| Beyond {
-            class,
-            count: o.count as u32,
-            oldest_arrival_ms: o.oldest.and_then(|id| map.get(&id)).map(|e| e.arrival_ms),
-            highest_priority: o.highest_priority,
         })
         .collect();
     View {

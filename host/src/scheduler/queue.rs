@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 
 use rustc_hash::FxHashMap;
 
-use crate::policy::Class;
+use crate::policy::{Beyond, Class};
 
 /// A priority ordered by `total_cmp` (admission priorities are finite).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -176,6 +176,23 @@ impl Window {
     /// What lies outside the window of `class`.
     pub fn outside(&self, class: Class) -> Outside {
         self.outside[slot(class)]
+    }
+
+    /// `view.beyond`: each class with requests outside the window, their
+    /// count, the arrival of the oldest (`arrival_ms` of its id) and their
+    /// highest priority.
+    pub fn beyond(&self, arrival_ms: impl Fn(u64) -> Option<u64>) -> Vec<Beyond> {
+        [Class::Realtime, Class::Batch]
+            .into_iter()
+            .map(|class| (class, self.outside(class)))
+            .filter(|(_, o)| o.count > 0)
+            .map(|(class, o)| Beyond {
+                class,
+                count: o.count as u32,
+                oldest_arrival_ms: o.oldest.and_then(&arrival_ms),
+                highest_priority: o.highest_priority,
+            })
+            .collect()
     }
 }
 

@@ -6,7 +6,7 @@
 //! request, as that interface promises.
 
 use super::core::{Core, State};
-use crate::policy::{Beyond, Class, Running, View, Waiting};
+use crate::policy::{Running, View, Waiting};
 
 /// The candidate window of a windowed decider's call when no slot is free.
 pub(super) const BUSY_WINDOW: usize = 16;
@@ -45,12 +45,11 @@ impl Core {
     pub(super) fn view_of(&self, a: usize, window: Option<usize>) -> View {
         let arm = &self.arms[a];
         let free = self.free_slots(a);
-        // The ids shown, and per class what lies outside them.
-        let (ids, outside) = match window {
+        let (ids, beyond) = match window {
             Some(n) => {
                 let w = arm.waiting.window(n);
-                let outside = [Class::Realtime, Class::Batch].map(|c| (c, w.outside(c)));
-                (w.ids, outside.to_vec())
+                let beyond = w.beyond(|id| self.entries.get(&id).map(|e| e.arrival_ms));
+                (w.ids, beyond)
             }
             None => (arm.waiting.iter().copied().collect(), Vec::new()),
         };
@@ -68,19 +67,6 @@ impl Core {
                 arrival_ms: e.arrival_ms,
                 enqueued_ms: self.ms_of(e.enqueued_at),
                 preemptions: e.preemptions,
-            })
-            .collect();
-        let beyond = outside
-            .into_iter()
-            .filter(|(_, o)| o.count > 0)
-            .map(|(class, o)| Beyond {
-                class,
-                count: o.count as u32,
-                oldest_arrival_ms: o
-                    .oldest
-                    .and_then(|id| self.entries.get(&id))
-                    .map(|e| e.arrival_ms),
-                highest_priority: o.highest_priority,
             })
             .collect();
         let mut running: Vec<Running> = arm
