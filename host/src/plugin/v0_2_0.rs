@@ -131,17 +131,22 @@ fn request(r: &policy::Request) -> wit::Request {
 struct Names {
     index: FxHashMap<Arc<str>, u32>,
     list: Vec<String>,
-    /// The name asked for last: neighbours in a queue mostly share a model,
-    /// and a compare costs less than hashing the name again (or than
-    /// keeping a clone of its `Arc`: two atomic operations per record).
-    last: Option<u32>,
+    /// The name asked for last, by the address of its text and its index:
+    /// neighbours in a queue mostly share a model, and the scheduler gives
+    /// the requests of one model one `Arc`, so the address usually matches
+    /// (a compare of the text otherwise); either costs less than hashing the
+    /// name again, and no `Arc` is cloned to remember it. The view being
+    /// converted holds every name, so an address cannot be reused meanwhile.
+    last: Option<(usize, u32)>,
 }
 
 impl Names {
     fn id(&mut self, s: &Arc<str>) -> u32 {
-        if let Some(i) = self.last
-            && self.list[i as usize] == **s
+        let at = s.as_ptr() as usize;
+        if let Some((last, i)) = self.last
+            && (last == at || self.list[i as usize] == **s)
         {
+            self.last = Some((at, i));
             return i;
         }
         let i = match self.index.get(s) {
@@ -153,7 +158,7 @@ impl Names {
                 i
             }
         };
-        self.last = Some(i);
+        self.last = Some((at, i));
         i
     }
 }

@@ -99,6 +99,8 @@ pub(super) struct Core {
     /// Most fail-overs of one request.
     pub(super) max_failovers: u32,
     next_id: u64,
+    /// One `Arc` per model and tenant name of the requests held.
+    names: super::names::Interner,
     pub(super) limits: Limits,
     pub(super) metrics: Arc<Metrics>,
     pub(super) self_tx: mpsc::UnboundedSender<Msg>,
@@ -130,6 +132,7 @@ impl Core {
             fleet,
             max_failovers: setup.max_failovers,
             next_id: 1,
+            names: Default::default(),
             limits: setup.limits,
             metrics,
             self_tx,
@@ -268,13 +271,15 @@ impl Core {
         self.arms.iter().map(Arm::queued).sum()
     }
 
-    async fn submit(&mut self, meta: RequestMeta) -> Result<Ticket, SubmitError> {
+    async fn submit(&mut self, mut meta: RequestMeta) -> Result<Ticket, SubmitError> {
         if self.draining {
             return Err(SubmitError::ShuttingDown);
         }
         if self.waiting_count() >= self.limits.max_waiting {
             return Err(SubmitError::QueueFull);
         }
+        meta.model = self.names.intern(meta.model);
+        meta.tenant = meta.tenant.map(|t| self.names.intern(t));
         let id = self.next_id;
         self.next_id += 1;
         // A switchback window may have ended since the last tick.

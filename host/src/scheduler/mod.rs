@@ -41,6 +41,7 @@ mod core;
 pub mod decider;
 mod dispatch;
 pub mod letgo;
+mod names;
 pub mod queue;
 pub mod report;
 pub mod shadow;
