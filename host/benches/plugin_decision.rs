@@ -14,6 +14,8 @@
 //!   "0 free, RT waits": every slot busy and a real-time request waits.
 //!   "1 free kept for RT": reserved-aging under a batch flood, its one free
 //!   slot kept for real-time work and only batch waiting: nothing can start.
+//!   "flood, 2 free": the same flood as a slot frees: one batch
+//!   request starts.
 //! - "view build" builds the host's view the way the scheduler does (a
 //!   replica of the private `Core::view_of`), whole or windowed.
 //!
@@ -306,6 +308,12 @@ fn main() {
                     let v = build_view(origin, &map, &ids, &running(true), 1, Some(WINDOW));
                     let (s, a) = time_schedule(&mut inst, &v, calls).await;
                     rows.push((format!("{plugin}, 1 free kept for RT"), "0.2.0", n, s, a.to_string()));
+                    // The same flood as a slot frees: one batch request
+                    // starts, and the rest of the order is not walked.
+                    let two = running(true)[..2].to_vec();
+                    let v = build_view(origin, &map, &ids, &two, 2, Some(WINDOW));
+                    let (s, a) = time_schedule(&mut inst, &v, calls).await;
+                    rows.push((format!("{plugin}, flood, 2 free"), "0.2.0", n, s, a.to_string()));
                 }
             }
         }

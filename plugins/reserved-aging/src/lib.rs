@@ -124,10 +124,18 @@ impl Policy for ReservedAging {
         let mut d = Decision::new(self, view);
         self.protect_rt_models(&mut d.plan, view);
         d.find_rt_homes();
+        // Real-time requests not yet reached in the order below.
+        let mut rt_left = view
+            .waiting
+            .iter()
+            .filter(|w| w.class == Class::Realtime)
+            .count();
         // While the free slots are the ones kept for real-time (the common
         // case under a batch flood), no batch request can start: with no
-        // real-time request waiting either, there is nothing to order.
-        if !d.batch_room() && !view.waiting.iter().any(|w| w.class == Class::Realtime) {
+        // real-time request waiting either, there is nothing to order. The
+        // same holds in the loop once the starts so far use up the batch
+        // room: the rest of the order is not popped one by one.
+        if !d.batch_room() && rt_left == 0 {
             return Vec::new();
         }
         let mut later = Vec::new();
@@ -135,6 +143,9 @@ impl Policy for ReservedAging {
             let w = &view.waiting[i];
             if w.class == Class::Batch {
                 if !d.batch_room() {
+                    if rt_left == 0 {
+                        break;
+                    }
                     continue;
                 }
                 let hold = d.plan.hold(w, self.group_max_wait_ms, |b| d.batch_fits(b));
@@ -146,8 +157,11 @@ impl Policy for ReservedAging {
                     }
                     Hold::Wait => continue,
                 }
-            } else if d.plan.hold_realtime(w, self.rt_group_max_wait_ms) == Hold::Wait {
-                continue;
+            } else {
+                rt_left -= 1;
+                if d.plan.hold_realtime(w, self.rt_group_max_wait_ms) == Hold::Wait {
+                    continue;
+                }
             }
             // A batch request that finds no slot is skipped, so a real-time
             // request further back can still take a reserved one.
