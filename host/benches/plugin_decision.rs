@@ -7,7 +7,7 @@
 //! - 0.1.0 copies the whole queue into the sandbox, with every model name
 //!   as a string; the plugin is `compat-fifo-v0-1-0` (FIFO built against
 //!   0.1.0, as plugins from before 0.2.0 are).
-//! - 0.2.0 gets the candidate window (128: per class the oldest and the
+//! - 0.2.0 gets the candidate window (64: per class the oldest and the
 //!   highest-priority) and interned names; the plugins are the built-ins.
 //!   (`admit` gets no waiting request at all, only per-class counts.)
 //! - "1 free": one slot free, so the plugin orders its queue and starts one.
@@ -43,7 +43,7 @@ mod plugin_cargo;
 const NOW_MS: u64 = 1_000_000;
 const TOTAL_SLOTS: u32 = 4;
 /// The host's default `[limits] candidate_window`.
-const WINDOW: usize = 128;
+const WINDOW: usize = 64;
 
 /// What the scheduler keeps per waiting request (the fields the view needs).
 struct Entry {
@@ -249,6 +249,11 @@ async fn time_schedule(inst: &mut Instance, view: &View, calls: usize) -> (Stats
 }
 
 fn main() {
+    assert_eq!(
+        WINDOW,
+        maitre::config::Limits::default().candidate_window,
+        "the bench replicates the host's default window"
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

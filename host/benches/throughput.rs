@@ -21,7 +21,8 @@
 //!
 //! `cargo bench -p maitre --bench throughput`; needs `wrk` on PATH. Knobs:
 //! SECONDS (5 per measurement), ROUNDS (3), CONNS ("32,256"), POLICIES (e.g. "fifo": only the
-//! rows whose name starts so; all by default).
+//! rows whose name starts so; all by default), WINDOW (`[limits] candidate_window`; maitre's
+//! default when unset).
 
 #[path = "../build/plugin_cargo.rs"]
 mod plugin_cargo;
@@ -203,6 +204,7 @@ fn main() {
             &PolicyFile::new(fake.url(), SLOTS)
                 .limits(Limits {
                     max_waiting: Some(100_000),
+                    candidate_window: std::env::var("WINDOW").ok().and_then(|v| v.parse().ok()),
                     ..Limits::default()
                 })
                 .arm(arm),

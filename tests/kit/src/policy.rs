@@ -121,6 +121,8 @@ pub struct Fleet {
 #[allow(missing_docs)] // the keys are documented in the README's policy-file table
 pub struct Limits {
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub candidate_window: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_waiting: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_body_bytes: Option<u64>,
