@@ -7,7 +7,7 @@
 //! - 0.1.0 copies the whole queue into the sandbox, with every model name
 //!   as a string; the plugin is `compat-fifo-v0-1-0` (FIFO built against
 //!   0.1.0, as plugins from before 0.2.0 are).
-//! - 0.2.0 gets the candidate window (64: per class the oldest and the
+//! - 0.2.0 gets the host's default candidate window (per class the oldest and the
 //!   highest-priority) and interned names; the plugins are the built-ins.
 //!   (`admit` gets no waiting request at all, only per-class counts.)
 //! - "1 free": one slot free, so the plugin orders its queue and starts one.
@@ -42,9 +42,6 @@ mod plugin_cargo;
 
 const NOW_MS: u64 = 1_000_000;
 const TOTAL_SLOTS: u32 = 4;
-/// The host's default `[limits] candidate_window`.
-const WINDOW: usize = 64;
-
 /// What the scheduler keeps per waiting request (the fields the view needs).
 struct Entry {
     class: Class,
@@ -249,11 +246,8 @@ async fn time_schedule(inst: &mut Instance, view: &View, calls: usize) -> (Stats
 }
 
 fn main() {
-    assert_eq!(
-        WINDOW,
-        maitre::config::Limits::default().candidate_window,
-        "the bench replicates the host's default window"
-    );
+    // The host's default `[limits] candidate_window`.
+    let default_window = maitre::config::Limits::default().candidate_window;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -281,7 +275,7 @@ fn main() {
         let mut compat = instance("compat").await;
         for &n in &sizes {
             let (map, ids) = entries(n, origin, "llama3.2:3b-instruct-q4_K_M", false);
-            for (iface, window) in [("0.1.0", None), ("0.2.0", Some(WINDOW))] {
+            for (iface, window) in [("0.1.0", None), ("0.2.0", Some(default_window))] {
                 let calls = calls_for(n, window.is_none());
                 let mut us = Vec::with_capacity(calls);
                 for _ in 0..calls {
@@ -295,8 +289,8 @@ fn main() {
             let whole = build_view(origin, &map, &ids, &run, 1, None);
             let (s, a) = time_schedule(&mut compat, &whole, calls_for(n, true)).await;
             rows.push(("fifo, 1 free".into(), "0.1.0", n, s, a.to_string()));
-            let free1 = build_view(origin, &map, &ids, &run, 1, Some(WINDOW));
-            let free0 = build_view(origin, &map, &ids, &run, 0, Some(WINDOW));
+            let free1 = build_view(origin, &map, &ids, &run, 1, Some(default_window));
+            let free0 = build_view(origin, &map, &ids, &run, 0, Some(default_window));
             let calls = calls_for(n, false);
             for plugin in ["fifo", "reserved-aging", "preemptive"] {
                 let mut inst = instance(plugin).await;
@@ -310,13 +304,13 @@ fn main() {
                     // A batch flood: the free slot is kept for real-time
                     // and only batch waits (the throughput bench's case).
                     let (map, ids) = entries(n, origin, "llama3.2:3b-instruct-q4_K_M", true);
-                    let v = build_view(origin, &map, &ids, &running(true), 1, Some(WINDOW));
+                    let v = build_view(origin, &map, &ids, &running(true), 1, Some(default_window));
                     let (s, a) = time_schedule(&mut inst, &v, calls).await;
                     rows.push((format!("{plugin}, 1 free kept for RT"), "0.2.0", n, s, a.to_string()));
                     // The same flood as a slot frees: one batch request
                     // starts, and the rest of the order is not walked.
                     let two = running(true)[..2].to_vec();
-                    let v = build_view(origin, &map, &ids, &two, 2, Some(WINDOW));
+                    let v = build_view(origin, &map, &ids, &two, 2, Some(default_window));
                     let (s, a) = time_schedule(&mut inst, &v, calls).await;
                     rows.push((format!("{plugin}, flood, 2 free"), "0.2.0", n, s, a.to_string()));
                 }
@@ -324,7 +318,7 @@ fn main() {
         }
         println!();
         println!(
-            "plugin_decision: one schedule call (wasmtime, generous limits), {TOTAL_SLOTS} slots, 3 running (2 batch, 1 RT streaming), 1 in 50 waiting is RT; 0.1.0 = whole queue + strings (compat FIFO), 0.2.0 = window {WINDOW} + interned names (built-ins)"
+            "plugin_decision: one schedule call (wasmtime, generous limits), {TOTAL_SLOTS} slots, 3 running (2 batch, 1 RT streaming), 1 in 50 waiting is RT; 0.1.0 = whole queue + strings (compat FIFO), 0.2.0 = window {default_window} + interned names (built-ins)"
         );
         println!("200 warm-up calls, then 10,000 timed calls (2,000 at 1,000+ waiting, 300 for 0.1.0 at 10,000)");
         println!();

@@ -2,7 +2,7 @@
 //! scheduler holds.
 //!
 //! Every request arrives with its own `Arc` of its model name. A view
-//! clones that `Arc` for each of up to 128 waiting requests per decision,
+//! clones that `Arc` for each waiting request in the window, per decision,
 //! and each clone is an atomic operation on that request's own allocation:
 //! a cache line per record. Interned at submission, the requests of one
 //! model share one `Arc`, whose count stays in cache, and the plugin

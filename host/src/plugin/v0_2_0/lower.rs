@@ -2,9 +2,10 @@
 //! into the sandbox in one copy.
 //!
 //! wasmtime's derived lowering stores a record field by field, and every
-//! store looks the guest's memory up again (`LowerContext::get`): with 128
-//! waiting requests of 10 fields each that was most of a call's cost, and
-//! the main reason throughput fell as the queue grew. [`Waiting`] lowers a
+//! store looks the guest's memory up again (`LowerContext::get`): with a
+//! window of 128 waiting requests (the default then) of 10 fields each,
+//! that was most of a call's cost, and the main reason throughput fell as
+//! the queue grew. [`Waiting`] lowers a
 //! whole list in one pass: it looks the memory up once and writes every
 //! record's bytes, in the canonical ABI's layout, into the space the guest
 //! allocated for the list. The layout is computed from the field types' own
